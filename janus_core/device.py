@@ -1,0 +1,28 @@
+"""Device and dtype selection: `auto` means bf16 on CUDA and fp32 on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from janus_core.errors import ModelLoadError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} was requested but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]

@@ -1,0 +1,122 @@
+"""Single-request image generation: prompt -> n images with classifier-free guidance (CFG).
+
+The LM predicts `num_image_tokens` VQ codes one at a time. Each image has two rows: the
+conditional prompt and the unconditional one (only BOS and `<begin_of_image>` kept). The pair is
+prefilled once and its KV cache copied to the n images. Guided logits are
+`uncond + cfg_weight * (cond - uncond)`. The VQ decoder turns codes into pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from janus_core.errors import InvalidRequestError
+from janus_core.loading import LoadedModel
+from janus_core.processor import build_generation_ids, unconditional_ids
+from janus_core.sampling import SamplingParams, make_generator, new_seed, sample_row
+
+
+@dataclass
+class GenerateResult:
+    seed: int
+    tokens: torch.Tensor  # (n, num_image_tokens) int64, on CPU
+    images: np.ndarray  # (n, H, W, 3) uint8
+
+
+def check_generation(n: int, cfg_weight: float) -> None:
+    if n < 1:
+        raise InvalidRequestError(f"n must be at least 1, got {n}")
+    if not (0.0 <= cfg_weight <= 100.0):
+        raise InvalidRequestError(f"cfg_weight must be between 0 and 100, got {cfg_weight}")
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """Image i of a request samples from its own generator, so batching never changes its draws."""
+    return [(seed + i) % 2**63 for i in range(n)]
+
+
+@torch.inference_mode()
+def stream_image_tokens(
+    lm: LoadedModel, prompt: str, *, n: int = 1, cfg_weight: float = 5.0, params: SamplingParams | None = None
+) -> Generator[int, None, tuple[int, torch.Tensor]]:
+    """Yield the step index after each of the `num_image_tokens` steps; return (seed, tokens (n, N))."""
+    params = params or SamplingParams(temperature=1.0)
+    check_generation(n, cfg_weight)
+    seed = params.seed if params.seed is not None else new_seed()
+    generators = [make_generator(s, lm.device) for s in image_seeds(seed, n)]
+    model = lm.model
+    cond = build_generation_ids(lm, prompt)
+    pair = torch.tensor([cond, unconditional_ids(lm, cond)], device=lm.device)  # (2, T)
+    if pair.shape[1] + lm.num_image_tokens > lm.max_context:
+        raise InvalidRequestError(f"prompt is {pair.shape[1]} tokens; with {lm.num_image_tokens} image tokens "
+                                  f"it exceeds the context length of {lm.max_context}")
+    cache = DynamicCache(config=model.config.text_config)
+    lm_core = model.model.language_model
+    hidden = lm_core(inputs_embeds=model.get_input_embeddings()(pair), past_key_values=cache,
+                     use_cache=True).last_hidden_state[:, -1, :]  # (2, D)
+    # Rows become [cond x n, uncond x n]; the prefill ran once for the pair.
+    cache.batch_repeat_interleave(n)
+    hidden = hidden.repeat_interleave(n, dim=0)
+    tokens = torch.zeros((n, lm.num_image_tokens), dtype=torch.long)
+    position = pair.shape[1]
+    for step in range(lm.num_image_tokens):
+        logits = model.model.generation_head(hidden).float()  # (2n, V)
+        guided = logits[n:] + cfg_weight * (logits[:n] - logits[n:])
+        chosen = [sample_row(guided[i], params, generators[i]) for i in range(n)]
+        tokens[:, step] = torch.tensor(chosen)
+        yield step + 1
+        if step + 1 == lm.num_image_tokens:
+            break
+        nxt = torch.tensor(chosen, device=lm.device).repeat(2).unsqueeze(-1)  # (2n, 1)
+        embeds = model.prepare_embeddings_for_image_generation(nxt)
+        positions = torch.full((2 * n, 1), position, device=lm.device)
+        hidden = lm_core(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+                         position_ids=positions).last_hidden_state[:, -1, :]
+        position += 1
+    return seed, tokens
+
+
+@torch.inference_mode()
+def decode_images(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
+    """VQ-decode image tokens (n, N) into uint8 pixels (n, H, W, 3), post-processed as the reference does."""
+    decoded = lm.model.decode_image_tokens(tokens.to(lm.device)).float().cpu()  # (n, H, W, 3) in [-1, 1]
+    # Channels first: the PIL backend of the image processor normalises channel-first arrays only.
+    planes = list(decoded.permute(0, 3, 1, 2).numpy())
+    pil = lm.processor.postprocess(planes, return_tensors="PIL.Image.Image",
+                                   input_data_format="channels_first")["pixel_values"]
+    return np.stack([np.asarray(im) for im in pil])
+
+
+def generate_images(
+    lm: LoadedModel,
+    prompt: str,
+    *,
+    n: int = 1,
+    cfg_weight: float = 5.0,
+    params: SamplingParams | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> GenerateResult:
+    stream = stream_image_tokens(lm, prompt, n=n, cfg_weight=cfg_weight, params=params)
+    while True:
+        try:
+            step = next(stream)
+        except StopIteration as done:
+            seed, tokens = done.value
+            break
+        if on_step is not None:
+            on_step(step, lm.num_image_tokens)
+    return GenerateResult(seed, tokens, decode_images(lm, tokens))
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """One (H, W, 3) uint8 image as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()

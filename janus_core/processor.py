@@ -1,0 +1,66 @@
+"""Prompt building exactly as the reference does it, on top of transformers' `JanusProcessor`.
+
+Understanding: default system prompt + `<|User|>: <image_placeholder>\\n{prompt}\\n\\n<|Assistant|>:`,
+each image expanded to begin + N placeholders + end, images padded to square with the mean colour,
+resized and normalised by the image processor. Generation: the same chat format with an empty
+system prompt, ending in `<begin_of_image>`. This module knows tokens and pixels, not sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from janus_core.errors import InvalidRequestError
+from janus_core.loading import LoadedModel
+from janus_core.prompts import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
+
+_RESERVED = (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
+
+
+@dataclass
+class UnderstandingInputs:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W) float32, normalised
+
+
+def _check_prompt(prompt: str) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("prompt must be a string")
+    for token in _RESERVED:
+        if token in prompt:
+            raise InvalidRequestError(f"prompt must not contain the reserved token {token}")
+
+
+def conversation(prompt: str, num_images: int) -> list[dict]:
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content}]
+
+
+def understanding_text(lm: LoadedModel, prompt: str, num_images: int) -> str:
+    """The chat-formatted text before the processor adds the system prompt and expands images."""
+    _check_prompt(prompt)
+    return lm.processor.apply_chat_template(conversation(prompt, num_images), add_generation_prompt=True)
+
+
+def build_understanding_inputs(lm: LoadedModel, images: Sequence[Image.Image], prompt: str) -> UnderstandingInputs:
+    text = understanding_text(lm, prompt, len(images))
+    batch = lm.processor(text=text, images=list(images) or None, generation_mode="text", return_tensors="pt")
+    pixels = batch.get("pixel_values")
+    return UnderstandingInputs(batch["input_ids"][0].tolist(), pixels.float() if pixels is not None else None)
+
+
+def build_generation_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    _check_prompt(prompt)
+    text = lm.processor.apply_chat_template(conversation(prompt, 0), add_generation_prompt=True)
+    batch = lm.processor(text=text, generation_mode="image", return_tensors="pt")
+    return batch["input_ids"][0].tolist()
+
+
+def unconditional_ids(lm: LoadedModel, ids: Sequence[int]) -> list[int]:
+    """The CFG row: every token but BOS and `<begin_of_image>` replaced by pad (as the reference does)."""
+    keep = {lm.special["bos"], lm.special["boi"]}
+    return [t if t in keep else lm.special["pad"] for t in ids]
