@@ -13,6 +13,8 @@ import torch
 
 from janus_core.errors import InvalidRequestError
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,7 +32,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below MIN_TEMPERATURE, logits / temperature overflows; the limit of sampling there is argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
 
 
 def new_seed() -> int:

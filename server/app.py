@@ -1,0 +1,349 @@
+"""The REST frontend (FastAPI): validate, submit to the job queue, await or stream the result.
+
+Routes: /v1/understand, /v1/generate, the OpenAI-compatible /v1/chat/completions and
+/v1/images/generations (in `server.openai_routes`), /v1/models, /health, /ready, /metrics. The app
+never touches the model: it only talks to a `Service` (and through it, the queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import jobs as J
+from server.http_common import (
+    HTTPError,
+    check_api_key,
+    decode_image_payload,
+    error_response,
+    job_error,
+    stream_job,
+    wait_for_result,
+)
+from server.jobs import GenerateParams, UnderstandParams
+from server.logs import request_id_var
+from server.metrics import Metrics
+from server.queue import QueueFull, QueueUnavailable
+from server.schemas import GenerateBody, UnderstandBody
+from server.service import BadRequest, Service, ServiceUnavailable
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    """What the API tells clients about the model; filled in once a model is known."""
+
+    name: str = "janus-pro"
+    image_size: int = 384
+    num_image_tokens: int = 576
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(settings: Settings, service: Service, metrics: Metrics, model_info: ModelInfo | None = None) -> FastAPI:
+    app = FastAPI(title="janus-server", version="0.1.0",
+                  description="Inference server for DeepSeek Janus-Pro: image understanding and generation.")
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.model_info = model_info or ModelInfo()
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
+    _install_error_handlers(app)
+    _add_operational_routes(app)
+    _add_native_routes(app)
+    from server.openai_routes import add_openai_routes
+
+    add_openai_routes(app)
+    return app
+
+
+# --- middleware: request id, body-size limit, metrics ----------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    """Pure ASGI: sets X-Request-Id, refuses bodies over the limit with 413, counts requests."""
+
+    def __init__(self, app, max_body: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        if len(request_id) > 128 or not request_id.isprintable():
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        endpoint = scope.get("path", "")
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            response = error_response(413, f"request body is {length} bytes; the limit is {self.max_body}")
+            await response(scope, receive, send_with_id)
+            self._count(endpoint, 413, started)
+            request_id_var.reset(token)
+            return None
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLarge:
+            response = error_response(413, f"request body exceeds the limit of {self.max_body} bytes")
+            await response(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+        self._count(endpoint, status_holder["status"], started)
+        return None
+
+    def _count(self, endpoint: str, status: int, started: float) -> None:
+        if endpoint.startswith("/v1/"):
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPError)
+    async def _http_error(_: Request, exc: HTTPError):
+        return error_response(exc.status, str(exc), exc.code, exc.headers)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(_: Request, exc: BadRequest):
+        return error_response(exc.status, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def _full(_: Request, exc: QueueFull):
+        return error_response(503, str(exc), "queue_full", {"Retry-After": str(max(int(exc.retry_after), 1))})
+
+    @app.exception_handler(QueueUnavailable)
+    async def _down(_: Request, exc: QueueUnavailable):
+        return error_response(503, f"the job queue is unavailable: {exc}", "unavailable", {"Retry-After": "2"})
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(_: Request, exc: ServiceUnavailable):
+        return error_response(503, str(exc), "unavailable", {"Retry-After": str(int(exc.retry_after))})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        return error_response(422, _describe_validation(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__})")
+
+
+def _describe_validation(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+# --- operational routes ------------------------------------------------------------------------------
+
+
+def _add_operational_routes(app: FastAPI) -> None:
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    async def ready(request: Request):
+        ok, reason = await request.app.state.service.readiness()
+        if ok:
+            return {"status": "ready"}
+        return error_response(503, reason, "not_ready", {"Retry-After": "5"})
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(request: Request) -> Response:
+        m: Metrics = request.app.state.metrics
+        with contextlib.suppress(Exception):  # the scrape must still answer when the queue is down
+            m.queue_depth.set(await request.app.state.service.queue.depth())
+        return Response(m.render(), media_type=m.content_type)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(request: Request):
+        _auth(request)
+        info: ModelInfo = request.app.state.model_info
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": info.created,
+                                            "owned_by": "janus-server"}]}
+
+
+def _auth(request: Request) -> None:
+    check_api_key(request, request.app.state.settings.api_key)
+
+
+# --- native routes -------------------------------------------------------------------------------------
+
+
+def _add_native_routes(app: FastAPI) -> None:
+    @app.post("/v1/understand", tags=["janus"], openapi_extra={
+        "requestBody": {"content": {
+            "application/json": {"schema": UnderstandBody.model_json_schema()},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["prompt", "image"], "properties": {
+                "prompt": {"type": "string"}, "image": {"type": "array", "items": {"type": "string",
+                                                                                     "format": "binary"}},
+                "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number"},
+                "top_p": {"type": "number"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"}}}},
+        }, "required": True}})
+    async def understand(request: Request):
+        _auth(request)
+        settings: Settings = request.app.state.settings
+        body, images = await _read_understand(request, settings)
+        params = UnderstandParams(body.prompt, images, body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        service: Service = request.app.state.service
+        ticket = await service.submit_understand(params, stream=body.stream,
+                                                 idempotency_key=request.headers.get("idempotency-key"))
+        if body.stream:
+            return _sse_response(stream_job(service, ticket, _understand_sse))
+        event = await wait_for_result(service, ticket, request)
+        if event["type"] == "error":
+            raise job_error(event)
+        return {"id": ticket.job_id, "text": event["text"], "finish_reason": event["finish_reason"],
+                "usage": {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}}
+
+    @app.post("/v1/generate", tags=["janus"], responses={200: {"content": {"image/png": {}}}})
+    async def generate(body: GenerateBody, request: Request):
+        _auth(request)
+        service: Service = request.app.state.service
+        params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed)
+        ticket = await service.submit_generate(params, stream=body.stream,
+                                               idempotency_key=request.headers.get("idempotency-key"))
+        if body.stream:
+            return _sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)))
+        event = await wait_for_result(service, ticket, request)
+        if event["type"] == "error":
+            raise job_error(event)
+        pngs = J.result_pngs(event)
+        if body.n == 1 and "image/png" in request.headers.get("accept", ""):
+            return Response(pngs[0], media_type="image/png",
+                            headers={"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id})
+        return {"id": ticket.job_id, "seed": event["seed"], "images": [{"b64_png": p} for p in event["pngs"]]}
+
+
+async def _read_understand(request: Request, settings: Settings) -> tuple[UnderstandBody, list[bytes]]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        return await _read_multipart(request, settings)
+    if not content_type.startswith("application/json"):
+        raise HTTPError(415, f"unsupported content type {content_type or '(none)'!r}; "
+                             "send application/json or multipart/form-data")
+    try:
+        raw = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPError(400, f"request body is not valid JSON: {exc}") from exc
+    body = _validate(UnderstandBody, raw)
+    images = [decode_image_payload(s, i, settings.max_image_bytes) for i, s in enumerate(body.images)]
+    return body, images
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[UnderstandBody, list[bytes]]:
+    try:
+        form = await request.form(max_files=settings.max_images + 1, max_fields=16,
+                                  max_part_size=settings.max_image_bytes)
+    except Exception as exc:
+        raise HTTPError(400, f"cannot parse the multipart form: {exc}") from exc
+    images: list[bytes] = []
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key == "image" and isinstance(value, UploadFile):
+            images.append(await value.read())
+        elif isinstance(value, str):
+            fields[key] = value
+        else:
+            raise HTTPError(400, f"unexpected file field {key!r}; upload images in fields named 'image'")
+    if not images:
+        raise HTTPError(400, "multipart request has no 'image' file")
+    raw: dict[str, Any] = {"prompt": fields.pop("prompt", ""), "images": ["-"] * len(images)}
+    for key, cast in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("seed", int)):
+        if key in fields:
+            try:
+                raw[key] = cast(fields.pop(key))
+            except ValueError as exc:
+                raise HTTPError(422, f"{key}: not a valid {cast.__name__}") from exc
+    if "stream" in fields:
+        raw["stream"] = fields.pop("stream").lower() in ("1", "true", "yes")
+    if fields:
+        raise HTTPError(422, f"unknown form field(s): {', '.join(sorted(fields))}")
+    return _validate(UnderstandBody, raw), images
+
+
+def _validate(model, raw: Any):
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise HTTPError(422, _describe_validation(exc.errors())) from exc
+
+
+def _sse_response(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _understand_sse(event: dict[str, Any]) -> list[Any]:
+    if event["type"] == "delta":
+        return [{"delta": event["text"]}]
+    if event["type"] == "result":
+        return [{"finish_reason": event["finish_reason"], "text": event["text"],
+                 "usage": {"prompt_tokens": event["prompt_tokens"],
+                           "completion_tokens": event["completion_tokens"]}}]
+    return []
+
+
+def _generate_sse(event: dict[str, Any], job_id: str) -> list[Any]:
+    if event["type"] == "progress":
+        return [{"step": event["step"], "total": event["total"]}]
+    if event["type"] == "result":
+        return [{"id": job_id, "seed": event["seed"], "images": [{"b64_png": p} for p in event["pngs"]]}]
+    return []

@@ -1,0 +1,141 @@
+"""Pieces every REST route shares: error bodies, auth, image payloads, waiting for and streaming jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from server import jobs as J
+from server.service import BadRequest, Service, Ticket
+
+# Terminal job errors -> HTTP status. 499: the client went away (nginx's convention).
+ERROR_STATUS = {
+    J.INVALID_ARGUMENT: 400,
+    J.DEADLINE_EXCEEDED: 504,
+    J.CANCELLED: 499,
+    J.UNAVAILABLE: 503,
+    J.RESOURCE_EXHAUSTED: 503,
+    J.INTERNAL: 500,
+}
+STATUS_CODE_NAMES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                     413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+                     499: "cancelled", 500: "internal_error", 503: "unavailable", 504: "deadline_exceeded"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or STATUS_CODE_NAMES.get(status, "error")
+        self.headers = headers or {}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, message: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code or STATUS_CODE_NAMES.get(status, "error"), message), status_code=status,
+                        headers=headers)
+
+
+def job_error(event: dict[str, Any]) -> HTTPError:
+    status = ERROR_STATUS.get(event.get("code", ""), 500)
+    headers = {"Retry-After": "2"} if status == 503 else None
+    return HTTPError(status, event.get("message", "the job failed"), event.get("code"), headers)
+
+
+def check_api_key(request: Request, keys: list[str]) -> None:
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                        headers={"WWW-Authenticate": "Bearer"})
+    if not any(secrets.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+        raise HTTPError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def decode_image_payload(value: str, index: int, max_bytes: int, field: str = "images") -> bytes:
+    """Base64 or a `data:` URL -> bytes; the size is checked before decoding."""
+    label = f"{field}[{index}]"
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{label} is empty; expected base64 image data or a data: URL")
+    payload = value
+    if value.startswith("data:"):
+        header, sep, payload = value.partition(",")
+        if not sep or ";base64" not in header:
+            raise BadRequest(f"{label} is a data: URL without ';base64,' data")
+    elif value.startswith(("http://", "https://")):
+        raise BadRequest(f"{label} is a URL; send the image as base64 or a data: URL")
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > max_bytes:
+        raise BadRequest(f"{label} is larger than the limit of {max_bytes} bytes", 413)
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"{label} is not valid base64 ({exc})") from exc
+    if not data:
+        raise BadRequest(f"{label} decodes to no bytes")
+    return data
+
+
+async def wait_for_result(service: Service, ticket: Ticket, request: Request) -> dict[str, Any]:
+    """The job's terminal event; the job is cancelled if the client disconnects first."""
+    async def consume() -> dict[str, Any]:
+        async for event in service.follow(ticket):
+            if J.is_terminal(event):
+                return event
+        return J.error_event(J.UNAVAILABLE, "the job's event stream ended without a result")
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                await service.cancel(ticket.job_id)
+                raise HTTPError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def sse(data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+async def stream_job(service: Service, ticket: Ticket, render) -> AsyncIterator[bytes]:
+    """Server-sent events for a job: `render(event)` returns the payloads for each event.
+
+    If the client goes away (the generator is closed or cancelled), the job is cancelled.
+    """
+    finished = False
+    try:
+        async for event in service.follow(ticket):
+            if event.get("type") == "error":
+                finished = True
+                yield sse({"error": {"code": event.get("code"), "message": event.get("message")}})
+                break
+            for payload in render(event):
+                yield sse(payload)
+            if J.is_terminal(event):
+                finished = True
+                break
+        yield sse("[DONE]")
+    finally:
+        if not finished:
+            await service.cancel(ticket.job_id)

@@ -1,0 +1,115 @@
+"""Jobs and job events: what frontends submit and what workers send back, as plain JSON-able data.
+
+A job is one client request. Events flow worker -> frontend: zero or more `delta` (understanding
+text) or `progress` (generation steps) events, then exactly one terminal event, `result` or `error`.
+The same shapes travel through the in-process queue and through Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+JobKind = Literal["understand", "generate"]
+
+# Error codes carried by `error` events; frontends map them to HTTP / gRPC statuses.
+INVALID_ARGUMENT = "invalid_argument"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+CANCELLED = "cancelled"
+UNAVAILABLE = "unavailable"
+RESOURCE_EXHAUSTED = "resource_exhausted"
+INTERNAL = "internal"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class UnderstandParams:
+    prompt: str
+    images: list[bytes] = field(default_factory=list)  # encoded image files (PNG, JPEG, ...)
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerateParams:
+    prompt: str
+    n: int = 1
+    cfg_weight: float = 5.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Job:
+    kind: JobKind
+    params: UnderstandParams | GenerateParams
+    id: str = field(default_factory=new_job_id)
+    deadline: float = field(default_factory=lambda: time.time() + 300.0)  # absolute, epoch seconds
+    stream: bool = False
+    created: float = field(default_factory=time.time)
+    idempotency_key: str | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now or time.time()) >= self.deadline
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if isinstance(self.params, UnderstandParams):
+            data["params"]["images"] = [base64.b64encode(b).decode("ascii") for b in self.params.images]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        raw = dict(data["params"])
+        if data["kind"] == "understand":
+            raw["images"] = [base64.b64decode(s) for s in raw.get("images", [])]
+            params: UnderstandParams | GenerateParams = UnderstandParams(**raw)
+        elif data["kind"] == "generate":
+            params = GenerateParams(**raw)
+        else:
+            raise ValueError(f"unknown job kind {data['kind']!r}")
+        return cls(kind=data["kind"], params=params, id=data["id"], deadline=float(data["deadline"]),
+                   stream=bool(data.get("stream", False)), created=float(data.get("created", time.time())),
+                   idempotency_key=data.get("idempotency_key"))
+
+
+# --- events (plain dicts so they serialise unchanged through Redis) --------------------------------
+
+
+def delta_event(text: str) -> dict[str, Any]:
+    return {"type": "delta", "text": text}
+
+
+def progress_event(step: int, total: int) -> dict[str, Any]:
+    return {"type": "progress", "step": step, "total": total}
+
+
+def understand_result(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"type": "result", "kind": "understand", "text": text, "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+
+
+def generate_result(seed: int, pngs: list[bytes]) -> dict[str, Any]:
+    return {"type": "result", "kind": "generate", "seed": seed,
+            "pngs": [base64.b64encode(p).decode("ascii") for p in pngs]}
+
+
+def error_event(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message}
+
+
+def is_terminal(event: dict[str, Any]) -> bool:
+    return event.get("type") in ("result", "error")
+
+
+def result_pngs(event: dict[str, Any]) -> list[bytes]:
+    return [base64.b64decode(s) for s in event.get("pngs", [])]

@@ -1,0 +1,88 @@
+"""The job queue contract between frontends (REST, gRPC) and workers.
+
+Frontend half: `submit` a job (admission control raises `QueueFull`), iterate its `events` until the
+terminal one, `cancel` it. Worker half: `claim` up to N jobs, `publish` progress, `finish` with the
+terminal event (which stores the result and acknowledges the job), `is_cancelled` between steps,
+`heartbeat`. Backends: `MemoryQueue` (one process) and `RedisQueue` (Redis Streams).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from server.jobs import Job
+
+
+class QueueFull(Exception):
+    """Admission control refused the job; `retry_after` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueUnavailable(Exception):
+    """The queue backend cannot be reached right now."""
+
+
+class JobQueue(abc.ABC):
+    # --- frontend side ---
+    @abc.abstractmethod
+    async def submit(self, job: Job) -> str:
+        """Enqueue `job`; returns the id to follow (an earlier job's id for a repeated idempotency key)."""
+
+    @abc.abstractmethod
+    def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Events of a job in order, ending with (and including) its terminal `result`/`error` event."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> None:
+        """Ask the worker to stop the job at its next step; a queued job will not run."""
+
+    @abc.abstractmethod
+    async def depth(self) -> int:
+        """Jobs waiting or running (not yet finished)."""
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """The backend is reachable."""
+
+    @abc.abstractmethod
+    async def workers_alive(self, max_age: float) -> bool:
+        """Some worker sent a heartbeat within `max_age` seconds."""
+
+    # --- worker side ---
+    @abc.abstractmethod
+    async def claim(self, worker_id: str, max_jobs: int, timeout: float) -> list[Job]:
+        """Take up to `max_jobs` jobs, waiting at most `timeout` seconds for the first one."""
+
+    @abc.abstractmethod
+    async def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        """Send a non-terminal event (delta, progress) to whoever follows the job."""
+
+    @abc.abstractmethod
+    async def finish(self, job_id: str, event: dict[str, Any]) -> None:
+        """Store the terminal event, announce it, and acknowledge the job."""
+
+    @abc.abstractmethod
+    async def is_cancelled(self, job_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def heartbeat(self, worker_id: str, info: dict[str, Any] | None = None) -> None: ...
+
+    async def cancelled(self, job_ids: Iterable[str]) -> set[str]:
+        """The subset of `job_ids` that should stop; backends may answer in one round trip."""
+        return {job_id for job_id in job_ids if await self.is_cancelled(job_id)}
+
+    async def release(self, worker_id: str, job_ids: Iterable[str]) -> bool:
+        """Hand claimed jobs back for another delivery (a failure that may not recur elsewhere).
+
+        Returns False where the backend cannot redeliver; the worker then reports the failure.
+        Redelivered jobs count towards the dead-letter limit, so a poison job still ends.
+        """
+        return False
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

@@ -1,0 +1,169 @@
+"""Process wiring for the CLI: `serve` (API + worker in one process tree), `api`, and `worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from server.app import ModelInfo, create_app
+from server.metrics import Metrics
+from server.queue import JobQueue, create_queue
+from server.service import Service
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_queue(settings: Settings) -> JobQueue:
+    return create_queue(settings.queue, max_depth=settings.max_queue_depth, result_ttl=settings.result_ttl,
+                        max_deliveries=settings.max_deliveries, claim_idle_timeout=settings.claim_idle_timeout)
+
+
+def model_info(settings: Settings) -> ModelInfo:
+    name = Path(settings.model).name if settings.model else "janus-pro"
+    return ModelInfo(name=name or "janus-pro")
+
+
+def load_engine(settings: Settings):
+    """Load the model and build its engine (blocking; run it in a thread)."""
+    from janus_core.engine import Engine, EngineConfig
+    from janus_core.loading import load_model
+
+    if not settings.model:
+        raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
+    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
+                          max_new_tokens=settings.max_new_tokens)
+    return lm, Engine(lm, config)
+
+
+async def run_worker(settings: Settings, queue: JobQueue, metrics: Metrics, stop: asyncio.Event,
+                     info: ModelInfo | None = None, loaded: asyncio.Event | None = None) -> None:
+    from server.worker import Worker
+
+    lm, engine = await asyncio.to_thread(load_engine, settings)
+    if info is not None:
+        info.image_size, info.num_image_tokens = lm.image_size, lm.num_image_tokens
+    if loaded is not None:
+        loaded.set()
+    engine.start()
+    try:
+        await Worker(queue, engine, settings, metrics=metrics).run(stop)
+    finally:
+        await asyncio.to_thread(engine.stop, 30.0)
+
+
+async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_workers_here: bool = False) -> int:
+    """REST + gRPC frontends; with a local worker (the in-process queue) the model runs here too."""
+    metrics = Metrics()
+    queue = make_queue(settings)
+    service = Service(settings, queue)
+    info = model_info(settings)
+    app = create_app(settings, service, metrics, info)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                           timeout_graceful_shutdown=int(settings.request_timeout)))
+    grpc_server = None
+    if settings.grpc_port:
+        from server.grpc_service import start_grpc_server
+
+        grpc_server = await start_grpc_server(service, settings)
+    stop = asyncio.Event()
+    exit_code = 0
+    worker_task = None
+    if with_local_worker:
+        worker_task = asyncio.create_task(run_worker(settings, queue, metrics, stop, info))
+
+        def worker_done(task: asyncio.Task) -> None:
+            nonlocal exit_code
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the worker stopped: %s", task.exception())
+                exit_code = 1
+                server.should_exit = True
+
+        worker_task.add_done_callback(worker_done)
+    procs = spawn_workers(settings) if spawn_workers_here and not with_local_worker else []
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        if worker_task is not None:
+            with contextlib.suppress(Exception):
+                await worker_task
+        stop_workers(procs)
+        if grpc_server is not None:
+            from server.grpc_service import stop_grpc_server
+
+            await stop_grpc_server(grpc_server, grace=10.0)
+        await queue.close()
+    return exit_code
+
+
+def spawn_workers(settings: Settings) -> list[subprocess.Popen]:
+    """`serve --queue redis://... --workers N`: N worker processes on this machine."""
+    if settings.queue in ("", "memory", "memory://") or not settings.model:
+        return []
+    procs = []
+    for i in range(settings.workers):
+        env = dict(os.environ, JANUS_METRICS_PORT=str(settings.metrics_port + i))
+        cmd = [sys.executable, "-m", "server.cli", "worker", "--queue", settings.queue, "--model", settings.model,
+               "--device", settings.device, "--dtype", settings.dtype]
+        procs.append(subprocess.Popen(cmd, env=env))
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen], timeout: float = 60.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def serve_worker(settings: Settings) -> int:
+    """A worker process: one engine, metrics and health on `metrics_port`, graceful drain on SIGTERM."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+
+    metrics = Metrics()
+    queue = make_queue(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loaded = asyncio.Event()
+    side = FastAPI(title="janus-server worker")
+
+    @side.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @side.get("/ready")
+    async def ready():
+        return {"status": "ready"} if loaded.is_set() else JSONResponse({"status": "loading"}, status_code=503)
+
+    @side.get("/metrics")
+    async def scrape():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    side_server = uvicorn.Server(uvicorn.Config(side, host=settings.host, port=settings.metrics_port,
+                                                log_config=None))
+    side_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    side_task = asyncio.create_task(side_server.serve())
+    try:
+        await run_worker(settings, queue, metrics, stop, loaded=loaded)
+        return 0
+    finally:
+        side_server.should_exit = True
+        await side_task
+        await queue.close()

@@ -1,0 +1,164 @@
+"""What both frontends (REST and gRPC) do with a request: validate, submit, follow, cancel.
+
+Frontends convert their wire format into `UnderstandParams` / `GenerateParams`, call `submit`, and
+iterate `follow` (events until the terminal one). Validation here is the cheap, synchronous part
+that can answer 4xx before a job is queued; images are decoded (in a thread) to reject non-images
+and decompression bombs at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from janus_core.errors import InvalidRequestError
+from janus_core.images import decode_image
+from server.jobs import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    GenerateParams,
+    Job,
+    UnderstandParams,
+    error_event,
+)
+from server.queue import JobQueue
+from server.settings import Settings
+
+
+class BadRequest(Exception):
+    """Invalid input; `status` is 400, 413 (too large) or 422."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServiceUnavailable(Exception):
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
+    if not (0.0 <= temperature <= 100.0):
+        raise BadRequest(f"temperature must be between 0 and 100, got {temperature}")
+    if not (0.0 < top_p <= 1.0):
+        raise BadRequest(f"top_p must be greater than 0 and at most 1, got {top_p}")
+    if seed is not None and not (0 <= seed < 2**63):
+        raise BadRequest(f"seed must be between 0 and 2^63-1, got {seed}")
+
+
+def _check_prompt(settings: Settings, prompt: str) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("prompt must be a non-empty string")
+    if len(prompt) > settings.max_prompt_chars:
+        raise BadRequest(f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}", 413)
+
+
+def validate_understand(settings: Settings, p: UnderstandParams, *, require_image: bool = True) -> None:
+    _check_prompt(settings, p.prompt)
+    if require_image and not p.images:
+        raise BadRequest("at least one image is required")
+    if len(p.images) > settings.max_images:
+        raise BadRequest(f"{len(p.images)} images given; at most {settings.max_images} per request")
+    for i, data in enumerate(p.images):
+        if len(data) > settings.max_image_bytes:
+            raise BadRequest(f"images[{i}] is {len(data)} bytes; the limit is {settings.max_image_bytes}", 413)
+    if not (1 <= p.max_new_tokens <= settings.max_new_tokens):
+        raise BadRequest(f"max_new_tokens must be between 1 and {settings.max_new_tokens}, got {p.max_new_tokens}")
+    _check_sampling(p.temperature, p.top_p, p.seed)
+
+
+def validate_generate(settings: Settings, p: GenerateParams) -> None:
+    _check_prompt(settings, p.prompt)
+    if not (1 <= p.n <= settings.max_n):
+        raise BadRequest(f"n must be between 1 and {settings.max_n}, got {p.n}")
+    if not (0.0 <= p.cfg_weight <= 100.0):
+        raise BadRequest(f"cfg_weight must be between 0 and 100, got {p.cfg_weight}")
+    _check_sampling(p.temperature, p.top_p, p.seed)
+
+
+def check_images(settings: Settings, images: list[bytes]) -> None:
+    """Decode each image (header checks first) so bad ones are refused before queueing."""
+    for i, data in enumerate(images):
+        try:
+            decode_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
+                         label=f"images[{i}]")
+        except InvalidRequestError as exc:
+            raise BadRequest(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class Ticket:
+    job_id: str
+    deadline: float  # absolute, epoch seconds
+
+
+class Service:
+    def __init__(self, settings: Settings, queue: JobQueue) -> None:
+        self.settings = settings
+        self.queue = queue
+
+    def deadline(self, client_timeout: float | None = None) -> float:
+        timeout = self.settings.request_timeout
+        if client_timeout is not None:
+            timeout = min(timeout, max(client_timeout, 0.0))
+        return time.time() + timeout
+
+    async def submit_understand(self, params: UnderstandParams, *, stream: bool = False,
+                                timeout: float | None = None, idempotency_key: str | None = None,
+                                require_image: bool = True) -> Ticket:
+        validate_understand(self.settings, params, require_image=require_image)
+        await asyncio.to_thread(check_images, self.settings, params.images)
+        job = Job("understand", params, deadline=self.deadline(timeout), stream=stream,
+                  idempotency_key=idempotency_key)
+        return Ticket(await self.queue.submit(job), job.deadline)
+
+    async def submit_generate(self, params: GenerateParams, *, stream: bool = False,
+                              timeout: float | None = None, idempotency_key: str | None = None) -> Ticket:
+        validate_generate(self.settings, params)
+        job = Job("generate", params, deadline=self.deadline(timeout), stream=stream,
+                  idempotency_key=idempotency_key)
+        return Ticket(await self.queue.submit(job), job.deadline)
+
+    async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+        """Events of a job; a synthetic `deadline_exceeded` error (and a cancel) if the deadline passes."""
+        job_id, deadline = ticket.job_id, ticket.deadline
+        events = self.queue.events(job_id).__aiter__()
+        try:
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    await self.queue.cancel(job_id)
+                    yield error_event(DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
+                    return
+                try:
+                    event = await asyncio.wait_for(events.__anext__(), remaining)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    continue
+                yield event
+                if event.get("type") in ("result", "error"):
+                    return
+        finally:
+            await events.aclose()
+
+    async def cancel(self, job_id: str) -> None:
+        await self.queue.cancel(job_id)
+
+    async def readiness(self) -> tuple[bool, str]:
+        try:
+            if not await self.queue.ping():
+                return False, "queue is not reachable"
+        except Exception as exc:  # any backend failure means not ready
+            return False, f"queue is not reachable: {exc}"
+        if not await self.queue.workers_alive(self.settings.heartbeat_max_age):
+            return False, "no worker has sent a heartbeat recently (model still loading?)"
+        return True, "ready"
+
+
+CANCELLED_EVENT = error_event(CANCELLED, "the request was cancelled")

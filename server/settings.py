@@ -1,0 +1,78 @@
+"""Settings: one object, read once at start-up from CLI flags and `JANUS_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JANUS_", extra="ignore")
+
+    # model and device
+    model: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+
+    # network
+    host: str = "0.0.0.0"
+    port: int = 8000
+    grpc_port: int = 50051  # 0 disables the gRPC server
+    metrics_port: int = 9100  # worker processes only
+    cors_origins: CsvList = Field(default_factory=list)
+
+    # queue and workers
+    queue: str = "memory"
+    workers: int = 1
+    max_queue_depth: int = 256
+    request_timeout: float = 300.0  # seconds; becomes each job's deadline
+    heartbeat_interval: float = 2.0
+    heartbeat_max_age: float = 15.0
+    result_ttl: float = 600.0
+    max_deliveries: int = 3
+    claim_idle_timeout: float = 60.0
+
+    # batching
+    max_batch_size: int = 16  # images (generation) or sequences (understanding) per step
+    max_wait_ms: float = 5.0
+
+    # limits
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 8
+    max_images: int = 4
+    max_n: int = 16
+    max_new_tokens: int = 2048
+    max_prompt_chars: int = 16_000
+
+    # security
+    api_key: CsvList = Field(default_factory=list)  # any of these keys is accepted; empty = no auth
+    allowed_image_hosts: CsvList = Field(default_factory=list)  # hosts that remote image URLs may name
+
+    log_level: str = "info"
+    log_json: bool = True
+
+    @field_validator("api_key", "cors_origins", "allowed_image_hosts", mode="before")
+    @classmethod
+    def _split_csv(cls, value):
+        # `JANUS_API_KEY=a,b` and a single flag value both work.
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("max_batch_size", "workers", "max_queue_depth", "max_n", "max_images", "max_new_tokens")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key)

@@ -1,0 +1,238 @@
+"""The worker: pulls jobs from a `JobQueue`, runs them on the `Engine`, sends events back.
+
+One worker owns one engine (one GPU). It claims as many jobs as the engine has free slots, drops
+expired or cancelled ones without running them, decodes images, and forwards engine outputs to the
+queue. PNG encoding and image decoding run in threads, never on the engine thread or the event
+loop. Cancellation and deadlines are checked while jobs run; the engine stops them at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from janus_core.engine import (
+    Engine,
+    EngineOutput,
+    FailedOutput,
+    FinishedOutput,
+    GenerateRequest,
+    ProgressOutput,
+    TokenOutput,
+    UnderstandRequest,
+)
+from janus_core.errors import InvalidRequestError
+from janus_core.generation import GenerateResult, encode_png
+from janus_core.images import decode_image
+from janus_core.sampling import SamplingParams
+from janus_core.understanding import UnderstandResult
+from server import jobs as J
+from server.jobs import GenerateParams, Job, UnderstandParams
+from server.metrics import Metrics
+from server.queue import JobQueue
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    job: Job
+    outputs: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
+    started: float = field(default_factory=time.time)
+    first_token: bool = True
+    streamed: str = ""  # text already sent as deltas
+    stop_reason: str | None = None  # set when we asked the engine to stop the job
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, queue: JobQueue, engine: Engine, settings: Settings, *, worker_id: str | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.queue = queue
+        self.engine = engine
+        self.settings = settings
+        self.worker_id = worker_id or default_worker_id()
+        self.metrics = metrics
+        self._running: dict[str, _Running] = {}
+        self._slot_freed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve jobs until `stop` is set, then finish the running ones (graceful drain)."""
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(self._heartbeats(stop)), loop.create_task(self._watchdog(stop))]
+        try:
+            while not stop.is_set():
+                slots = self.engine.free_slots()
+                if slots == 0:
+                    self._slot_freed.clear()
+                    await _wait_any(self._slot_freed, stop, timeout=0.5)
+                    continue
+                try:
+                    claimed = await self.queue.claim(self.worker_id, slots, timeout=0.5)
+                except Exception as exc:  # the backend is down: keep trying, never die
+                    log.warning("claim failed: %s", exc)
+                    await _wait_any(stop, timeout=1.0)
+                    continue
+                for job in claimed:
+                    await self._start(job)
+            await self.drain(timeout=self.settings.request_timeout)
+        finally:
+            for task in background:
+                task.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while self._tasks and time.time() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=max(deadline - time.time(), 0.01))
+
+    # --- one job ----------------------------------------------------------------------------------
+    async def _start(self, job: Job) -> None:
+        if self.metrics:
+            self.metrics.queue_wait.labels(job.kind).observe(max(time.time() - job.created, 0.0))
+        if job.expired():
+            await self.queue.finish(job.id, J.error_event(J.DEADLINE_EXCEEDED, "the deadline passed while queued"))
+            return
+        if await self.queue.is_cancelled(job.id):
+            await self.queue.finish(job.id, J.error_event(J.CANCELLED, "the request was cancelled"))
+            return
+        try:
+            request = await asyncio.to_thread(self._to_request, job)
+        except InvalidRequestError as exc:
+            await self.queue.finish(job.id, J.error_event(J.INVALID_ARGUMENT, str(exc)))
+            return
+        running = _Running(job)
+        self._running[job.id] = running
+        loop = asyncio.get_running_loop()
+        self.engine.add_request(request, lambda out: loop.call_soon_threadsafe(running.outputs.put_nowait, out))
+        task = loop.create_task(self._pump(running))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _to_request(self, job: Job) -> UnderstandRequest | GenerateRequest:
+        p = job.params
+        if isinstance(p, UnderstandParams):
+            images = [decode_image(data, max_pixels=self.settings.max_image_pixels,
+                                   min_side=self.settings.min_image_side, label=f"images[{i}]")
+                      for i, data in enumerate(p.images)]
+            return UnderstandRequest(job.id, p.prompt, images, p.max_new_tokens,
+                                     SamplingParams(p.temperature, p.top_p, p.seed))
+        assert isinstance(p, GenerateParams)
+        return GenerateRequest(job.id, p.prompt, p.n, p.cfg_weight, SamplingParams(p.temperature, p.top_p, p.seed))
+
+    async def _pump(self, running: _Running) -> None:
+        job = running.job
+        try:
+            while True:
+                out = await running.outputs.get()
+                if isinstance(out, TokenOutput):
+                    self._first_token(running)
+                    if job.stream and out.delta:
+                        running.streamed += out.delta
+                        await self.queue.publish(job.id, J.delta_event(out.delta))
+                elif isinstance(out, ProgressOutput):
+                    if job.stream:
+                        await self.queue.publish(job.id, J.progress_event(out.step, out.total))
+                elif isinstance(out, FinishedOutput):
+                    await self._flush_text(running, out)
+                    await self.queue.finish(job.id, await self._result_event(out))
+                    return
+                elif isinstance(out, FailedOutput):
+                    if out.reason == "internal" and await self.queue.release(self.worker_id, [job.id]):
+                        log.warning("job %s failed (%s); handed back for another delivery", job.id, out.message)
+                        return
+                    await self.queue.finish(job.id, self._failure_event(running, out))
+                    return
+        except Exception as exc:  # report, so the client never waits in silence
+            log.exception("job %s: forwarding its result failed", job.id)
+            try:
+                await self.queue.finish(job.id, J.error_event(J.INTERNAL, f"worker failed: {exc}"))
+            except Exception:
+                log.exception("job %s: could not report the failure", job.id)
+        finally:
+            self._running.pop(job.id, None)
+            self._slot_freed.set()
+
+    async def _flush_text(self, running: _Running, out: FinishedOutput) -> None:
+        """Send the text the incremental decoder held back (an unfinished UTF-8 sequence at the end)."""
+        result = out.result
+        if running.job.stream and isinstance(result, UnderstandResult) and result.text.startswith(running.streamed):
+            rest = result.text[len(running.streamed):]
+            if rest:
+                running.streamed += rest
+                await self.queue.publish(running.job.id, J.delta_event(rest))
+
+    def _first_token(self, running: _Running) -> None:
+        if running.first_token:
+            running.first_token = False
+            if self.metrics:
+                self.metrics.ttft.observe(time.time() - running.started)
+
+    async def _result_event(self, out: FinishedOutput) -> dict:
+        result = out.result
+        if isinstance(result, UnderstandResult):
+            return J.understand_result(result.text, result.finish_reason, result.prompt_tokens,
+                                       result.completion_tokens)
+        assert isinstance(result, GenerateResult)
+        pngs = await asyncio.to_thread(lambda: [encode_png(img) for img in result.images])
+        return J.generate_result(result.seed, pngs)
+
+    @staticmethod
+    def _failure_event(running: _Running, out: FailedOutput) -> dict:
+        if out.reason == "invalid":
+            return J.error_event(J.INVALID_ARGUMENT, out.message)
+        if out.reason == "cancelled":
+            if running.stop_reason == J.DEADLINE_EXCEEDED:
+                return J.error_event(J.DEADLINE_EXCEEDED, "the request's deadline passed while it ran")
+            return J.error_event(J.CANCELLED, out.message)
+        return J.error_event(J.INTERNAL, out.message)
+
+    # --- background -------------------------------------------------------------------------------
+    async def _watchdog(self, stop: asyncio.Event) -> None:
+        """Stop running jobs whose client cancelled or whose deadline passed."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.time()
+            live = {job_id: r for job_id, r in self._running.items() if r.stop_reason is None}
+            if not live:
+                continue
+            try:
+                cancelled = await self.queue.cancelled(list(live))
+            except Exception:  # the queue is unreachable: deadlines still apply
+                cancelled = set()
+            for job_id, running in live.items():
+                reason = J.DEADLINE_EXCEEDED if running.job.expired(now) else (
+                    J.CANCELLED if job_id in cancelled else None)
+                if reason:
+                    running.stop_reason = reason
+                    self.engine.cancel(job_id)
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while True:
+            stats = self.engine.stats()
+            if self.metrics:
+                self.metrics.observe_engine(stats)
+                self.metrics.heartbeat.labels(self.worker_id).set(time.time())
+            try:
+                await self.queue.heartbeat(self.worker_id, {"running": sum(stats.running.values()),
+                                                            "waiting": stats.waiting})
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,78 @@
+"""Starting real `janus-server` processes on free loopback ports for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    grpc_port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_server(args: list[str], log_dir: Path, env: dict[str, str] | None = None, *, ready_timeout: float = 120.0,
+                 wait_ready: bool = True) -> ServerProcess:
+    """Run `janus-server <args>` with --port/--grpc-port chosen here; wait until /ready answers 200."""
+    port, grpc_port = free_port(), free_port()
+    full_env = {**os.environ, "JANUS_HEARTBEAT_INTERVAL": "0.2", "JANUS_LOG_LEVEL": "info",
+                "HF_HUB_OFFLINE": "1", **(env or {})}
+    log_path = log_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "server.cli", *args, "--host", "127.0.0.1", "--port", str(port),
+           "--grpc-port", str(grpc_port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    server = ServerProcess(proc, port, grpc_port, log_path, full_env)
+    if wait_ready:
+        wait_until_ready(server, ready_timeout)
+    return server
+
+
+def wait_until_ready(server: ServerProcess, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(server.url + "/ready", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
