@@ -1,0 +1,405 @@
+"""gRPC frontend: `janus.v1.Janus` over `Service`, plus grpc.health.v1 and server reflection.
+
+The servicer only converts protobuf <-> job params and events; validation, queueing and deadlines
+live in `Service`, exactly as for REST. Exceptions become gRPC statuses in one place: the
+`StatusInterceptor` (via `status_for`), which also checks `authorization: Bearer KEY` metadata.
+The client's deadline becomes the job's deadline, and a call that ends early (client cancel,
+deadline, disconnect) cancels its job so the worker stops at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import struct
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from server import jobs
+from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
+from server.jobs import GenerateParams, UnderstandParams, result_pngs
+from server.queue import QueueFull, QueueUnavailable
+from server.service import BadRequest, Service, ServiceUnavailable, Ticket
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = janus_pb2.DESCRIPTOR.services_by_name["Janus"].full_name  # "janus.v1.Janus"
+_METHOD_PREFIX = f"/{SERVICE_NAME}/"
+_MiB = 1024 * 1024
+
+
+# --- errors and the one status mapping ---------------------------------------------------------
+
+
+class Unauthenticated(Exception):
+    """The call lacks `authorization: Bearer KEY` metadata with a valid key."""
+
+
+class JobFailed(Exception):
+    """The job ended with an `error` event; `code` is one of the codes in server/jobs.py."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_JOB_STATUS = {
+    jobs.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    jobs.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    jobs.CANCELLED: grpc.StatusCode.CANCELLED,
+    jobs.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    jobs.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    jobs.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _retry_after(seconds: float) -> Metadata:
+    return (("retry-after", str(max(1, math.ceil(seconds)))),)
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
+    """The status code, message and trailing metadata a failed call reports for `exc`."""
+    if isinstance(exc, BadRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc), ()
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), _retry_after(exc.retry_after)
+    if isinstance(exc, ServiceUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), _retry_after(exc.retry_after)
+    if isinstance(exc, QueueUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"the job queue is unavailable: {exc}", _retry_after(2.0)
+    if isinstance(exc, JobFailed):
+        return _JOB_STATUS.get(exc.code, grpc.StatusCode.INTERNAL), str(exc), ()
+    return grpc.StatusCode.INTERNAL, "internal error", ()
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Checks API keys on Janus rpcs and turns their exceptions into statuses (health and
+    reflection pass through untouched: probes and `grpcurl list` need no key)."""
+
+    def __init__(self, api_keys: list[str]) -> None:
+        self._keys = [key.encode() for key in api_keys]
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
+            return handler
+        return _guard(handler, self._authorize)
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._keys:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        given = token.strip().encode()
+        # compare_digest with every key so the time taken does not tell which key almost matched
+        valid = [hmac.compare_digest(given, key) for key in self._keys]
+        if scheme.lower() != "bearer" or not any(valid):
+            raise Unauthenticated("missing or invalid API key; send metadata 'authorization: Bearer <key>'")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, grpc.aio.BaseError):  # context.abort() from inside the handler
+        raise exc
+    code, message, trailing = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, JobFailed):
+        log.exception("unexpected error in a gRPC call", exc_info=exc)
+    await context.abort(code, message, trailing_metadata=trailing)
+
+
+def _guard(handler: grpc.RpcMethodHandler,
+           authorize: Callable[[grpc.aio.ServicerContext], None]) -> grpc.RpcMethodHandler:
+    """Wrap a Janus handler (unary-unary or unary-stream) with the auth check and `_abort`."""
+    serializers = {"request_deserializer": handler.request_deserializer,
+                   "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def guarded_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                authorize(context)
+                return await unary(request, context)
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return grpc.unary_unary_rpc_method_handler(guarded_unary, **serializers)
+    if handler.unary_stream is not None:
+        stream = handler.unary_stream
+
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                authorize(context)
+                async for response in stream(request, context):
+                    yield response
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return grpc.unary_stream_rpc_method_handler(guarded_stream, **serializers)
+    return handler
+
+
+# --- protobuf -> job params (defaults come from the dataclasses, as for REST) -------------------
+
+
+def _decimal(value: float) -> float:
+    """The shortest decimal that the proto's float32 `value` stands for (0.699999988 -> 0.7), so a
+    gRPC request samples with exactly the same parameters as the same REST request."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", candidate))[0] == value:
+            return candidate
+    return value
+
+
+def understand_params(request: janus_pb2.UnderstandRequest) -> UnderstandParams:
+    fields: dict[str, Any] = {"prompt": request.prompt, "images": list(request.images),
+                              "temperature": _decimal(request.temperature)}
+    if request.max_new_tokens:
+        fields["max_new_tokens"] = request.max_new_tokens
+    if request.top_p:
+        fields["top_p"] = _decimal(request.top_p)
+    if request.HasField("seed"):
+        fields["seed"] = request.seed
+    return UnderstandParams(**fields)
+
+
+def generate_params(request: janus_pb2.GenerateRequest) -> GenerateParams:
+    fields: dict[str, Any] = {"prompt": request.prompt}
+    if request.n:
+        fields["n"] = request.n
+    if request.cfg_weight:
+        fields["cfg_weight"] = _decimal(request.cfg_weight)
+    if request.HasField("temperature"):  # explicit 0 means greedy, unset means the default
+        fields["temperature"] = _decimal(request.temperature)
+    if request.top_p:
+        fields["top_p"] = _decimal(request.top_p)
+    if request.HasField("seed"):
+        fields["seed"] = request.seed
+    return GenerateParams(**fields)
+
+
+# --- readiness, shared by the servicer (refuse early) and the health service --------------------
+
+
+class Readiness:
+    """`Service.readiness()` cached for `ttl` seconds, so probes and requests don't hammer the queue."""
+
+    def __init__(self, service: Service, ttl: float = 1.0) -> None:
+        self._service = service
+        self._ttl = ttl
+        self._lock = asyncio.Lock()
+        self._checked_at = -math.inf
+        self._value: tuple[bool, str] = (False, "not checked yet")
+
+    async def check(self) -> tuple[bool, str]:
+        async with self._lock:
+            if time.monotonic() - self._checked_at >= self._ttl:
+                self._value = await self._service.readiness()
+                self._checked_at = time.monotonic()
+            return self._value
+
+
+class HealthServicer(health_aio.HealthServicer):
+    """grpc.health.v1: SERVING (for "" and janus.v1.Janus) only while `Service.readiness()` holds.
+
+    Check refreshes the status; each Watch refreshes it every `poll` seconds while it is open."""
+
+    def __init__(self, readiness: Readiness, poll: float = 1.0) -> None:
+        super().__init__()
+        self._readiness = readiness
+        self._poll = poll
+
+    async def refresh(self) -> None:
+        ready, _ = await self._readiness.check()
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if ready else serving.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.set(name, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await self.refresh()
+        poller = asyncio.create_task(self._refresh_forever())
+        try:
+            await super().Watch(request, context)
+        finally:
+            poller.cancel()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll)
+            try:
+                await self.refresh()
+            except Exception:  # a failed probe must not end the Watch stream
+                log.exception("health refresh failed")
+
+
+# --- the Janus servicer --------------------------------------------------------------------------
+
+
+class JanusServicer(janus_pb2_grpc.JanusServicer):
+    def __init__(self, service: Service, readiness: Readiness) -> None:
+        self._service = service
+        self._readiness = readiness
+
+    async def Understand(self, request: janus_pb2.UnderstandRequest,
+                         context: grpc.aio.ServicerContext) -> janus_pb2.UnderstandResponse:
+        ticket = await self._submit(context, understand_params(request), stream=False)
+        return _understand_response(ticket, await self._result(ticket))
+
+    async def UnderstandStream(self, request: janus_pb2.UnderstandRequest,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[janus_pb2.UnderstandChunk]:
+        ticket = await self._submit(context, understand_params(request), stream=True)
+        sent = ""
+        async for event in self._events(ticket):
+            if event["type"] == "delta":
+                sent += event["text"]
+                yield janus_pb2.UnderstandChunk(id=ticket.job_id, delta=event["text"])
+            elif event["type"] == "result":
+                # Whatever text the deltas did not carry (a worker that does not stream) goes last.
+                text: str = event["text"]
+                rest = text[len(sent):] if text.startswith(sent) else ""
+                yield janus_pb2.UnderstandChunk(
+                    id=ticket.job_id, delta=rest, finish_reason=event["finish_reason"],
+                    prompt_tokens=event["prompt_tokens"], completion_tokens=event["completion_tokens"])
+
+    async def Generate(self, request: janus_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> janus_pb2.GenerateResponse:
+        ticket = await self._submit(context, generate_params(request), stream=False)
+        return _generate_response(ticket, await self._result(ticket))
+
+    async def GenerateStream(self, request: janus_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[janus_pb2.GenerateEvent]:
+        ticket = await self._submit(context, generate_params(request), stream=True)
+        async for event in self._events(ticket):
+            if event["type"] == "progress":
+                progress = janus_pb2.Progress(step=event["step"], total=event["total"])
+                yield janus_pb2.GenerateEvent(progress=progress)
+            elif event["type"] == "result":
+                yield janus_pb2.GenerateEvent(result=_generate_response(ticket, event))
+
+    async def _submit(self, context: grpc.aio.ServicerContext, params: UnderstandParams | GenerateParams,
+                      *, stream: bool) -> Ticket:
+        ready, reason = await self._readiness.check()
+        if not ready:
+            raise ServiceUnavailable(f"not ready: {reason}")
+        metadata = dict(context.invocation_metadata() or ())
+        options: dict[str, Any] = {"stream": stream, "timeout": context.time_remaining(),
+                                   "idempotency_key": metadata.get("idempotency-key") or None}
+        if isinstance(params, UnderstandParams):
+            return await self._service.submit_understand(params, **options)
+        return await self._service.submit_generate(params, **options)
+
+    async def _result(self, ticket: Ticket) -> dict[str, Any]:
+        result: dict[str, Any] | None = None
+        async for event in self._events(ticket):  # runs to the end: the result is the last event
+            if event["type"] == "result":
+                result = event
+        if result is None:
+            raise JobFailed(jobs.INTERNAL, "the job ended without a result")
+        return result
+
+    async def _events(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+        """The job's events up to its result; an error event raises `JobFailed`. If the call ends
+        before the job does (client cancel, deadline, disconnect), the job is cancelled."""
+        finished = False
+        try:
+            async for event in self._service.follow(ticket):
+                if event["type"] == "error":
+                    finished = True
+                    raise JobFailed(event.get("code", jobs.INTERNAL), event.get("message", "the job failed"))
+                finished = event["type"] == "result"
+                yield event
+        finally:
+            if not finished:
+                # shielded: this runs while the call's task is being cancelled
+                await asyncio.shield(self._service.cancel(ticket.job_id))
+
+
+def _understand_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.UnderstandResponse:
+    return janus_pb2.UnderstandResponse(
+        id=ticket.job_id, text=event["text"], finish_reason=event["finish_reason"],
+        prompt_tokens=event["prompt_tokens"], completion_tokens=event["completion_tokens"])
+
+
+def _generate_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.GenerateResponse:
+    return janus_pb2.GenerateResponse(id=ticket.job_id, seed=event["seed"], png=result_pngs(event))
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+_health_of: weakref.WeakKeyDictionary[grpc.aio.Server, HealthServicer] = weakref.WeakKeyDictionary()
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        # Requests are bounded like REST bodies; responses carry up to max_n PNGs (~0.5 MiB each).
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", max(settings.max_body_bytes, 64 * _MiB)),
+        # Ping idle connections so load balancers keep long generations open and dead peers go away.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
+        # A port in use must fail loudly, not be shared with another server.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def create_grpc_server(service: Service, settings: Settings, *,
+                       readiness_ttl: float = 1.0) -> grpc.aio.Server:
+    """Janus + health + reflection on a grpc.aio server, neither bound nor started.
+
+    Bind with `server.add_insecure_port("host:port")`, then `await server.start()`; stop with
+    `stop_grpc_server`. `start_grpc_server` does all of it from `settings`."""
+    server = grpc.aio.server(interceptors=[StatusInterceptor(settings.api_key)],
+                             options=server_options(settings))
+    readiness = Readiness(service, ttl=readiness_ttl)
+    janus_pb2_grpc.add_JanusServicer_to_server(JanusServicer(service, readiness), server)
+    health = HealthServicer(readiness, poll=readiness_ttl)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+    _health_of[server] = health
+    return server
+
+
+async def start_grpc_server(service: Service, settings: Settings) -> grpc.aio.Server:
+    """Create, bind `settings.host:settings.grpc_port` and start the server."""
+    server = create_grpc_server(service, settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    await server.start()
+    log.info("gRPC server listening on %s:%d", settings.host, settings.grpc_port)
+    return server
+
+
+async def stop_grpc_server(server: grpc.aio.Server, grace: float = 10.0) -> None:
+    """Report NOT_SERVING, refuse new calls, and give running ones `grace` seconds to finish."""
+    health = _health_of.get(server)
+    if health is not None:
+        await health.enter_graceful_shutdown()
+    await server.stop(grace)
