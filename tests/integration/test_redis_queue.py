@@ -1,0 +1,354 @@
+"""RedisQueue against a real redis-server: delivery, reclaim, dead letters, admission, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from server.jobs import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    UNAVAILABLE,
+    GenerateParams,
+    Job,
+    UnderstandParams,
+    delta_event,
+    generate_result,
+    is_terminal,
+    progress_event,
+    result_pngs,
+    understand_result,
+)
+from server.queue import QueueFull, QueueUnavailable, create_queue
+from server.queue.redis import RedisQueue
+from tests.integration import redis_fixture
+
+pytestmark = pytest.mark.timeout(30)
+
+redis_server = redis_fixture.redis_server
+
+MakeQueue = Callable[..., RedisQueue]
+
+
+@pytest.fixture
+async def make_queue(redis_server: redis_fixture.RedisServer) -> AsyncIterator[MakeQueue]:
+    """Queues (one per simulated process) that share a fresh key prefix, with test-sized timeouts."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    made: list[RedisQueue] = []
+
+    def make(**options: Any) -> RedisQueue:
+        settings = {"prefix": prefix, "claim_idle_timeout": 0.5, "poll_interval": 0.2,
+                    "reconnect_timeout": 2.0, "lost_grace": 1.0, **options}
+        queue = RedisQueue(redis_server.url, **settings)
+        made.append(queue)
+        return queue
+
+    yield make
+    for queue in made:
+        await queue.close()
+
+
+def understand_job(prompt: str = "describe", *, timeout: float = 30.0, **fields: Any) -> Job:
+    params = UnderstandParams(prompt, images=[b"\x89PNG\r\n\x1a\n not really"])
+    return Job("understand", params, deadline=time.time() + timeout, **fields)
+
+
+async def collect(queue: RedisQueue, job_id: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def read() -> list[dict[str, Any]]:
+        return [event async for event in queue.events(job_id)]
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "delta")
+
+
+async def test_create_queue_dispatches_with_options(redis_server: redis_fixture.RedisServer) -> None:
+    queue = create_queue(redis_server.url, max_depth=7, max_queue_depth=1, prefix="x:")
+    assert isinstance(queue, RedisQueue)
+    assert (queue.max_depth, queue.stream, queue.group, queue.dead_stream) == (7, "x:jobs", "janus-workers",
+                                                                              "x:dead")
+    assert await queue.ping()
+    await queue.close()
+
+
+async def test_round_trip_streams_events_and_stores_the_result(make_queue: MakeQueue) -> None:
+    frontend, worker = make_queue(), make_queue()
+    job = understand_job(stream=True)
+    assert await frontend.submit(job) == job.id
+    assert await frontend.depth() == 1
+    reader = asyncio.create_task(collect(frontend, job.id))
+
+    [claimed] = await worker.claim("w1", 4, 1.0)
+    assert (claimed.id, claimed.params, claimed.deadline) == (job.id, job.params, job.deadline)
+    await worker.publish(job.id, delta_event("Hel"))
+    await worker.publish(job.id, delta_event("lo"))
+    with pytest.raises(ValueError, match="result or error"):
+        await worker.finish(job.id, delta_event("!"))
+    with pytest.raises(ValueError, match="use finish"):
+        await worker.publish(job.id, understand_result("Hello", "stop", 3, 2))
+    await worker.finish(job.id, understand_result("Hello", "stop", 3, 2))
+
+    events = await reader
+    assert [e["type"] for e in events] == ["delta", "delta", "result"]
+    assert text_of(events) == events[-1]["text"] == "Hello"
+    assert await frontend.depth() == 0
+    # A follower that starts after the result was stored still sees every event.
+    assert await collect(frontend, job.id) == events
+
+    gen = Job("generate", GenerateParams("a cat", n=2, seed=7))
+    await frontend.submit(gen)
+    [claimed] = await worker.claim("w1", 4, 1.0)
+    assert claimed.params == gen.params
+    for step in (1, 2):
+        await worker.publish(gen.id, progress_event(step, 2))
+    await worker.finish(gen.id, generate_result(7, [b"png-a", b"png-b"]))
+    events = await collect(frontend, gen.id)
+    assert [e.get("step") for e in events[:-1]] == [1, 2]
+    assert result_pngs(events[-1]) == [b"png-a", b"png-b"]
+
+
+async def test_two_consumers_share_jobs_without_duplicates(make_queue: MakeQueue) -> None:
+    frontend, workers = make_queue(), {"a": make_queue(), "b": make_queue()}
+    jobs = [understand_job(f"prompt {i}") for i in range(60)]
+    for job in jobs:
+        await frontend.submit(job)
+    readers = [asyncio.create_task(collect(frontend, job.id)) for job in jobs]
+    claimed: dict[str, list[str]] = {"a": [], "b": []}
+    batch_sizes: list[int] = []
+
+    async def work(name: str) -> None:
+        queue = workers[name]
+        while sum(len(ids) for ids in claimed.values()) < len(jobs):
+            batch = await queue.claim(name, 8, 0.2)
+            batch_sizes.append(len(batch))
+            claimed[name] += [job.id for job in batch]
+            await asyncio.sleep(0.01)  # "running" the batch lets the other worker in
+            for job in batch:
+                await queue.finish(job.id, understand_result(f"{name}:{job.id}", "stop", 1, 1))
+
+    await asyncio.gather(work("a"), work("b"))
+    assert not set(claimed["a"]) & set(claimed["b"])
+    assert sorted(claimed["a"] + claimed["b"]) == sorted(job.id for job in jobs)
+    assert claimed["a"] and claimed["b"] and max(batch_sizes) > 1
+    for job, events in zip(jobs, await asyncio.gather(*readers), strict=True):
+        assert [e["type"] for e in events] == ["result"]
+        assert events[0]["text"].endswith(job.id)
+    assert await frontend.depth() == 0
+
+
+async def test_jobs_of_a_dead_worker_are_reclaimed_with_one_result_each(make_queue: MakeQueue) -> None:
+    frontend, dead, live = make_queue(), make_queue(), make_queue()
+    jobs = [understand_job(f"prompt {i}", stream=True) for i in range(3)]
+    for job in jobs:
+        await frontend.submit(job)
+    readers = [asyncio.create_task(collect(frontend, job.id)) for job in jobs]
+
+    assert len(await dead.claim("dead", 8, 1.0)) == 3
+    await dead.publish(jobs[0].id, delta_event("Hel"))  # then it "dies": no ack, no heartbeat
+    assert await live.claim("live", 8, 0.1) == []  # not idle long enough to be taken over yet
+    await asyncio.sleep(0.6)
+    again = await live.claim("live", 8, 1.0)
+    assert sorted(job.id for job in again) == sorted(job.id for job in jobs)
+    assert live.redeliveries == 3
+    await live.publish(jobs[0].id, delta_event("Hel"))  # the new run starts the text over
+    await live.publish(jobs[0].id, delta_event("lo"))
+    for job in again:
+        await live.finish(job.id, understand_result(f"live:{job.id}", "stop", 1, 2))
+
+    # The presumed-dead worker wakes up: its job reads as cancelled and its late result is ignored.
+    assert await dead.is_cancelled(jobs[1].id)
+    await dead.finish(jobs[1].id, understand_result("zombie", "stop", 1, 1))
+
+    results = await asyncio.gather(*readers)
+    assert text_of(results[0]) == "Hello"
+    for job, events in zip(jobs, results, strict=True):
+        assert sum(is_terminal(e) for e in events) == 1
+        assert events[-1]["text"] == f"live:{job.id}"
+    raw = await frontend.redis.xrange(frontend.key("events", jobs[1].id))
+    assert len(raw) == 1  # exactly one terminal event was ever written
+    assert await frontend.depth() == 0
+
+
+async def test_heartbeats_keep_a_live_workers_jobs_and_report_workers(make_queue: MakeQueue) -> None:
+    frontend, busy, idle = make_queue(), make_queue(), make_queue()
+    assert not await frontend.workers_alive(5.0)
+    job = understand_job()
+    await frontend.submit(job)
+    assert len(await busy.claim("busy", 1, 1.0)) == 1
+    for _ in range(5):  # a long-running job outlives the idle timeout while heartbeats continue
+        await busy.heartbeat("busy", {"model": "tiny", "device": "cpu"})
+        await asyncio.sleep(0.2)
+        assert await idle.claim("idle", 1, 0.0) == []
+    assert await frontend.workers_alive(5.0)
+    info = (await frontend.workers())["busy"]
+    assert info["model"] == "tiny" and abs(info["last_seen"] - time.time()) < 5.0
+    await asyncio.sleep(0.6)  # heartbeats stop: the worker is stuck
+    assert not await frontend.workers_alive(0.5)
+    assert [j.id for j in await idle.claim("idle", 1, 1.0)] == [job.id]
+
+
+async def test_poison_job_goes_to_the_dead_letter_stream(make_queue: MakeQueue) -> None:
+    queue = make_queue(max_deliveries=2)
+    poison, good = understand_job("poison"), understand_job("fine")
+    await queue.submit(poison)
+    await queue.submit(good)
+    reader = asyncio.create_task(collect(queue, poison.id))
+    for _ in range(2):  # fails every time; the worker hands it back for another try
+        [job] = await queue.claim("w", 1, 1.0)
+        assert job.id == poison.id
+        await queue.release("w", [job.id])
+
+    assert [job.id for job in await queue.claim("w", 1, 1.0)] == [good.id]
+    await queue.finish(good.id, understand_result("ok", "stop", 1, 1))
+    [event] = await reader
+    assert event["type"] == "error" and event["code"] == INTERNAL and "failed 2 times" in event["message"]
+    [(_, letter)] = await queue.redis.xrange(queue.dead_stream)
+    assert letter["id"] == poison.id and Job.from_dict(json.loads(letter["job"])).id == poison.id
+    assert (queue.dead_letters, queue.redeliveries) == (1, 1)
+    assert (await collect(queue, good.id))[-1]["text"] == "ok"
+    assert await queue.depth() == 0
+
+
+async def test_unreadable_entry_is_dead_lettered_and_answered(make_queue: MakeQueue) -> None:
+    queue = make_queue()
+    await queue.redis.xadd(queue.stream, {"id": "garbled", "job": "{not json"})
+    good = understand_job()
+    await queue.submit(good)
+    assert [job.id for job in await queue.claim("w", 4, 1.0)] == [good.id]
+    [event] = await collect(queue, "garbled")
+    assert event["code"] == INTERNAL
+    [(_, letter)] = await queue.redis.xrange(queue.dead_stream)
+    assert (letter["id"], letter["reason"]) == ("garbled", "unreadable job entry")
+    assert await queue.depth() == 1  # only the good job, still running
+
+
+async def test_admission_control_refuses_when_full_or_lagging(make_queue: MakeQueue) -> None:
+    queue = make_queue(max_depth=3, retry_after=4.0)
+    for _ in range(3):
+        await queue.submit(understand_job())
+    with pytest.raises(QueueFull) as refused:
+        await queue.submit(understand_job())
+    assert refused.value.retry_after == 4.0
+    [running] = await queue.claim("w", 1, 1.0)
+    with pytest.raises(QueueFull):  # a running job still counts
+        await queue.submit(understand_job())
+    await queue.finish(running.id, understand_result("", "stop", 0, 0))
+    await queue.submit(understand_job())
+
+    lagging = make_queue(prefix=f"lag-{uuid.uuid4().hex[:8]}:", max_wait=0.3)
+    first = understand_job()
+    await lagging.submit(first)
+    await asyncio.sleep(0.4)
+    with pytest.raises(QueueFull, match="lagging"):
+        await lagging.submit(understand_job())
+    assert [job.id for job in await lagging.claim("w", 1, 1.0)] == [first.id]
+    await lagging.submit(understand_job())  # nothing has waited long any more
+
+
+async def test_expired_jobs_are_answered_and_never_claimed(make_queue: MakeQueue) -> None:
+    queue = make_queue()
+    job = understand_job(timeout=0.2)
+    await queue.submit(job)
+    await asyncio.sleep(0.3)
+    assert await queue.claim("w", 4, 0.3) == []
+    [event] = await collect(queue, job.id)
+    assert event["code"] == DEADLINE_EXCEEDED
+    assert (await queue.depth(), queue.expired) == (0, 1)
+
+    # With no worker at all, a follower still ends at the deadline instead of waiting forever.
+    orphan = understand_job(timeout=0.3)
+    await queue.submit(orphan)
+    started = time.monotonic()
+    [event] = await collect(queue, orphan.id)
+    assert event["code"] == DEADLINE_EXCEEDED and time.monotonic() - started < 1.5
+
+
+async def test_cancel_sets_a_flag_and_a_queued_job_does_not_run(make_queue: MakeQueue) -> None:
+    queue = make_queue()
+    kept, cancelled = understand_job(), understand_job()
+    await queue.submit(kept)
+    await queue.submit(cancelled)
+    assert not await queue.is_cancelled(cancelled.id)
+    await queue.cancel(cancelled.id)
+    assert await queue.is_cancelled(cancelled.id)
+    assert await queue.cancelled([kept.id, cancelled.id]) == {cancelled.id}
+    assert [job.id for job in await queue.claim("w", 4, 0.5)] == [kept.id]
+    [event] = await collect(queue, cancelled.id)
+    assert event["code"] == CANCELLED
+
+
+async def test_idempotency_key_returns_the_first_job(make_queue: MakeQueue) -> None:
+    queue = make_queue()
+    first, repeat, other = (understand_job(idempotency_key=k) for k in ("k1", "k1", "k2"))
+    assert await queue.submit(first) == first.id
+    assert await queue.submit(repeat) == first.id
+    assert await queue.submit(other) == other.id
+    assert await queue.depth() == 2
+    [job, _] = await queue.claim("w", 2, 1.0)
+    await queue.finish(job.id, understand_result("once", "stop", 1, 1))
+    assert await queue.submit(understand_job(idempotency_key="k1")) == first.id  # also after it finished
+
+
+async def test_survives_a_redis_crash_and_restart(make_queue: MakeQueue,
+                                                  redis_server: redis_fixture.RedisServer) -> None:
+    queue = make_queue(reconnect_timeout=1.5, lost_grace=0.5)
+    assert await queue.claim("w", 1, 0.0) == []  # the consumer group exists before the crash
+
+    # 1. Redis stays down longer than reconnect_timeout: everything fails fast, nothing hangs.
+    job = understand_job(timeout=20.0)
+    await queue.submit(job)
+    reader = asyncio.create_task(collect(queue, job.id))
+    await asyncio.sleep(0.3)
+    redis_server.kill()
+    started = time.monotonic()
+    assert not await queue.ping()
+    with pytest.raises(QueueUnavailable):
+        await queue.submit(understand_job())
+    with pytest.raises(QueueUnavailable):
+        await queue.claim("w", 1, 0.1)
+    [event] = await reader
+    assert event["code"] == UNAVAILABLE and time.monotonic() - started < 5.0
+
+    # 2. A quick restart loses the (unpersisted) job: its follower is told so instead of waiting.
+    redis_server.start()
+    assert await queue.ping()
+    lost = understand_job(timeout=20.0)
+    await queue.submit(lost)
+    reader = asyncio.create_task(collect(queue, lost.id))
+    await asyncio.sleep(0.3)
+    redis_server.restart()
+    started = time.monotonic()
+    [event] = await reader
+    assert event["code"] == UNAVAILABLE and time.monotonic() - started < 5.0
+
+    # 3. The queue works again: the consumer group is recreated on the next claim.
+    job = understand_job()
+    await queue.submit(job)
+    [claimed] = await queue.claim("w", 1, 2.0)
+    await queue.finish(claimed.id, understand_result("back", "stop", 1, 1))
+    assert (await collect(queue, job.id))[-1]["text"] == "back"
+
+
+async def test_raw_client_sees_the_documented_key_layout(make_queue: MakeQueue,
+                                                         redis_server: redis_fixture.RedisServer) -> None:
+    queue = make_queue(prefix="janus-layout:")
+    job = understand_job()
+    await queue.submit(job)
+    await queue.claim("w", 1, 1.0)
+    raw = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        [group] = await raw.xinfo_groups("janus-layout:jobs")
+        assert (group["name"], group["pending"]) == ("janus-workers", 1)
+        assert await raw.hget("janus-layout:entry", job.id)
+    finally:
+        await raw.aclose()
