@@ -1,0 +1,125 @@
+# syntax=docker/dockerfile:1
+#
+# janus-server images. Two final targets:
+#
+#   docker build --target cuda -t janus-server:0.1.0 .        # NVIDIA GPUs (last stage: the default)
+#   docker build --target cpu  -t janus-server:0.1.0-cpu .    # CPU-only try-out image
+#
+# Both run `janus-server` as a non-root user; every CLI flag can be set with an env var JANUS_<FLAG>
+# (JANUS_MODEL, JANUS_QUEUE, JANUS_DEVICE, JANUS_PORT, JANUS_GRPC_PORT, JANUS_API_KEY, ...), so the
+# default command is just `serve` and `docker run -e JANUS_MODEL=... janus-server:0.1.0` works.
+# Model weights are downloaded into HF_HOME=/models, a volume: mount a persistent one.
+#
+# Layer order is chosen for the build cache: torch (GBs, changes rarely), then the dependencies
+# listed in pyproject.toml, then our own source (changes on every commit).
+
+ARG PYTHON_VERSION=3.12
+# The CUDA target uses the small "base" flavour (cudart + forward-compat libs and the NVIDIA_* env
+# the container toolkit reads): torch's CUDA wheels bundle cuBLAS/cuDNN/NCCL themselves, so the
+# "runtime" flavour would ship those libraries twice (~3 GB). Keep the CUDA major version of the base
+# image and of TORCH_INDEX in step; CUDA 13 needs an NVIDIA driver >= 580. For older drivers build with
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: the official slim Python image and the CPU-only torch wheel (no CUDA libraries at all).
+FROM python:${PYTHON_VERSION}-slim AS cpu-build
+ARG TORCH_VERSION
+ARG TORCH_CPU_INDEX
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --no-cache-dir --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY janus_core ./janus_core
+COPY server ./server
+RUN pip install --no-cache-dir --no-deps . && janus-server --help > /dev/null
+
+
+FROM python:${PYTHON_VERSION}-slim AS cpu
+RUN groupadd --system --gid 10001 janus \
+    && useradd --system --uid 10001 --gid janus --create-home --home-dir /home/janus janus \
+    && mkdir -p /models \
+    && chown janus:janus /models
+COPY --from=cpu-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models \
+    JANUS_MODEL=deepseek-community/Janus-Pro-1B \
+    JANUS_DEVICE=cpu \
+    JANUS_DTYPE=float32 \
+    JANUS_HOST=0.0.0.0 \
+    JANUS_PORT=8000 \
+    JANUS_GRPC_PORT=50051 \
+    JANUS_METRICS_PORT=9100
+VOLUME ["/models"]
+WORKDIR /home/janus
+USER 10001:10001
+EXPOSE 8000 50051 9100
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('JANUS_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["janus-server"]
+CMD ["serve"]
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA: Ubuntu 24.04's own python3.12 (no PPA), a venv in /opt/venv built here and copied below.
+FROM ${CUDA_IMAGE} AS cuda-build
+ARG TORCH_VERSION
+ARG TORCH_INDEX
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.12 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+# Dependencies only (read from pyproject.toml), so editing our code does not reinstall them.
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY janus_core ./janus_core
+COPY server ./server
+RUN pip install --no-cache-dir --no-deps . && janus-server --help > /dev/null
+
+
+FROM ${CUDA_IMAGE} AS cuda
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 janus \
+    && useradd --system --uid 10001 --gid janus --create-home --home-dir /home/janus janus \
+    && mkdir -p /models \
+    && chown janus:janus /models
+COPY --from=cuda-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models \
+    JANUS_MODEL=deepseek-community/Janus-Pro-1B \
+    JANUS_DEVICE=cuda \
+    JANUS_HOST=0.0.0.0 \
+    JANUS_PORT=8000 \
+    JANUS_GRPC_PORT=50051 \
+    JANUS_METRICS_PORT=9100
+VOLUME ["/models"]
+WORKDIR /home/janus
+USER 10001:10001
+EXPOSE 8000 50051 9100
+# Liveness of `serve`/`api` (REST on JANUS_PORT). Workers answer /health on JANUS_METRICS_PORT;
+# docker-compose.yml overrides the check for them. The long start period covers model downloads.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('JANUS_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["janus-server"]
+CMD ["serve"]

@@ -1,0 +1,143 @@
+"""docker-compose.yml, its CPU override, and the Prometheus / Grafana files it mounts: services, GPU
+reservation, and that every scrape target and datasource URL names a real service and port."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from .helpers import DEPLOY, REPO, load_compose, split_image
+
+COMPOSE = REPO / "docker-compose.yml"
+CPU_OVERRIDE = DEPLOY / "compose" / "cpu.yml"
+WORKER_METRICS_DEFAULT = 9100
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def _flag(command: list[str], flag: str) -> str | None:
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def _container_ports(service: dict) -> set[int]:
+    """Ports a service listens on inside the compose network (published or exposed)."""
+    ports = {int(str(p).rsplit(":", 1)[-1]) for p in service.get("ports", [])}
+    return ports | {int(p) for p in service.get("expose", [])}
+
+
+def _worker_metrics_port(worker: dict) -> int:
+    return int(_flag(worker["command"], "--metrics-port") or WORKER_METRICS_DEFAULT)
+
+
+def _bind_mounts(service: dict) -> dict[str, str]:
+    """{container path: repository-relative host path} for ./ bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("./"):
+            mounts[target] = source[2:]
+    return mounts
+
+
+def test_services(services):
+    assert set(services) == {"redis", "api", "worker", "prometheus", "grafana"}
+
+
+def test_images_pinned(services):
+    for name, service in services.items():
+        image, tag, _ = split_image(service["image"].replace("${JANUS_IMAGE_TAG:-0.1.0}", "0.1.0"))
+        assert tag and tag != "latest", f"{name}: image {service['image']} not pinned"
+    assert services["redis"]["image"] == "redis:7-alpine"
+    assert services["api"]["build"] == {"context": ".", "target": "cuda"}
+
+
+def test_api_and_worker_share_the_redis_queue(services):
+    api, worker = services["api"]["command"], services["worker"]["command"]
+    assert api[0] == "api" and worker[0] == "worker"
+    queue = _flag(api, "--queue")
+    assert queue == _flag(worker, "--queue")
+    url = urlsplit(queue)
+    assert url.scheme == "redis" and url.hostname in services
+    assert url.hostname == "redis" and url.port == 6379
+    assert _flag(worker, "--model"), "worker needs --model"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_api_publishes_rest_and_grpc(services):
+    assert {"8000:8000", "50051:50051"} <= set(services["api"]["ports"])
+
+
+def test_worker_reserves_a_gpu_and_caches_models(compose, services):
+    worker = services["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert device.get("count") == 1 or device.get("device_ids")
+    volumes = dict(v.split(":")[:2][::-1] for v in worker["volumes"])
+    assert volumes["/models"] == "models" and "models" in compose["volumes"]
+    assert worker["environment"]["JANUS_DEVICE"] == "cuda"
+
+
+def test_worker_healthcheck_uses_metrics_port(services):
+    worker = services["worker"]
+    check = " ".join(worker["healthcheck"]["test"])
+    assert f":{_worker_metrics_port(worker)}/health" in check
+    assert str(_worker_metrics_port(worker)) in {str(p) for p in worker["expose"]}
+
+
+def test_prometheus_scrapes_api_and_workers(services):
+    mounts = _bind_mounts(services["prometheus"])
+    config_path = mounts["/etc/prometheus/prometheus.yml"]
+    assert config_path == "deploy/prometheus/prometheus.yml"
+    config = yaml.safe_load((REPO / config_path).read_text())
+    targets: set[tuple[str, int]] = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                targets.add((host, int(port)))
+        for sd in job.get("dns_sd_configs", []):
+            assert sd["type"] == "A"
+            targets |= {(name, int(sd["port"])) for name in sd["names"]}
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+    for host, port in targets - {("localhost", 9090)}:
+        assert host in services, f"scrape target {host}:{port} is not a compose service"
+        assert port in _container_ports(services[host]), f"{host} does not listen on {port}"
+    assert ("api", 8000) in targets
+    assert ("worker", _worker_metrics_port(services["worker"])) in targets
+
+
+def test_grafana_provisioning(services):
+    grafana = services["grafana"]
+    mounts = _bind_mounts(grafana)
+    for target, source in mounts.items():
+        assert (REPO / source).exists(), f"grafana mounts missing {source} at {target}"
+    provisioning = REPO / mounts["/etc/grafana/provisioning"]
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlsplit(datasource["url"])
+    assert datasource["type"] == "prometheus"
+    assert url.hostname == "prometheus" and url.port in _container_ports(services["prometheus"])
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "janus.yml").read_text())["providers"]
+    dashboards_dir = provider["options"]["path"].rstrip("/")
+    mounted = [t for t, s in mounts.items() if s == "deploy/grafana/janus-dashboard.json"]
+    assert mounted and all(t.rsplit("/", 1)[0] == dashboards_dir for t in mounted)
+
+
+def test_cpu_override():
+    override = load_compose(CPU_OVERRIDE)["services"]
+    assert set(override) == {"api", "worker"}
+    for name in ("api", "worker"):
+        assert override[name]["build"] == {"target": "cpu"}
+        assert override[name]["image"].endswith("-cpu")
+    assert override["worker"]["deploy"] == {"__tag__": "!reset", "value": {}}, "drop the GPU reservation"
+    assert override["worker"]["environment"]["JANUS_DEVICE"] == "cpu"
