@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_pngs
+from server.metrics import Metrics
 from server.queue import QueueFull, QueueUnavailable
 from server.service import BadRequest, Service, ServiceUnavailable, Ticket
 from server.settings import Settings
@@ -90,8 +91,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Checks API keys on Janus rpcs and turns their exceptions into statuses (health and
     reflection pass through untouched: probes and `grpcurl list` need no key)."""
 
-    def __init__(self, api_keys: list[str]) -> None:
+    def __init__(self, api_keys: list[str], metrics: Metrics | None = None) -> None:
         self._keys = [key.encode() for key in api_keys]
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -101,7 +103,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
             return handler
-        return _guard(handler, self._authorize)
+        return _guard(handler, self._authorize, _Recorder(self._metrics, handler_call_details.method))
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self._keys:
@@ -124,32 +126,63 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(code, message, trailing_metadata=trailing)
 
 
-def _guard(handler: grpc.RpcMethodHandler,
-           authorize: Callable[[grpc.aio.ServicerContext], None]) -> grpc.RpcMethodHandler:
-    """Wrap a Janus handler (unary-unary or unary-stream) with the auth check and `_abort`."""
+class _Recorder:
+    """Counts one rpc in janus_requests_total / janus_request_duration_seconds (endpoint = rpc path)."""
+
+    def __init__(self, metrics: Metrics | None, method: str) -> None:
+        self.metrics, self.method = metrics, method
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def done(self, started: float, exc: BaseException | None, context: grpc.aio.ServicerContext) -> None:
+        if self.metrics is None:
+            return
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, grpc.aio.BaseError):  # the handler aborted with a status of its own
+            code = context.code().name if isinstance(context.code(), grpc.StatusCode) else "UNKNOWN"
+        else:
+            code = status_for(exc)[0].name
+        self.metrics.requests.labels(self.method, code).inc()
+        self.metrics.request_duration.labels(self.method).observe(time.perf_counter() - started)
+
+
+def _guard(handler: grpc.RpcMethodHandler, authorize: Callable[[grpc.aio.ServicerContext], None],
+           recorder: _Recorder) -> grpc.RpcMethodHandler:
+    """Wrap a Janus handler (unary-unary or unary-stream) with the auth check, metrics and `_abort`."""
     serializers = {"request_deserializer": handler.request_deserializer,
                    "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
         async def guarded_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = recorder.start()
             try:
                 authorize(context)
-                return await unary(request, context)
+                response = await unary(request, context)
             except Exception as exc:
+                recorder.done(started, exc, context)
                 await _abort(context, exc)
+            else:
+                recorder.done(started, None, context)
+                return response
 
         return grpc.unary_unary_rpc_method_handler(guarded_unary, **serializers)
     if handler.unary_stream is not None:
         stream = handler.unary_stream
 
         async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = recorder.start()
             try:
                 authorize(context)
                 async for response in stream(request, context):
                     yield response
             except Exception as exc:
+                recorder.done(started, exc, context)
                 await _abort(context, exc)
+            else:
+                recorder.done(started, None, context)
 
         return grpc.unary_stream_rpc_method_handler(guarded_stream, **serializers)
     return handler
@@ -369,13 +402,13 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def create_grpc_server(service: Service, settings: Settings, *,
+def create_grpc_server(service: Service, settings: Settings, *, metrics: Metrics | None = None,
                        readiness_ttl: float = 1.0) -> grpc.aio.Server:
     """Janus + health + reflection on a grpc.aio server, neither bound nor started.
 
     Bind with `server.add_insecure_port("host:port")`, then `await server.start()`; stop with
     `stop_grpc_server`. `start_grpc_server` does all of it from `settings`."""
-    server = grpc.aio.server(interceptors=[StatusInterceptor(settings.api_key)],
+    server = grpc.aio.server(interceptors=[StatusInterceptor(settings.api_key, metrics)],
                              options=server_options(settings))
     readiness = Readiness(service, ttl=readiness_ttl)
     janus_pb2_grpc.add_JanusServicer_to_server(JanusServicer(service, readiness), server)
@@ -387,9 +420,10 @@ def create_grpc_server(service: Service, settings: Settings, *,
     return server
 
 
-async def start_grpc_server(service: Service, settings: Settings) -> grpc.aio.Server:
+async def start_grpc_server(service: Service, settings: Settings,
+                            metrics: Metrics | None = None) -> grpc.aio.Server:
     """Create, bind `settings.host:settings.grpc_port` and start the server."""
-    server = create_grpc_server(service, settings)
+    server = create_grpc_server(service, settings, metrics=metrics)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()

@@ -74,7 +74,7 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     if settings.grpc_port:
         from server.grpc_service import start_grpc_server
 
-        grpc_server = await start_grpc_server(service, settings)
+        grpc_server = await start_grpc_server(service, settings, metrics)
     stop = asyncio.Event()
     exit_code = 0
     worker_task = None
