@@ -1,0 +1,248 @@
+"""Engine oracle tests on the tiny random model: batched outputs equal single-request outputs and
+transformers' per-request `generate` (text and image tokens), seeds hold alone vs batched, requests
+join and leave mid-flight, and the vision / prefix caches change nothing but the work done."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from janus_core.engine import (
+    Engine,
+    EngineConfig,
+    FailedOutput,
+    FinishedOutput,
+    GenerateRequest,
+    ProgressOutput,
+    TokenOutput,
+    UnderstandRequest,
+)
+from janus_core.generation import stream_image_tokens
+from janus_core.loading import LoadedModel, load_model
+from janus_core.processor import build_generation_ids, build_understanding_inputs
+from janus_core.sampling import SamplingParams
+from janus_core.tiny import write_tiny_model
+from janus_core.understanding import understand
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def lm(request, tmp_path_factory) -> LoadedModel:
+    try:
+        return request.getfixturevalue("tiny_hf")  # the shared session model (tests/conftest.py)
+    except pytest.FixtureLookupError:
+        return load_model(str(write_tiny_model(tmp_path_factory.mktemp("tiny-engine"), "hf", seed=0)), "cpu")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(3)]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outputs: dict[str, list] = {}
+        self.done = threading.Event()
+        self.expected = 0
+
+    def __call__(self, output) -> None:
+        self.outputs.setdefault(output.request_id, []).append(output)
+        if isinstance(output, FinishedOutput | FailedOutput) and len(self.final()) == self.expected:
+            self.done.set()
+
+    def final(self) -> dict:
+        return {rid: outs[-1] for rid, outs in self.outputs.items()
+                if isinstance(outs[-1], FinishedOutput | FailedOutput)}
+
+    def result(self, rid: str):
+        out = self.outputs[rid][-1]
+        assert isinstance(out, FinishedOutput), out
+        return out.result
+
+
+def run(engine: Engine, requests: list, sink: Collector | None = None) -> Collector:
+    sink = sink or Collector()
+    for req in requests:
+        engine.add_request(req, sink)
+    engine.run_until_idle()
+    return sink
+
+
+def reference_image_tokens(lm: LoadedModel, req: GenerateRequest) -> torch.Tensor:
+    stream = stream_image_tokens(lm, req.prompt, n=req.n, cfg_weight=req.cfg_weight, params=req.params)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            return done.value[1]
+
+
+def transformers_image_tokens(lm: LoadedModel, prompt: str, cfg_weight: float) -> list[int]:
+    ids = torch.tensor([build_generation_ids(lm, prompt)])
+    out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                            do_sample=False, guidance_scale=cfg_weight)
+    return out[0].tolist()
+
+
+def transformers_text_tokens(lm: LoadedModel, req: UnderstandRequest) -> list[int]:
+    inputs = build_understanding_inputs(lm, req.images, req.prompt)
+    ids = torch.tensor([inputs.input_ids])
+    extra = {} if inputs.pixel_values is None else {"pixel_values": inputs.pixel_values}
+    out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens,
+                            do_sample=False, **extra)
+    tokens = out[0, ids.shape[1]:].tolist()
+    eos = lm.special["eos"]
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def gen_mix() -> list[GenerateRequest]:
+    return [
+        GenerateRequest("g-short", "a cat", n=2, cfg_weight=5.0, params=GREEDY),
+        GenerateRequest("g-long", "A photo of a mountain lake at sunrise, with mist over the water", n=1,
+                        cfg_weight=3.0, params=GREEDY),
+        GenerateRequest("g-sampled", "neon city at night", n=2, cfg_weight=5.0,
+                        params=SamplingParams(temperature=1.0, top_p=0.9, seed=7)),
+    ]
+
+
+def understand_mix(images: list[Image.Image]) -> list[UnderstandRequest]:
+    return [
+        UnderstandRequest("u-one", "Describe this image in detail.", [images[0]], max_new_tokens=12),
+        UnderstandRequest("u-text", "hello world", [], max_new_tokens=9),
+        UnderstandRequest("u-two", "What is shown in the picture?", [images[1], images[2]], max_new_tokens=7),
+        UnderstandRequest("u-sampled", "the quick brown fox", [images[2]], max_new_tokens=10,
+                          params=SamplingParams(temperature=0.9, top_p=0.8, seed=11)),
+    ]
+
+
+def test_mixed_batch_equals_single_request_and_transformers(lm, images):
+    gens, unds = gen_mix(), understand_mix(images)
+    sink = run(Engine(lm, EngineConfig(max_batch_size=8)), [*gens, *unds])
+    for req in gens:
+        got = sink.result(req.request_id).tokens
+        assert torch.equal(got, reference_image_tokens(lm, req)), req.request_id
+        if req.params.greedy:
+            assert got[0].tolist() == transformers_image_tokens(lm, req.prompt, req.cfg_weight), req.request_id
+        progress = [o.step for o in sink.outputs[req.request_id] if isinstance(o, ProgressOutput)]
+        assert progress == list(range(1, lm.num_image_tokens + 1))
+        assert sink.result(req.request_id).images.shape == (req.n, lm.image_size, lm.image_size, 3)
+    for req in unds:
+        got = sink.result(req.request_id)
+        ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens, params=req.params)
+        assert got.token_ids == ref.token_ids and got.finish_reason == ref.finish_reason, req.request_id
+        if req.params.greedy:
+            assert got.token_ids == transformers_text_tokens(lm, req), req.request_id
+        streamed = [o for o in sink.outputs[req.request_id] if isinstance(o, TokenOutput)]
+        assert [o.token_id for o in streamed] == got.token_ids
+        # A trailing incomplete UTF-8 sequence is held back by the incremental decoder, never re-sent.
+        assert got.text.startswith("".join(o.delta for o in streamed))
+
+
+def test_seeded_sampling_same_alone_and_batched(lm, images):
+    gen = GenerateRequest("g", "a watercolor boat", n=2, params=SamplingParams(temperature=1.0, seed=123))
+    und = UnderstandRequest("u", "Describe this image.", [images[0]], max_new_tokens=10,
+                            params=SamplingParams(temperature=1.0, seed=5))
+    alone = run(Engine(lm), [gen, und])
+    crowd = run(Engine(lm), [*gen_mix(), gen, *understand_mix(images), und])
+    assert torch.equal(alone.result("g").tokens, crowd.result("g").tokens)
+    assert alone.result("g").seed == 123
+    assert alone.result("u").token_ids == crowd.result("u").token_ids
+    # Image i of a request draws from seed + i: image 1 of seed 123 is image 0 of seed 124.
+    shifted = run(Engine(lm), [GenerateRequest("s", gen.prompt, n=1, params=SamplingParams(temperature=1.0, seed=124))])
+    assert torch.equal(shifted.result("s").tokens[0], alone.result("g").tokens[1])
+
+
+def test_requests_join_and_cancel_mid_flight(lm, images):
+    engine = Engine(lm, EngineConfig(max_batch_size=6))
+    sink = Collector()
+    first = [GenerateRequest("g1", "a cat", n=2, params=GREEDY),
+             UnderstandRequest("u1", "Describe this image.", [images[0]], max_new_tokens=14)]
+    victims = [GenerateRequest("g-x", "neon city", n=1, params=GREEDY),
+               UnderstandRequest("u-x", "hello world", [], max_new_tokens=14)]
+    for req in [*first, *victims]:
+        engine.add_request(req, sink)
+    for _ in range(4):
+        engine.step()
+    late = [GenerateRequest("g2", "A photo of a mountain lake", n=1, cfg_weight=2.0, params=GREEDY),
+            UnderstandRequest("u2", "What color is the car?", [images[1]], max_new_tokens=6)]
+    for req in late:
+        engine.add_request(req, sink)
+    engine.cancel("g-x")
+    engine.cancel("u-x")
+    engine.step()
+    assert engine.stats().running == {"understand": 2, "generate": 2}  # the late ones joined, the victims left
+    engine.run_until_idle()
+    for rid in ("g-x", "u-x"):
+        assert isinstance(sink.outputs[rid][-1], FailedOutput) and sink.outputs[rid][-1].reason == "cancelled"
+        assert sum(isinstance(o, FinishedOutput | FailedOutput) for o in sink.outputs[rid]) == 1
+    for req in (*first, *late):
+        if isinstance(req, GenerateRequest):
+            assert torch.equal(sink.result(req.request_id).tokens, reference_image_tokens(lm, req))
+        else:
+            ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens)
+            assert sink.result(req.request_id).token_ids == ref.token_ids
+    assert engine.scheduler.pools["generate"].free == engine.scheduler.pools["generate"].size
+
+
+def test_prefix_and_vision_caches_hit_without_changing_outputs(lm, images):
+    engine = Engine(lm)
+    q1 = UnderstandRequest("q1", "Describe this image in detail.", [images[0]], max_new_tokens=8)
+    q2 = UnderstandRequest("q2", "What color is the car?", [images[0]], max_new_tokens=8)
+    q3 = UnderstandRequest("q3", "Compare the two pictures.", [images[1], images[0]], max_new_tokens=8)
+    sink = run(engine, [q1])
+    run(engine, [q2, q3], sink)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits == 1 and stats.prefix_cache_misses == 2  # q2 reused q1's image prefix
+    assert stats.prefix_tokens_reused > lm.num_image_tokens
+    assert stats.vision_cache_hits == 1  # q3's second image was seen by q1
+    for req in (q1, q2, q3):
+        ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens)
+        assert sink.result(req.request_id).token_ids == ref.token_ids, req.request_id
+    cold = Engine(lm, EngineConfig(prefix_cache_bytes=0, vision_cache_bytes=0))
+    cold_sink = run(cold, [q1, q2])
+    assert cold.stats().prefix_cache_hits == 0 and cold.stats().vision_cache_hits == 0
+    assert cold_sink.result("q2").token_ids == sink.result("q2").token_ids
+
+
+@pytest.mark.parametrize(("request_", "words"), [
+    (UnderstandRequest("r", "x", [], max_new_tokens=5000), "max_new_tokens 5000 exceeds the limit of 2048"),
+    (UnderstandRequest("r", "x", [], max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (UnderstandRequest("r", "x", [], max_new_tokens=1000), "context length"),
+    (GenerateRequest("r", "x", n=40), "n=40 exceeds"),
+    (GenerateRequest("r", "x", cfg_weight=-1), "cfg_weight"),
+])
+def test_limits_are_checked_up_front(lm, request_, words):
+    sink = run(Engine(lm), [request_])
+    out = sink.outputs["r"]
+    assert len(out) == 1 and out[0].reason == "invalid" and words in out[0].message
+
+
+def test_too_many_images(lm, images):
+    sink = run(Engine(lm, EngineConfig(max_images=2)), [UnderstandRequest("r", "x", images, max_new_tokens=2)])
+    assert "3 images given; at most 2" in sink.outputs["r"][0].message
+
+
+def test_engine_thread_serves_concurrent_requests(lm, images):
+    engine = Engine(lm, EngineConfig(max_batch_size=4))
+    sink = Collector()
+    requests = [*gen_mix()[:2], *understand_mix(images)[:2]]
+    sink.expected = len(requests) + 1
+    engine.start()
+    try:
+        for req in requests:
+            engine.add_request(req, sink)
+        engine.add_request(GenerateRequest("late-cancel", "a cat", params=GREEDY), sink)
+        engine.cancel("late-cancel")
+        assert sink.done.wait(60)
+    finally:
+        engine.stop(timeout=10)
+    assert sink.outputs["late-cancel"][-1].reason == "cancelled"
+    stats = engine.stats()
+    assert stats.finished == 4 and stats.failed == 1 and stats.images_generated == 3
+    assert {kind for kind, _ in stats.batch_sizes} == {"understand", "generate"}
