@@ -26,3 +26,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+def gpu_memory_allocated(device: torch.device) -> int | None:
+    """Bytes the process holds on `device` through PyTorch's allocator; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.memory_allocated(device))

@@ -57,6 +57,7 @@ class Job:
     stream: bool = False
     created: float = field(default_factory=time.time)
     idempotency_key: str | None = None
+    request_id: str | None = None  # the client's X-Request-Id (or gRPC call), for logs across processes
 
     def expired(self, now: float | None = None) -> bool:
         return (now or time.time()) >= self.deadline
@@ -79,7 +80,7 @@ class Job:
             raise ValueError(f"unknown job kind {data['kind']!r}")
         return cls(kind=data["kind"], params=params, id=data["id"], deadline=float(data["deadline"]),
                    stream=bool(data.get("stream", False)), created=float(data.get("created", time.time())),
-                   idempotency_key=data.get("idempotency_key"))
+                   idempotency_key=data.get("idempotency_key"), request_id=data.get("request_id"))
 
 
 # --- events (plain dicts so they serialise unchanged through Redis) --------------------------------

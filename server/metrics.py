@@ -48,6 +48,7 @@ class Metrics:
         self.gpu_memory = Gauge("janus_gpu_memory_used_bytes", "GPU memory allocated by the engine", ["worker"],
                                 registry=r)
         self._last = EngineStats()
+        self._last_queue: dict[str, int] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -64,3 +65,10 @@ class Metrics:
         for kind, seconds in stats.step_seconds:
             self.decode_step.labels(kind).observe(seconds)
         self._last = stats
+
+    def observe_queue(self, counters: dict[str, int]) -> None:
+        """Fold a queue backend's cumulative counters (redeliveries, dead letters) into the counters."""
+        for name, counter in (("redeliveries", self.redeliveries), ("dead_letters", self.dead_letters)):
+            now = counters.get(name, 0)
+            counter.inc(max(now - self._last_queue.get(name, 0), 0))
+        self._last_queue = dict(counters)

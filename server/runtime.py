@@ -41,7 +41,9 @@ def load_engine(settings: Settings):
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
-                          max_new_tokens=settings.max_new_tokens)
+                          max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
+                          vision_cache_bytes=settings.vision_cache_mb * 2**20,
+                          prefix_cache_bytes=settings.prefix_cache_mb * 2**20, compile=settings.compile)
     return lm, Engine(lm, config)
 
 
@@ -90,6 +92,11 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
 
         worker_task.add_done_callback(worker_done)
     procs = spawn_workers(settings) if spawn_workers_here and not with_local_worker else []
+    # uvicorn re-raises SIGTERM/SIGINT under the handlers it found once it has shut down; with the
+    # default ones that kills the process before the `finally` below stops workers and gRPC.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     try:
         await server.serve()
     finally:

@@ -9,6 +9,7 @@ and decompression bombs at the edge.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,8 +25,11 @@ from server.jobs import (
     UnderstandParams,
     error_event,
 )
+from server.logs import request_id_var
 from server.queue import JobQueue
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class BadRequest(Exception):
@@ -114,15 +118,19 @@ class Service:
         validate_understand(self.settings, params, require_image=require_image)
         await asyncio.to_thread(check_images, self.settings, params.images)
         job = Job("understand", params, deadline=self.deadline(timeout), stream=stream,
-                  idempotency_key=idempotency_key)
-        return Ticket(await self.queue.submit(job), job.deadline)
+                  idempotency_key=idempotency_key, request_id=request_id_var.get())
+        job_id = await self.queue.submit(job)
+        log.info("submitted %s job %s", job.kind, job_id)
+        return Ticket(job_id, job.deadline)
 
     async def submit_generate(self, params: GenerateParams, *, stream: bool = False,
                               timeout: float | None = None, idempotency_key: str | None = None) -> Ticket:
         validate_generate(self.settings, params)
         job = Job("generate", params, deadline=self.deadline(timeout), stream=stream,
-                  idempotency_key=idempotency_key)
-        return Ticket(await self.queue.submit(job), job.deadline)
+                  idempotency_key=idempotency_key, request_id=request_id_var.get())
+        job_id = await self.queue.submit(job)
+        log.info("submitted %s job %s", job.kind, job_id)
+        return Ticket(job_id, job.deadline)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
         """Events of a job; a synthetic `deadline_exceeded` error (and a cancel) if the deadline passes."""

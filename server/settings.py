@@ -39,7 +39,9 @@ class Settings(BaseSettings):
 
     # batching
     max_batch_size: int = 16  # images (generation) or sequences (understanding) per step
-    max_wait_ms: float = 5.0
+    max_context: int | None = None  # understanding KV length per sequence; None: the model's, at most 4096
+    vision_cache_mb: int = 256  # SigLIP features of recent images
+    prefix_cache_mb: int = 512  # KV of recent system-prompt + image prefixes
 
     # limits
     max_body_bytes: int = 32 * 1024 * 1024

@@ -15,6 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from janus_core.device import gpu_memory_allocated
 from janus_core.engine import (
     Engine,
     EngineOutput,
@@ -32,6 +33,7 @@ from janus_core.sampling import SamplingParams
 from janus_core.understanding import UnderstandResult
 from server import jobs as J
 from server.jobs import GenerateParams, Job, UnderstandParams
+from server.logs import request_id_var
 from server.metrics import Metrics
 from server.queue import JobQueue
 from server.settings import Settings
@@ -83,7 +85,7 @@ class Worker:
                     await _wait_any(stop, timeout=1.0)
                     continue
                 for job in claimed:
-                    await self._start(job)
+                    await self._start_or_release(job)
             await self.drain(timeout=self.settings.request_timeout)
         finally:
             for task in background:
@@ -95,7 +97,22 @@ class Worker:
             await asyncio.wait(set(self._tasks), timeout=max(deadline - time.time(), 0.01))
 
     # --- one job ----------------------------------------------------------------------------------
+    async def _start_or_release(self, job: Job) -> None:
+        """Start `job`; if that fails unexpectedly (a payload the frontends never produce, e.g. a
+        non-numeric temperature), hand it back instead of letting the worker die, so a malformed job
+        ends in the dead-letter stream after `max_deliveries` tries."""
+        try:
+            await self._start(job)
+        except Exception as exc:
+            log.exception("job %s could not be started; handing it back", job.id)
+            try:
+                if not await self.queue.release(self.worker_id, [job.id]):
+                    await self.queue.finish(job.id, J.error_event(J.INTERNAL, f"the job could not be started: {exc}"))
+            except Exception:
+                log.exception("job %s: could not hand it back", job.id)
+
     async def _start(self, job: Job) -> None:
+        request_id_var.set(job.request_id or job.id)  # this claim loop's context; _pump copies it
         if self.metrics:
             self.metrics.queue_wait.labels(job.kind).observe(max(time.time() - job.created, 0.0))
         if job.expired():
@@ -130,6 +147,7 @@ class Worker:
 
     async def _pump(self, running: _Running) -> None:
         job = running.job
+        log.info("running %s job %s", job.kind, job.id)
         try:
             while True:
                 out = await running.outputs.get()
@@ -144,6 +162,7 @@ class Worker:
                 elif isinstance(out, FinishedOutput):
                     await self._flush_text(running, out)
                     await self.queue.finish(job.id, await self._result_event(out))
+                    log.info("finished job %s in %.3f s", job.id, time.time() - running.started)
                     return
                 elif isinstance(out, FailedOutput):
                     if out.reason == "internal" and await self.queue.release(self.worker_id, [job.id]):
@@ -220,7 +239,11 @@ class Worker:
             stats = self.engine.stats()
             if self.metrics:
                 self.metrics.observe_engine(stats)
+                self.metrics.observe_queue(self.queue.counters())
                 self.metrics.heartbeat.labels(self.worker_id).set(time.time())
+                gpu_bytes = gpu_memory_allocated(self.engine.lm.device)
+                if gpu_bytes is not None:
+                    self.metrics.gpu_memory.labels(self.worker_id).set(gpu_bytes)
             try:
                 await self.queue.heartbeat(self.worker_id, {"running": sum(stats.running.values()),
                                                             "waiting": stats.waiting})

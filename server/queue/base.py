@@ -84,5 +84,9 @@ class JobQueue(abc.ABC):
         """
         return False
 
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts the backend keeps (e.g. redeliveries, dead_letters)."""
+        return {}
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
