@@ -12,14 +12,15 @@ from tests.integration.conftest import b64, png_bytes
 from tests.integration.servers import start_server
 
 IMAGE = b64(png_bytes())
-# With the seed-0 tiny model this prompt runs to max_new_tokens without meeting EOS (several seconds).
+# With the seed-0 tiny model this prompt runs to max_new_tokens without meeting EOS (about a second
+# with the batched engine on a quiet machine; the strict server's deadline is 0.3 s).
 SLOW = {"prompt": "Describe every detail", "images": [IMAGE], "max_new_tokens": 880}
 
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_hf_dir, tmp_path_factory):
     env = {"JANUS_API_KEY": "k1,k2", "JANUS_MAX_BODY_BYTES": "200000", "JANUS_MAX_QUEUE_DEPTH": "1",
-           "JANUS_REQUEST_TIMEOUT": "1.0"}
+           "JANUS_REQUEST_TIMEOUT": "0.3"}
     proc = start_server(["serve", "--model", str(tiny_hf_dir)], tmp_path_factory.mktemp("logs"), env)
     yield proc
     proc.stop()
@@ -64,7 +65,7 @@ def test_full_queue_gives_503_with_retry_after(strict_server):
     assert full, [r.status_code for r in statuses]
     assert int(full[0].headers["retry-after"]) >= 1
     assert "full" in full[0].json()["error"]["message"]
-    time.sleep(1.5)  # let the queue drain (the long jobs hit their deadline)
+    time.sleep(1.0)  # let the queue drain (the long jobs hit their deadline)
     assert _post(strict_server, "/v1/generate", {"prompt": "a"}).status_code == 200
 
 

@@ -1,0 +1,615 @@
+"""Distributed mode end to end: `janus-server api` and two `janus-server worker` processes on a real Redis.
+
+The tests share one cluster (module scope) and run in file order; each asks for the workers it needs
+(`Cluster.ensure_workers`), so a test that kills or stops workers leaves the next one what it needs.
+Timeouts are short so that faults show quickly: a dead worker's jobs are reclaimed after 3 s idle, a
+job is dead-lettered after 3 failed deliveries, and every request has a 60 s deadline.
+
+Expected outputs come from janus_core's single-request paths (`understand`, `generate_images`) on the
+same checkpoint in this process: the batching engine must give the same tokens and pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from janus_core.loading import LoadedModel
+from server.jobs import GenerateParams, Job, UnderstandParams
+from server.queue.redis import RedisQueue
+from tests.integration import redis_fixture
+from tests.integration.conftest import b64, png_bytes
+from tests.integration.servers import ServerProcess, free_port, start_server, wait_until_ready
+
+pytestmark = pytest.mark.timeout(120)
+
+redis_server = redis_fixture.redis_server
+
+IMAGE_PNG = png_bytes()
+IMAGE = b64(IMAGE_PNG)
+# With the seed-0 tiny model this prompt runs to max_new_tokens without meeting EOS (test_limits.py).
+SLOW = {"prompt": "Describe every detail", "images": [IMAGE], "max_new_tokens": 880, "stream": True}
+REQUEST_TIMEOUT = 60.0  # the cluster API's deadline for every job
+MAX_DELIVERIES = 3
+SLACK = 5.0  # how late past its deadline an answer may come
+ENV = {
+    "JANUS_HOST": "127.0.0.1",
+    "JANUS_CLAIM_IDLE_TIMEOUT": "3",
+    "JANUS_MAX_DELIVERIES": str(MAX_DELIVERIES),
+    "JANUS_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
+    "JANUS_HEARTBEAT_INTERVAL": "0.2",
+    "OMP_NUM_THREADS": "1",  # two workers share two cores
+}
+# A second frontend on the same queue: room for 2 jobs and a 2 s deadline.
+SMALL_API_ENV = {**ENV, "JANUS_MAX_QUEUE_DEPTH": "2", "JANUS_REQUEST_TIMEOUT": "2"}
+
+UNDERSTAND_PROMPTS = ("What is in the image?", "Describe", "Name the colours", "Is it day or night?")
+GENERATE_PROMPTS = ("a red boat", "a cat", "a hill at dawn", "two trees")
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}-{self.proc.pid}"  # server.worker.default_worker_id
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.alive():
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def spawn_worker(queue_url: str, model_dir: Path, log_dir: Path) -> WorkerProcess:
+    port = free_port()
+    log_path = log_dir / f"worker-{port}.log"
+    cmd = [sys.executable, "-m", "server.cli", "worker", "--queue", queue_url, "--model", str(model_dir),
+           "--metrics-port", str(port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **ENV})
+    return WorkerProcess(proc, port, log_path)
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90.0) -> None:
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+def wait_for_heartbeat(queue_url: str, worker_id: str, timeout: float = 30.0) -> None:
+    client = redis.Redis.from_url(queue_url, decode_responses=True)
+    try:
+        give_up = time.monotonic() + timeout
+        while client.zscore("janus:workers", worker_id) is None:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"worker {worker_id} sent no heartbeat within {timeout}s")
+            time.sleep(0.1)
+    finally:
+        client.close()
+
+
+@dataclass
+class Cluster:
+    redis: redis_fixture.RedisServer
+    api: ServerProcess
+    small_api: ServerProcess
+    model_dir: Path
+    log_dir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def live_workers(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.alive()]
+
+    def ensure_workers(self, count: int) -> list[WorkerProcess]:
+        """Start workers until `count` are alive (in parallel); wait for their models and first heartbeats."""
+        new = [spawn_worker(self.redis.url, self.model_dir, self.log_dir)
+               for _ in range(count - len(self.live_workers()))]
+        self.workers += new
+        for worker in new:
+            wait_http_ok(worker.url + "/ready", worker.proc, worker.log_path)
+            wait_for_heartbeat(self.redis.url, worker.worker_id)
+        return self.live_workers()
+
+    def stop_workers(self) -> None:
+        for worker in self.live_workers():
+            worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(signal.SIGKILL, timeout=5)
+        self.api.stop()
+        self.small_api.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server: redis_fixture.RedisServer, tiny_hf_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    log_dir = tmp_path_factory.mktemp("distributed")
+    api_args = ["api", "--queue", redis_server.url]
+    api = start_server(api_args, log_dir, ENV, wait_ready=False)
+    small_api = start_server(api_args, log_dir, SMALL_API_ENV, wait_ready=False)
+    made = Cluster(redis_server, api, small_api, tiny_hf_dir, log_dir)
+    try:
+        made.ensure_workers(2)
+        wait_until_ready(api, 60)
+        wait_until_ready(small_api, 60)
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+async def queue(cluster: Cluster) -> AsyncIterator[RedisQueue]:
+    """The queue as a frontend sees it (same key prefix as the servers)."""
+    made = RedisQueue(cluster.redis.url, reconnect_timeout=15.0)
+    yield made
+    await made.close()
+
+
+# --- expected results ------------------------------------------------------------------------------
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """On a small shared machine, OpenMP threads spin against the servers' threads; one is faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Oracle:
+    """Expected results from janus_core's single-request paths, computed once per distinct request."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self._texts: dict[tuple[str, int], dict[str, Any]] = {}
+        self._pixels: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def understand(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+        from janus_core.understanding import understand
+
+        key = (prompt, max_new_tokens)
+        if key not in self._texts:
+            image = Image.open(io.BytesIO(IMAGE_PNG)).convert("RGB")
+            with one_torch_thread():
+                r = understand(self.lm, [image], prompt, max_new_tokens=max_new_tokens)
+            self._texts[key] = {"text": r.text, "finish_reason": r.finish_reason,
+                                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
+        return self._texts[key]
+
+    def generate(self, prompt: str, seed: int, n: int) -> np.ndarray:
+        from janus_core.generation import generate_images
+        from janus_core.sampling import SamplingParams
+
+        key = (prompt, seed, n)
+        if key not in self._pixels:
+            with one_torch_thread():
+                result = generate_images(self.lm, prompt, n=n, params=SamplingParams(temperature=1.0, seed=seed))
+            self._pixels[key] = result.images.astype(np.int16)
+        return self._pixels[key]
+
+    def check(self, call: Call, reply: dict[str, Any]) -> None:
+        body = call.body
+        if call.path == "/v1/understand":
+            expected = self.understand(body["prompt"], body["max_new_tokens"])
+            assert {k: reply[k] for k in expected} == expected, body
+            return
+        assert reply["seed"] == body["seed"]
+        got = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_png"]))), dtype=np.int16)
+                        for image in reply["images"]])
+        expected_pixels = self.generate(body["prompt"], body["seed"], body["n"])
+        # Same image tokens; the VQ decoder runs over a different batch, which may move a pixel value by 1
+        # (a different token would change a whole 16x16 patch).
+        assert got.shape == expected_pixels.shape and np.abs(got - expected_pixels).max() <= 1, body
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_hf: LoadedModel) -> Oracle:
+    return Oracle(tiny_hf)
+
+
+# --- requests --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    path: str
+    body: dict[str, Any]
+
+
+@dataclass
+class Reply:
+    call: Call
+    status: int
+    body: dict[str, Any]
+    headers: httpx.Headers
+    seconds: float
+
+
+@dataclass
+class SseLog:
+    """Events of one streamed request, filled in as they arrive."""
+
+    status: int = 0
+    events: list[Any] = field(default_factory=list)
+
+    @property
+    def deltas(self) -> str:
+        return "".join(e["delta"] for e in self.events if isinstance(e, dict) and "delta" in e)
+
+    @property
+    def finals(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if isinstance(e, dict) and "finish_reason" in e]
+
+
+def mixed_call(i: int) -> Call:
+    """Even i: greedy understanding; odd i: seeded generation (n of 1 or 2). Eight distinct requests."""
+    k = (i // 2) % 4
+    if i % 2 == 0:
+        return Call("/v1/understand", {"prompt": UNDERSTAND_PROMPTS[k], "images": [IMAGE],
+                                       "max_new_tokens": 6 + 2 * k})
+    return Call("/v1/generate", {"prompt": GENERATE_PROMPTS[k], "seed": 100 + k, "n": 1 + k % 2})
+
+
+def http_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=REQUEST_TIMEOUT + 3 * SLACK,
+                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+
+async def post(http: httpx.AsyncClient, base_url: str, call: Call) -> Reply:
+    started = time.monotonic()
+    r = await http.post(base_url + call.path, json=call.body)
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"raw": r.text}
+    return Reply(call, r.status_code, body, r.headers, time.monotonic() - started)
+
+
+async def post_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], log: SseLog) -> SseLog:
+    async with http.stream("POST", url, json=body) as r:
+        log.status = r.status_code
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: "):]
+                log.events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return log
+
+
+def assert_one_result(log: SseLog, expected: dict[str, Any]) -> None:
+    """Exactly one final event, the expected text, and deltas that add up to it (no replayed text)."""
+    assert log.status == 200 and log.events[-1] == "[DONE]", log.events[-3:]
+    assert not [e for e in log.events if isinstance(e, dict) and "error" in e], log.events[-3:]
+    [final] = log.finals
+    assert (final["text"], final["finish_reason"], final["usage"]) == (
+        expected["text"], expected["finish_reason"], expected["usage"])
+    assert log.deltas == final["text"]
+
+
+# --- waiting and metrics ---------------------------------------------------------------------------
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    give_up = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+async def scrape(http: httpx.AsyncClient, url: str) -> Samples:
+    text = (await http.get(url + "/metrics")).text
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(value for n, lab, value in samples if n == name and labels.items() <= lab.items())
+
+
+def batches_over_one(samples: Samples) -> float:
+    """Engine steps that ran more than one request (the janus_batch_size histogram above le=1)."""
+    return total(samples, "janus_batch_size_count") - total(samples, "janus_batch_size_bucket", le="1.0")
+
+
+async def worker_totals(http: httpx.AsyncClient, workers: list[WorkerProcess], name: str) -> float:
+    return sum([total(await scrape(http, w.url), name) for w in workers])
+
+
+async def held_by(queue: RedisQueue) -> dict[str, list[str]]:
+    """Consumer (worker id) -> the entry ids it holds (claimed, not yet acknowledged)."""
+    pending = await queue.redis.xpending_range(queue.stream, queue.group, "-", "+", 1000)
+    held: dict[str, list[str]] = {}
+    for p in pending:
+        held.setdefault(p["consumer"], []).append(p["message_id"])
+    return held
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+
+async def test_200_concurrent_mixed_requests_are_correct_and_batched(cluster: Cluster, oracle: Oracle) -> None:
+    workers = cluster.ensure_workers(2)
+    calls = [mixed_call(i) for i in range(200)]
+    async with http_client() as http:
+        before = [await scrape(http, w.url) for w in workers]
+        replies = await asyncio.gather(*(post(http, cluster.api.url, c) for c in calls))
+        failed = [(r.call.path, r.status, r.body) for r in replies if r.status != 200]
+        assert not failed, failed[:5]
+        for reply in replies:
+            oracle.check(reply.call, reply.body)
+        await asyncio.sleep(0.5)  # workers fold engine statistics into metrics at each heartbeat
+        after = [await scrape(http, w.url) for w in workers]
+    ran = [total(a, "janus_queue_wait_seconds_count") - total(b, "janus_queue_wait_seconds_count")
+           for a, b in zip(after, before, strict=True)]
+    assert sum(ran) == 200 and min(ran) > 0, ran  # both workers took jobs
+    assert sum(batches_over_one(a) - batches_over_one(b) for a, b in zip(after, before, strict=True)) > 0
+
+
+async def test_poison_jobs_are_dead_lettered_and_others_unaffected(cluster: Cluster, oracle: Oracle,
+                                                                    queue: RedisQueue) -> None:
+    workers = cluster.ensure_workers(2)
+    async with http_client() as http:
+        dead_before = await worker_totals(http, workers, "janus_dead_letters_total")
+        dead_len = await queue.redis.xlen(queue.dead_stream)
+        # Payloads the API would never produce: one breaks the worker's request preparation (a
+        # non-numeric temperature), the other the engine's (a non-integer n). Both fail every time.
+        poison = [Job("understand", UnderstandParams("q", [IMAGE_PNG], temperature="hot")),  # type: ignore[arg-type]
+                  Job("generate", GenerateParams("a cat", n="two"))]  # type: ignore[arg-type]
+        for job in poison:
+            await queue.submit(job)
+
+        async def follow(job_id: str) -> list[dict[str, Any]]:
+            return [event async for event in queue.events(job_id)]
+
+        calls = [mixed_call(i) for i in range(12)]
+        replies, poisoned = await asyncio.gather(
+            asyncio.gather(*(post(http, cluster.api.url, c) for c in calls)),
+            asyncio.wait_for(asyncio.gather(*(follow(job.id) for job in poison)), 30))
+        for events in poisoned:
+            [event] = events
+            assert (event["type"], event["code"]) == ("error", "internal") and "dead-letter" in event["message"]
+        for reply in replies:
+            assert reply.status == 200, reply.body
+            oracle.check(reply.call, reply.body)
+        letters = await queue.redis.xrange(queue.dead_stream, "-", "+")
+        assert len(letters) == dead_len + 2
+        by_id = {fields["id"]: fields for _, fields in letters}
+        for job in poison:
+            assert f"failed {MAX_DELIVERIES} times" in by_id[job.id]["reason"]
+            assert json.loads(by_id[job.id]["job"])["id"] == job.id
+
+        async def counted() -> bool:
+            return await worker_totals(http, workers, "janus_dead_letters_total") == dead_before + 2
+
+        await eventually(counted, 5, "janus_dead_letters_total to count both jobs")
+    assert all(w.alive() for w in workers)
+
+
+async def test_kill_9_mid_batch_hands_every_job_to_the_other_worker(cluster: Cluster, oracle: Oracle,
+                                                                     queue: RedisQueue) -> None:
+    workers = cluster.ensure_workers(2)
+    expected = oracle.understand(SLOW["prompt"], SLOW["max_new_tokens"])
+    by_id = {w.worker_id: w for w in workers}
+    logs = [SseLog() for _ in range(4)]
+    async with http_client() as http:
+        redelivered_before = {w.worker_id: await worker_totals(http, [w], "janus_redeliveries_total") for w in workers}
+        tasks = [asyncio.ensure_future(post_stream(http, cluster.api.url + "/v1/understand", SLOW, log))
+                 for log in logs]
+
+        async def all_running() -> bool:
+            return all(log.deltas for log in logs)
+
+        await eventually(all_running, 20, "every job to stream its first tokens")
+        held = await held_by(queue)
+        victim_id = max(held, key=lambda w: len(held[w]))
+        victim = by_id[victim_id]
+        victim.proc.kill()  # kill -9, in the middle of its batch
+        victim.proc.wait()
+        assert len(held[victim_id]) >= 2, held  # it was running a batch
+        await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT + SLACK)
+        for log in logs:
+            assert_one_result(log, expected)
+        [survivor] = [w for w in workers if w is not victim]
+        redelivered = await worker_totals(http, [survivor], "janus_redeliveries_total")
+    assert redelivered - redelivered_before[survivor.worker_id] >= len(held[victim_id])
+    assert await queue.depth() == 0
+
+
+async def test_sigterm_drains_the_running_job_and_exits_0(cluster: Cluster, oracle: Oracle,
+                                                          queue: RedisQueue) -> None:
+    workers = cluster.ensure_workers(1)
+    expected = oracle.understand(SLOW["prompt"], SLOW["max_new_tokens"])
+    log = SseLog()
+    async with http_client() as http:
+        task = asyncio.ensure_future(post_stream(http, cluster.api.url + "/v1/understand", SLOW, log))
+
+        async def running() -> bool:
+            return bool(log.deltas)
+
+        await eventually(running, 20, "the job to stream its first tokens")
+        [(holder_id, _)] = (await held_by(queue)).items()
+        [holder] = [w for w in workers if w.worker_id == holder_id]
+        holder.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(task, REQUEST_TIMEOUT)
+    assert_one_result(log, expected)
+    code = await asyncio.to_thread(holder.proc.wait, 30)
+    assert code == 0, holder.log()[-3000:]
+    # Acknowledged by the draining worker itself: nothing left for anyone to reclaim.
+    assert await held_by(queue) == {} and await queue.depth() == 0
+
+
+async def test_full_queue_is_503_and_expired_jobs_never_run(cluster: Cluster, queue: RedisQueue) -> None:
+    cluster.stop_workers()
+    small = cluster.small_api.url
+    short = Call("/v1/understand", {"prompt": "q", "images": [IMAGE], "max_new_tokens": 4})
+    async with http_client() as http:
+        waiting = [asyncio.ensure_future(post(http, small, short)) for _ in range(2)]
+
+        async def queue_full() -> bool:
+            return await queue.depth() == 2
+
+        await eventually(queue_full, 5, "two queued jobs")
+        refused = await post(http, small, short)
+        assert refused.status == 503 and refused.body["error"]["code"] == "queue_full", refused.body
+        assert int(refused.headers["retry-after"]) >= 1 and refused.seconds < SLACK
+        for reply in await asyncio.gather(*waiting):
+            assert reply.status == 504 and reply.seconds < 2 + SLACK, (reply.status, reply.body)
+        job_ids = list(await queue.redis.hkeys(queue.key("entry")))
+        assert len(job_ids) == 2  # still queued: nothing trims unacknowledged jobs
+
+        workers = cluster.ensure_workers(2)
+
+        async def drained() -> bool:
+            return await queue.depth() == 0
+
+        await eventually(drained, 10, "the workers to drop the expired jobs")
+        for job_id in job_ids:
+            result = json.loads(await queue.redis.get(queue.key("result", job_id)))
+            assert result["type"] == "error" and result["code"] in ("deadline_exceeded", "cancelled"), result
+            assert [f for _, f in await queue.redis.xrange(queue.key("events", job_id))] == [{"t": "1"}]
+        await asyncio.sleep(0.5)  # a heartbeat, so the workers' metrics are current
+        for worker in workers:
+            samples = await scrape(http, worker.url)
+            for name in ("janus_queue_wait_seconds_count", "janus_batch_size_count", "janus_prompt_tokens_total"):
+                assert total(samples, name) == 0, (worker.worker_id, name)
+
+
+async def test_redis_restart_mid_load_answers_everyone_and_service_resumes(cluster: Cluster, oracle: Oracle,
+                                                                           queue: RedisQueue) -> None:
+    cluster.ensure_workers(2)
+    slow = Call("/v1/understand", {k: v for k, v in SLOW.items() if k != "stream"})
+    calls = [slow] * 4 + [mixed_call(i) for i in range(60)]
+    async with http_client() as http:
+        replies = asyncio.ensure_future(asyncio.gather(*(post(http, cluster.api.url, c) for c in calls)))
+
+        async def loaded() -> bool:
+            return await queue.depth() >= 8
+
+        await eventually(loaded, 10, "jobs queued and running")
+        await asyncio.to_thread(cluster.redis.restart)  # kill -9, then an empty Redis on the same port
+        done = await asyncio.wait_for(replies, REQUEST_TIMEOUT + 2 * SLACK)
+        statuses = Counter(r.status for r in done)
+        assert set(statuses) <= {200, 503, 504}, statuses
+        assert max(r.seconds for r in done) < REQUEST_TIMEOUT + SLACK
+        for reply in done:
+            if reply.status == 200:
+                oracle.check(reply.call, reply.body)
+
+        await asyncio.to_thread(wait_until_ready, cluster.api, 30)  # workers heartbeat into the new Redis
+        after = [mixed_call(i) for i in range(8)]
+        fresh = await asyncio.gather(*(post(http, cluster.api.url, c) for c in after))
+        for reply in fresh:
+            assert reply.status == 200, reply.body
+            oracle.check(reply.call, reply.body)
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (`serve --workers 2` gives its workers metrics_port + i)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+async def test_serve_with_redis_spawns_two_heartbeating_workers(redis_server: redis_fixture.RedisServer,
+                                                                tiny_hf_dir: Path, tmp_path: Path) -> None:
+    queue_url = redis_server.url.rsplit("/", 1)[0] + "/1"  # its own database: apart from the cluster
+    base = free_port_pair()
+    args = ["serve", "--queue", queue_url, "--model", str(tiny_hf_dir), "--workers", "2",
+            "--metrics-port", str(base)]
+    serve = await asyncio.to_thread(start_server, args, tmp_path, ENV, ready_timeout=90)
+    pids: list[int] = []
+    try:
+        async with http_client() as http:
+            ids = []
+            for port in (base, base + 1):
+                url = f"http://127.0.0.1:{port}"
+                await asyncio.to_thread(wait_http_ok, url + "/ready", serve.proc, serve.log_path)
+                ids += [lab["worker"] for n, lab, _ in await scrape(http, url)
+                        if n == "janus_worker_heartbeat_timestamp_seconds"]
+            assert len(set(ids)) == 2, ids
+            pids = [int(worker_id.rsplit("-", 1)[1]) for worker_id in ids]
+            for worker_id in ids:
+                await asyncio.to_thread(wait_for_heartbeat, queue_url, worker_id)
+            reply = await post(http, serve.url, mixed_call(1))
+            assert reply.status == 200, reply.body
+        assert serve.stop() == 0, serve.log()[-3000:]
+        assert not [pid for pid in pids if _alive(pid)]  # serve stopped its workers
+    finally:
+        serve.stop(signal.SIGKILL)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
