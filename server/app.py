@@ -7,6 +7,7 @@ never touches the model: it only talks to a `Service` (and through it, the queue
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -282,7 +283,9 @@ async def _read_understand(request: Request, settings: Settings) -> tuple[Unders
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPError(400, f"request body is not valid JSON: {exc}") from exc
     body = _validate(UnderstandBody, raw)
-    images = [decode_image_payload(s, i, settings.max_image_bytes) for i, s in enumerate(body.images)]
+    # base64 of several MB takes milliseconds: keep it off the event loop
+    images = await asyncio.to_thread(
+        lambda: [decode_image_payload(s, i, settings.max_image_bytes) for i, s in enumerate(body.images)])
     return body, images
 
 

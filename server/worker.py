@@ -201,8 +201,8 @@ class Worker:
             return J.understand_result(result.text, result.finish_reason, result.prompt_tokens,
                                        result.completion_tokens)
         assert isinstance(result, GenerateResult)
-        pngs = await asyncio.to_thread(lambda: [encode_png(img) for img in result.images])
-        return J.generate_result(result.seed, pngs)
+        return await asyncio.to_thread(
+            lambda: J.generate_result(result.seed, [encode_png(img) for img in result.images]))
 
     @staticmethod
     def _failure_event(running: _Running, out: FailedOutput) -> dict:
