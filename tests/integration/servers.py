@@ -21,22 +21,20 @@ def free_port() -> int:
 
 
 @dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    port: int
-    grpc_port: int
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
+class ManagedProcess:
+    """A subprocess the tests started, with its log file; `stop` escalates to SIGKILL."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    proc: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
+        if self.alive():
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
@@ -44,6 +42,17 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+@dataclass
+class ServerProcess(ManagedProcess):
+    port: int = 0
+    grpc_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 def start_server(args: list[str], log_dir: Path, env: dict[str, str] | None = None, *, ready_timeout: float = 120.0,
@@ -57,7 +66,7 @@ def start_server(args: list[str], log_dir: Path, env: dict[str, str] | None = No
            "--grpc-port", str(grpc_port)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(proc, port, grpc_port, log_path, full_env)
+    server = ServerProcess(proc, log_path, port=port, grpc_port=grpc_port, env=full_env)
     if wait_ready:
         wait_until_ready(server, ready_timeout)
     return server

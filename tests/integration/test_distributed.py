@@ -40,7 +40,7 @@ from server.jobs import GenerateParams, Job, UnderstandParams
 from server.queue.redis import RedisQueue
 from tests.integration import redis_fixture
 from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import ServerProcess, free_port, start_server, wait_until_ready
+from tests.integration.servers import ManagedProcess, ServerProcess, free_port, start_server, wait_until_ready
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,10 +72,8 @@ GENERATE_PROMPTS = ("a red boat", "a cat", "a hill at dawn", "two trees")
 
 
 @dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    metrics_port: int
-    log_path: Path
+class WorkerProcess(ManagedProcess):
+    metrics_port: int = 0
 
     @property
     def worker_id(self) -> str:
@@ -84,22 +82,6 @@ class WorkerProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.alive():
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
 
 
 def spawn_worker(queue_url: str, model_dir: Path, log_dir: Path) -> WorkerProcess:
@@ -110,7 +92,7 @@ def spawn_worker(queue_url: str, model_dir: Path, log_dir: Path) -> WorkerProces
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", **ENV})
-    return WorkerProcess(proc, port, log_path)
+    return WorkerProcess(proc, log_path, metrics_port=port)
 
 
 def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90.0) -> None:
