@@ -17,8 +17,8 @@ from typing import Any
 
 from janus_core.errors import InvalidRequestError
 from janus_core.images import decode_image
+from janus_core.sampling import SamplingParams
 from server.jobs import (
-    CANCELLED,
     DEADLINE_EXCEEDED,
     GenerateParams,
     Job,
@@ -47,12 +47,11 @@ class ServiceUnavailable(Exception):
 
 
 def _check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
-    if not (0.0 <= temperature <= 100.0):
-        raise BadRequest(f"temperature must be between 0 and 100, got {temperature}")
-    if not (0.0 < top_p <= 1.0):
-        raise BadRequest(f"top_p must be greater than 0 and at most 1, got {top_p}")
-    if seed is not None and not (0 <= seed < 2**63):
-        raise BadRequest(f"seed must be between 0 and 2^63-1, got {seed}")
+    """The engine's own rules (SamplingParams), answered at the edge as a 400."""
+    try:
+        SamplingParams(temperature, top_p, seed)
+    except (InvalidRequestError, TypeError) as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def _check_prompt(settings: Settings, prompt: str) -> None:
@@ -168,5 +167,3 @@ class Service:
             return False, "no worker has sent a heartbeat recently (model still loading?)"
         return True, "ready"
 
-
-CANCELLED_EVENT = error_event(CANCELLED, "the request was cancelled")
