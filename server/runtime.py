@@ -9,7 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import uvicorn
 
@@ -20,6 +23,7 @@ from server.service import Service
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_queue(settings: Settings) -> JobQueue:
@@ -47,11 +51,46 @@ def load_engine(settings: Settings):
     return lm, Engine(lm, config)
 
 
+async def run_on_fresh_thread(fn: Callable[..., T], *args) -> T:
+    """Run `fn` on a new thread that ends when `fn` returns (not on `asyncio.to_thread`'s pool).
+
+    OpenMP keeps a thread pool for every thread that ran a parallel torch op, for as long as that
+    thread lives, and libgomp stops spin-waiting once it manages more threads than there are CPUs.
+    Loading the model on a pooled executor thread left a second pool behind and made every engine
+    decode step ~20% slower on CPU (measured in docs/benchmarks.md); a thread that exits takes its
+    pool with it, leaving the engine thread's the only one.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, False, exc)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    thread = threading.Thread(target=target, name="janus-load", daemon=True)
+    thread.start()
+    result = await future
+    await asyncio.to_thread(thread.join)  # its OpenMP pool is gone before the engine starts
+    return result
+
+
 async def run_worker(settings: Settings, queue: JobQueue, metrics: Metrics, stop: asyncio.Event,
                      info: ModelInfo | None = None, loaded: asyncio.Event | None = None) -> None:
     from server.worker import Worker
 
-    lm, engine = await asyncio.to_thread(load_engine, settings)
+    lm, engine = await run_on_fresh_thread(load_engine, settings)
     if info is not None:
         info.image_size, info.num_image_tokens = lm.image_size, lm.num_image_tokens
     if loaded is not None:
