@@ -157,8 +157,8 @@ def bench_understanding(lm: LoadedModel, engine: Engine, levels: list[int], ref_
     for c in levels:
         # Fresh images per level: no vision or prefix cache hits inflate the figure.
         reqs = [UnderstandRequest(f"u{c}-{i}", prompt, [pics[i]], max_new_tokens=max_new_tokens) for i in range(c)]
-        engine.understanding.vision._lru.clear()
-        engine.understanding.prefixes._lru.clear()
+        engine.understanding.vision.clear()
+        engine.understanding.prefixes.clear()
         cpu_started = time.process_time()
         clock = run_engine(engine, reqs)
         cpu_rate = sum(clock.tokens.values()) / (time.process_time() - cpu_started)

@@ -2,8 +2,8 @@
 
 Each request owns one KV-cache row. Admission prefills its prompt into that row; after that a
 decode step feeds every running request's last token at its own position. Two caches save work:
-- vision features by image content (`VisionFeatureCache`): a repeated image skips SigLIP;
-- prompt prefixes (`PrefixCache`): the keys/values of everything up to the end of the last image
+- vision features by image content (a `ByteLRU` keyed by `image_key`): a repeated image skips SigLIP;
+- prompt prefixes (a `ByteLRU` of `CachedPrefix`): the keys/values of everything up to the end of the last image
   (system prompt + images) are kept, so a second question about the same image(s) copies them
   into its row and prefills only the question.
 
@@ -21,14 +21,15 @@ from PIL import Image
 
 from janus_core.detok import IncrementalDecoder
 from janus_core.errors import InvalidRequestError
-from janus_core.kv_cache import CachedPrefix, KVCache, PrefixCache
+from janus_core.kv_cache import CachedPrefix, KVCache
 from janus_core.loading import LoadedModel
+from janus_core.lru import ByteLRU
 from janus_core.processor import build_understanding_inputs
 from janus_core.runner import ModelRunner, sample_rows
 from janus_core.sampling import SamplingParams, make_generator, new_seed
 from janus_core.scheduler import Sequence as Seq
 from janus_core.understanding import check_limits
-from janus_core.vision_cache import VisionFeatureCache, image_key
+from janus_core.vision_cache import image_key
 
 
 @dataclass(eq=False)
@@ -58,8 +59,8 @@ class UnderstandingBatch:
     def __init__(self, lm: LoadedModel, runner: ModelRunner, cache: KVCache, *, vision_cache_bytes: int,
                  prefix_cache_bytes: int, max_images: int, max_new_tokens: int) -> None:
         self.lm, self.runner, self.cache = lm, runner, cache
-        self.vision = VisionFeatureCache(vision_cache_bytes)
-        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.vision: ByteLRU[torch.Tensor] = ByteLRU(vision_cache_bytes)  # image key -> features (N, D)
+        self.prefixes: ByteLRU[CachedPrefix] = ByteLRU(prefix_cache_bytes)  # prefix key -> keys/values
         self.max_images, self.max_new_tokens = max_images, max_new_tokens
         self.counters = CacheCounters()
 
@@ -109,7 +110,8 @@ class UnderstandingBatch:
                 self.counters.prefix_misses += 1
             hidden = self.runner.prefill(self.cache, [row], self._embed_prompt(state))
             if state.prefix_key is not None:
-                self.prefixes.put(state.prefix_key, CachedPrefix(*self.cache.read(row, state.prefix_len)))
+                prefix = CachedPrefix(*self.cache.read(row, state.prefix_len))
+                self.prefixes.put(state.prefix_key, prefix, prefix.nbytes)
         token = sample_rows(self.runner.text_logits(hidden), [state.params], [state.generator])[0]
         return token
 
@@ -132,7 +134,7 @@ class UnderstandingBatch:
             computed = self.runner.vision_features(state.pixels[missing])  # (M, N, D)
             for i, feats in zip(missing, computed, strict=True):
                 found[i] = feats
-                self.vision.put(state.image_keys[i], feats)
+                self.vision.put(state.image_keys[i], feats, feats.numel() * feats.element_size())
         return torch.cat([f for f in found if f is not None])  # (num_images * N, D)
 
     def push(self, seq: Seq, token: int) -> str:

@@ -7,18 +7,15 @@ position and a mask over the keys each row has.
 
 transformers' Llama attention calls `past_key_values.update(k, v, layer_idx)`; `PrefillView` and
 `DecodeView` answer that call by writing into the buffers and returning the keys/values to attend
-over. `PrefixCache` keeps copies of prompt prefixes (system prompt + images) for reuse.
+over. `CachedPrefix` is a copy of a prompt prefix (system prompt + images) kept for reuse.
 This module knows tensors and positions, not tokens, prompts or sampling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
-
-from janus_core.lru import ByteLRU
 
 
 class KVCache:
@@ -116,30 +113,3 @@ class CachedPrefix:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-
-class PrefixCache:
-    """LRU map from a prefix key (token ids + image content hashes) to that prefix's keys/values."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._lru: ByteLRU[CachedPrefix] = ByteLRU(max_bytes)
-
-    def get(self, key: Hashable) -> CachedPrefix | None:
-        return self._lru.get(key)
-
-    def put(self, key: Hashable, prefix: CachedPrefix) -> bool:
-        return self._lru.put(key, prefix, prefix.nbytes)
-
-    @property
-    def hits(self) -> int:
-        return self._lru.hits
-
-    @property
-    def misses(self) -> int:
-        return self._lru.misses
-
-    @property
-    def nbytes(self) -> int:
-        return self._lru.bytes
-
-    def __len__(self) -> int:
-        return len(self._lru)
