@@ -5,7 +5,9 @@ decode step feeds every running request's last token at its own position. Two ca
 - vision features by image content (a `ByteLRU` keyed by `image_key`): a repeated image skips SigLIP;
 - prompt prefixes (a `ByteLRU` of `CachedPrefix`): the keys/values of everything up to the end of the last image
   (system prompt + images) are kept, so a second question about the same image(s) copies them
-  into its row and prefills only the question.
+  into its row and prefills only the question. The tokens every prompt starts with (BOS, the
+  system prompt and the user-turn marker: the longest run of ids a prompt shares with the empty
+  prompt's) are kept the same way, so a request with a new image or no image skips those too.
 
 This module knows the understanding prompt format, limits and detokenisation; the scheduler
 decides who runs and the runner does the tensor work.
@@ -39,6 +41,7 @@ class UnderstandingState:
     image_keys: list[str]
     prefix_key: Hashable | None  # None: nothing worth reusing (no image)
     prefix_len: int
+    preamble_len: int  # leading ids shared with the empty prompt (0: too few to be worth reusing)
     params: SamplingParams
     seed: int | None
     generator: torch.Generator | None
@@ -52,7 +55,12 @@ class CacheCounters:
     vision_misses: int = 0
     prefix_hits: int = 0
     prefix_misses: int = 0
-    prefix_tokens_reused: int = 0
+    prefix_tokens_reused: int = 0  # image prefixes and preambles together
+    preamble_hits: int = 0
+
+
+MIN_PREAMBLE = 16  # shared leading tokens below which a request prefills from position 0
+PREAMBLE = "preamble"  # the prefix cache's key for the shared start of every prompt
 
 
 class UnderstandingBatch:
@@ -63,6 +71,7 @@ class UnderstandingBatch:
         self.prefixes: ByteLRU[CachedPrefix] = ByteLRU(prefix_cache_bytes)  # prefix key -> keys/values
         self.max_images, self.max_new_tokens = max_images, max_new_tokens
         self.counters = CacheCounters()
+        self._preamble = build_understanding_inputs(lm, [], "").input_ids  # what every prompt starts with
 
     def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
                 params: SamplingParams) -> Seq:
@@ -76,11 +85,14 @@ class UnderstandingBatch:
         self._check_context(len(inputs.input_ids), max_new_tokens)
         keys = [image_key(p) for p in inputs.pixel_values] if inputs.pixel_values is not None else []
         prefix_len = _prefix_len(inputs.input_ids, self.lm.special["eoi"]) if keys else 0
+        shared = _common_prefix_len(inputs.input_ids[:-1], self._preamble)  # at least one token is left to run
         seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
         state = UnderstandingState(
             ids=inputs.input_ids, pixels=inputs.pixel_values, image_keys=keys,
             prefix_key=(tuple(inputs.input_ids[:prefix_len]), tuple(keys)) if prefix_len else None,
-            prefix_len=prefix_len, params=params, seed=seed,
+            prefix_len=prefix_len,
+            preamble_len=shared if shared >= MIN_PREAMBLE else 0,
+            params=params, seed=seed,
             generator=make_generator(seed, self.lm.device) if seed is not None and not params.greedy else None,
             decoder=IncrementalDecoder(self.lm.tokenizer),
         )
@@ -108,12 +120,30 @@ class UnderstandingBatch:
         else:
             if state.prefix_key is not None:
                 self.counters.prefix_misses += 1
-            hidden = self.runner.prefill(self.cache, [row], self._embed_prompt(state))
+            embeds = self._embed_prompt(state)  # (1, T, D)
+            # Every cached preamble is a prefix of the same ids (the empty prompt's), so one entry serves
+            # all requests: each takes as many of its positions as it shares.
+            preamble = self.prefixes.get(PREAMBLE) if state.preamble_len else None
+            start = min(preamble.length, state.preamble_len) if preamble is not None else 0
+            if start >= MIN_PREAMBLE:
+                self.counters.preamble_hits += 1
+                self.counters.prefix_tokens_reused += start
+                self.cache.write(row, preamble.k[:, :, :start], preamble.v[:, :, :start])
+            else:
+                start = 0
+            hidden = self.runner.prefill(self.cache, [row], embeds[:, start:], start=start)
             if state.prefix_key is not None:
-                prefix = CachedPrefix(*self.cache.read(row, state.prefix_len))
-                self.prefixes.put(state.prefix_key, prefix, prefix.nbytes)
+                self._keep(state.prefix_key, row, state.prefix_len)
+            if state.preamble_len > (preamble.length if preamble is not None else 0):
+                self._keep(PREAMBLE, row, state.preamble_len)
         token = sample_rows(self.runner.text_logits(hidden), [state.params], [state.generator])[0]
         return token
+
+    def _keep(self, key: Hashable, row: int, length: int) -> None:
+        """Copy positions [0, length) of `row` into the prefix cache under `key`."""
+        if self.prefixes.max_bytes > 0:
+            prefix = CachedPrefix(*self.cache.read(row, length))
+            self.prefixes.put(key, prefix, prefix.nbytes)
 
     def _embed_prompt(self, state: UnderstandingState) -> torch.Tensor:
         ids = torch.tensor([state.ids])  # (1, T)
@@ -161,3 +191,12 @@ def _prefix_len(ids: list[int], end_of_image: int) -> int:
     """Tokens up to and including the last image's end marker (0 when the prompt has no image)."""
     last = max((i for i, t in enumerate(ids) if t == end_of_image), default=-1)
     return last + 1 if 0 < last + 1 < len(ids) else 0
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

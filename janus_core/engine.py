@@ -99,6 +99,7 @@ class EngineConfig:
     vision_cache_bytes: int = 256 * 2**20
     prefix_cache_bytes: int = 512 * 2**20
     compile: bool = False  # CUDA only: static-shape decode step under torch.compile + CUDA graphs
+    pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.packed_linear)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -134,7 +135,8 @@ class EngineStats:
     vision_cache_misses: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_misses: int = 0
-    prefix_tokens_reused: int = 0
+    prefix_tokens_reused: int = 0  # image prefixes and shared preambles (system prompt) together
+    preamble_hits: int = 0
     kv_cache_bytes: int = 0
 
 
@@ -142,7 +144,7 @@ class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None) -> None:
         self.lm = lm
         self.config = cfg = config or EngineConfig()
-        self.runner = ModelRunner(lm, compile=cfg.compile)
+        self.runner = ModelRunner(lm, compile=cfg.compile, pack_cpu_linears=cfg.pack_cpu_linears)
         # Rows are allocated up front (rows x length x layers); 4096 keeps a 7B at 16 rows near 16 GB in bf16.
         understand_len = min(cfg.max_context or 4096, lm.max_context)
         generate_len = min(cfg.max_generation_prompt + lm.num_image_tokens, lm.max_context)
@@ -359,7 +361,7 @@ class Engine:
             s.running = {kind: self.scheduler.num_running(kind) for kind in KINDS}
             s.vision_cache_hits, s.vision_cache_misses = c.vision_hits, c.vision_misses
             s.prefix_cache_hits, s.prefix_cache_misses = c.prefix_hits, c.prefix_misses
-            s.prefix_tokens_reused = c.prefix_tokens_reused
+            s.prefix_tokens_reused, s.preamble_hits = c.prefix_tokens_reused, c.preamble_hits
 
     def _record_step(self, kind: str, batch: int, seconds: float) -> None:
         with self._lock:

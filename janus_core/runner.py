@@ -7,7 +7,8 @@ Rows of different lengths share a decode step through per-row positions and a ke
 With `compile=True` on CUDA the decode step runs with static shapes (batch padded to a bucket,
 keys over the whole cache, an explicit mask) under `torch.compile(mode="reduce-overhead")`, which
 captures CUDA graphs; `warm_up` compiles every bucket before requests arrive. On CPU the flag is
-ignored (eager is faster there and the oracle tests run eager).
+ignored (eager is faster there and the oracle tests run eager). On CPU in fp32 the runner swaps the
+model's linear layers for oneDNN-packed ones (`janus_core.packed_linear`), in place, unless told not to.
 
 The runner knows tensors, rows and positions; not requests, prompts, text or scheduling.
 """
@@ -21,6 +22,7 @@ import torch
 
 from janus_core.kv_cache import DecodeView, KVCache, PrefillView
 from janus_core.loading import LoadedModel
+from janus_core.packed_linear import pack_linears, packing_supported
 from janus_core.sampling import SamplingParams, sample_row
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,10 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, *, compile: bool = False) -> None:
+    def __init__(self, lm: LoadedModel, *, compile: bool = False, pack_cpu_linears: bool = True) -> None:
         self.lm = lm
+        if pack_cpu_linears and packing_supported(lm.device, lm.dtype):
+            log.info("packed %d linear layers for oneDNN", pack_linears(lm.model))
         self.model = lm.model
         self.core = lm.model.model.language_model  # transformers' LlamaModel
         self.compiled = compile and lm.device.type == "cuda"

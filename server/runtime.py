@@ -47,7 +47,8 @@ def load_engine(settings: Settings):
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
                           vision_cache_bytes=settings.vision_cache_mb * 2**20,
-                          prefix_cache_bytes=settings.prefix_cache_mb * 2**20, compile=settings.compile)
+                          prefix_cache_bytes=settings.prefix_cache_mb * 2**20, compile=settings.compile,
+                          pack_cpu_linears=settings.cpu_packed_linears)
     return lm, Engine(lm, config)
 
 

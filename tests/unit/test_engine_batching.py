@@ -25,18 +25,15 @@ from janus_core.generation import stream_image_tokens
 from janus_core.loading import LoadedModel, load_model
 from janus_core.processor import build_generation_ids, build_understanding_inputs
 from janus_core.sampling import SamplingParams
-from janus_core.tiny import write_tiny_model
 from janus_core.understanding import understand
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def lm(request, tmp_path_factory) -> LoadedModel:
-    try:
-        return request.getfixturevalue("tiny_hf")  # the shared session model (tests/conftest.py)
-    except pytest.FixtureLookupError:
-        return load_model(str(write_tiny_model(tmp_path_factory.mktemp("tiny-engine"), "hf", seed=0)), "cpu")
+def lm(tiny_hf_dir) -> LoadedModel:
+    """A model of the engine tests' own: an engine packs its linear layers in place (janus_core.packed_linear)."""
+    return load_model(str(tiny_hf_dir), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +118,24 @@ def understand_mix(images: list[Image.Image]) -> list[UnderstandRequest]:
     ]
 
 
-def test_mixed_batch_equals_single_request_and_transformers(lm, images):
+def test_engine_packs_cpu_linears(lm, tiny_hf):
+    from janus_core.packed_linear import PackedLinear
+
+    Engine(lm)
+    assert not [m for m in tiny_hf.model.modules() if isinstance(m, PackedLinear)]  # the oracle's copy
+    packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and not [m for m in lm.model.modules() if type(m) is torch.nn.Linear]
+
+
+def test_mixed_batch_equals_single_request_and_transformers(lm, tiny_hf, images):
+    """The engine (packed linears) against transformers' generate on an untouched copy of the model."""
     gens, unds = gen_mix(), understand_mix(images)
     sink = run(Engine(lm, EngineConfig(max_batch_size=8)), [*gens, *unds])
     for req in gens:
         got = sink.result(req.request_id).tokens
         assert torch.equal(got, reference_image_tokens(lm, req)), req.request_id
         if req.params.greedy:
-            assert got[0].tolist() == transformers_image_tokens(lm, req.prompt, req.cfg_weight), req.request_id
+            assert got[0].tolist() == transformers_image_tokens(tiny_hf, req.prompt, req.cfg_weight), req.request_id
         progress = [o.step for o in sink.outputs[req.request_id] if isinstance(o, ProgressOutput)]
         assert progress == list(range(1, lm.num_image_tokens + 1))
         assert sink.result(req.request_id).images.shape == (req.n, lm.image_size, lm.image_size, 3)
@@ -137,7 +144,7 @@ def test_mixed_batch_equals_single_request_and_transformers(lm, images):
         ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens, params=req.params)
         assert got.token_ids == ref.token_ids and got.finish_reason == ref.finish_reason, req.request_id
         if req.params.greedy:
-            assert got.token_ids == transformers_text_tokens(lm, req), req.request_id
+            assert got.token_ids == transformers_text_tokens(tiny_hf, req), req.request_id
         streamed = [o for o in sink.outputs[req.request_id] if isinstance(o, TokenOutput)]
         assert [o.token_id for o in streamed] == got.token_ids
         # A trailing incomplete UTF-8 sequence is held back by the incremental decoder, never re-sent.
@@ -201,13 +208,30 @@ def test_prefix_and_vision_caches_hit_without_changing_outputs(lm, images):
     assert stats.prefix_cache_hits == 1 and stats.prefix_cache_misses == 2  # q2 reused q1's image prefix
     assert stats.prefix_tokens_reused > lm.num_image_tokens
     assert stats.vision_cache_hits == 1  # q3's second image was seen by q1
+    assert stats.preamble_hits == 1  # q3 (new image first) reused q1's system prompt
     for req in (q1, q2, q3):
         ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens)
         assert sink.result(req.request_id).token_ids == ref.token_ids, req.request_id
     cold = Engine(lm, EngineConfig(prefix_cache_bytes=0, vision_cache_bytes=0))
     cold_sink = run(cold, [q1, q2])
     assert cold.stats().prefix_cache_hits == 0 and cold.stats().vision_cache_hits == 0
+    assert cold.stats().preamble_hits == 0
     assert cold_sink.result("q2").token_ids == sink.result("q2").token_ids
+
+
+def test_shared_system_prompt_is_reused_by_text_only_and_new_image_requests(lm, tiny_hf, images):
+    engine = Engine(lm)
+    first = [UnderstandRequest("t1", "hello world", [], max_new_tokens=9)]
+    later = [UnderstandRequest("t2", "the quick brown fox jumps", [], max_new_tokens=9),
+             UnderstandRequest("i1", "Describe this image in detail.", [images[1]], max_new_tokens=9),
+             UnderstandRequest("i2", "What is in both?", [images[2], images[0]], max_new_tokens=9)]
+    sink = run(engine, first)
+    run(engine, later, sink)
+    stats = engine.stats()
+    assert stats.preamble_hits == 3 and stats.prefix_cache_hits == 0
+    assert stats.prefix_tokens_reused >= 3 * 16
+    for req in first + later:
+        assert sink.result(req.request_id).token_ids == transformers_text_tokens(tiny_hf, req), req.request_id
 
 
 @pytest.mark.parametrize(("request_", "words"), [
