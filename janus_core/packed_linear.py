@@ -1,10 +1,10 @@
 """CPU fast path for the model's linear layers: fp32 weights pre-packed once for oneDNN.
 
 A decode step multiplies a handful of rows by every weight of the LM. On x86 CPUs, `F.linear`
-(MKL) handles those skinny products poorly: on the benchmark machine (2 AMD EPYC cores) the LM's
-linears took 16-29 ms for 8 rows against 10-13 ms through oneDNN with weights reordered ahead of
-time into its blocked layout, and 10-12 ms against 7-9 ms for one row; large prefill products cost
-the same either way (`bench/bench_linear.py` measures it). `pack_linears` swaps every fp32
+(MKL) handles those skinny products poorly: on the benchmark machine (2 AMD EPYC cores) the mid
+model's linears took 29-31 ms for 8 rows against 14-16 ms through oneDNN with the weights reordered
+once into its blocked layout, and 14.6 against 12-13 ms for one row; a prefill's large products cost
+the same either way (`bench/bench_linear.py` measures all of it). `pack_linears` swaps every fp32
 `nn.Linear` of a CPU model for a `PackedLinear` holding only the packed weight, in place.
 
 The results are the same products summed in a different order: equal to `F.linear` to within
