@@ -123,14 +123,14 @@ class UnderstandingBatch:
             embeds = self._embed_prompt(state)  # (1, T, D)
             # Every cached preamble is a prefix of the same ids (the empty prompt's), so one entry serves
             # all requests: each takes as many of its positions as it shares.
+            # Both lengths are at least MIN_PREAMBLE (shorter ones are never looked up nor stored).
             preamble = self.prefixes.get(PREAMBLE) if state.preamble_len else None
-            start = min(preamble.length, state.preamble_len) if preamble is not None else 0
-            if start >= MIN_PREAMBLE:
+            start = 0
+            if preamble is not None:
+                start = min(preamble.length, state.preamble_len)
                 self.counters.preamble_hits += 1
                 self.counters.prefix_tokens_reused += start
                 self.cache.write(row, preamble.k[:, :, :start], preamble.v[:, :, :start])
-            else:
-                start = 0
             hidden = self.runner.prefill(self.cache, [row], embeds[:, start:], start=start)
             if state.prefix_key is not None:
                 self._keep(state.prefix_key, row, state.prefix_len)
