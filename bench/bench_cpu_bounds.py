@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, JanusForConditionalGeneration
 
 from bench.bench_linear import interleaved
-from bench.models import SHAPES, write_model
+from bench.models import SHAPES, cached_model
 from janus_core.loading import load_model
 from janus_core.processor import build_understanding_inputs
 from janus_core.runner import ModelRunner
@@ -135,8 +134,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help="checkpoint (default: the shape's, cached under the temp dir)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    model_dir = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / f"janus-bench-{args.shape}"
-    write_model(model_dir, args.shape)
+    model_dir = cached_model(args.shape, args.model_dir)
     print(f"# {args.shape} at {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     compute_ceiling(args.shape, args.repeats)
     prefill(model_dir, args.repeats)

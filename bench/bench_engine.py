@@ -18,16 +18,14 @@ in process CPU seconds, which holds up better than wall time on a machine shared
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.models import lm_weight_bytes, write_model
+from bench.models import cached_model, lm_weight_bytes
 from bench.references import (
     hf_generate_image,
     hf_understand,
@@ -209,8 +207,7 @@ def main() -> None:
     if args.quick:
         args.concurrency, args.max_new_tokens, args.ref_requests = "1,4", 16, 1
     levels = [int(c) for c in args.concurrency.split(",")]
-    path = Path(args.model_dir or Path(tempfile.gettempdir()) / f"janus-bench-{args.shape}")
-    write_model(path, args.shape)
+    path = cached_model(args.shape, args.model_dir)
     lm = load_model(str(path), args.device, args.dtype)
     config = EngineConfig(max_batch_size=max(levels), max_context=min(lm.max_context, 1024),
                           max_generation_prompt=64, compile=args.compile)

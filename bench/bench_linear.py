@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.models import SHAPES, write_model
+from bench.models import SHAPES, cached_model
 from janus_core.loading import load_model
 from janus_core.packed_linear import pack_linears, packing_supported
 from janus_core.runner import ModelRunner
@@ -107,11 +106,7 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_products(args.shape, [int(r) for r in args.rows.split(",")], args.repeats)
     if not args.no_step:
-        default_dir = Path(tempfile.gettempdir()) / f"janus-bench-{args.shape}"
-        model_dir = Path(args.model_dir) if args.model_dir else default_dir
-        if not (model_dir / "config.json").exists():
-            write_model(model_dir, args.shape)
-        bench_decode_step(model_dir, rows=8, context=700, repeats=args.repeats)
+        bench_decode_step(cached_model(args.shape, args.model_dir), rows=8, context=700, repeats=args.repeats)
 
 
 if __name__ == "__main__":

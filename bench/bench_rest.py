@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.models import write_model
+from bench.models import cached_model
 from bench.references import hf_generate_image, hf_understand, percentile
 from janus_core.loading import LoadedModel, load_model
 from tests.integration.servers import ServerProcess, free_port, wait_until_ready
@@ -320,7 +320,7 @@ def main() -> None:
         args.concurrency, args.max_new_tokens, args.ref_requests = "1,4", 16, 1
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = set(args.only.split(","))
-    path = write_model(Path(args.model_dir or Path(tempfile.gettempdir()) / f"janus-bench-{args.shape}"), args.shape)
+    path = cached_model(args.shape, args.model_dir)
     lm = load_model(str(path), args.device, args.dtype)
     pics = Pictures(lm.image_size)
     print(f"# {args.shape} at {path}: {sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M parameters, "

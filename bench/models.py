@@ -9,6 +9,7 @@ it says so, but only the tokenizer's ~400 ids ever appear in prompts.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,11 @@ def shape_config(shape: Shape, tokenizer) -> JanusConfig:
     )
     return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=False)
+
+
+def cached_model(shape: str, model_dir: str | None = None) -> Path:
+    """`model_dir`, or a random checkpoint of `shape` cached under the temp dir (written on first use)."""
+    return write_model(Path(model_dir) if model_dir else Path(tempfile.gettempdir()) / f"janus-bench-{shape}", shape)
 
 
 def write_model(out: str | Path, shape: str = "mid", seed: int = 0) -> Path:
