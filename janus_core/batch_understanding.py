@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from janus_core.conversation import Message
 from janus_core.detok import IncrementalDecoder
 from janus_core.errors import InvalidRequestError
 from janus_core.kv_cache import CachedPrefix, KVCache
 from janus_core.loading import LoadedModel
 from janus_core.lru import ByteLRU
-from janus_core.processor import build_understanding_inputs
+from janus_core.processor import build_conversation_inputs, build_understanding_inputs
 from janus_core.runner import ModelRunner, sample_rows
 from janus_core.sampling import SamplingParams, make_generator, new_seed
 from janus_core.scheduler import Sequence as Seq
@@ -74,14 +75,18 @@ class UnderstandingBatch:
         self._preamble = build_understanding_inputs(lm, [], "").input_ids  # what every prompt starts with
 
     def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
-                params: SamplingParams) -> Seq:
-        """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for a row."""
+                params: SamplingParams, *, messages: Sequence[Message] | None = None) -> Seq:
+        """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for a row.
+        With `messages`, the whole conversation is the prompt and `images` are its images in order."""
         if len(images) > self.max_images:
             raise InvalidRequestError(f"{len(images)} images given; at most {self.max_images} per request")
         if max_new_tokens > self.max_new_tokens:
             raise InvalidRequestError(
                 f"max_new_tokens {max_new_tokens} exceeds the limit of {self.max_new_tokens}")
-        inputs = build_understanding_inputs(self.lm, images, prompt)
+        if messages is not None:
+            inputs = build_conversation_inputs(self.lm, messages, images)
+        else:
+            inputs = build_understanding_inputs(self.lm, images, prompt)
         self._check_context(len(inputs.input_ids), max_new_tokens)
         keys = [image_key(p) for p in inputs.pixel_values] if inputs.pixel_values is not None else []
         prefix_len = _prefix_len(inputs.input_ids, self.lm.special["eoi"]) if keys else 0

@@ -25,23 +25,30 @@ from PIL import Image
 
 from janus_core.batch_generation import GenerationBatch, GenerationState
 from janus_core.batch_understanding import UnderstandingBatch, UnderstandingState
+from janus_core.conversation import Message
 from janus_core.errors import InvalidRequestError
 from janus_core.generation import GenerateResult
 from janus_core.loading import LoadedModel
 from janus_core.runner import ModelRunner
 from janus_core.sampling import SamplingParams
 from janus_core.scheduler import KINDS, Scheduler, Sequence, Status
+from janus_core.stops import StopMatcher
 from janus_core.understanding import UnderstandResult
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class UnderstandRequest:
+    """One prompt about `images`, or (with `messages`) a whole conversation whose images are `images`
+    in order; `prompt` is then unused. The answer ends at EOS, `max_new_tokens` or a `stop` string."""
+
     request_id: str
     prompt: str
     images: list[Image.Image]
     max_new_tokens: int = 256
     params: SamplingParams = field(default_factory=SamplingParams)
+    messages: list[Message] | None = None
+    stop: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +168,7 @@ class Engine:
         self._inbox: deque[tuple[Request, Sink]] = deque()
         self._cancelled: set[str] = set()
         self._sinks: dict[Sequence, Sink] = {}  # requests not yet answered
+        self._stops: dict[Sequence, StopMatcher] = {}  # understanding requests with stop strings
         self._stats = EngineStats(
             kv_cache_bytes=self.understanding.cache.nbytes + self.generation.cache.nbytes)
         self._thread: threading.Thread | None = None
@@ -189,6 +197,13 @@ class Engine:
             snap = EngineStats(**{**s.__dict__, "waiting": s.waiting + len(self._inbox), "running": dict(s.running)})
             s.batch_sizes, s.step_seconds = [], []
         return snap
+
+    def clear_caches(self) -> None:
+        """Forget every cached prefix and vision feature (benchmarks measure the cold path with it).
+        Safe from any thread between requests; results never depend on the caches."""
+        with self._lock:
+            self.understanding.prefixes.clear()
+            self.understanding.vision.clear()
 
     def start(self) -> None:
         if self._thread is None:
@@ -264,6 +279,8 @@ class Engine:
                 self._count(failed=True)
                 continue
             self._sinks[seq] = sink
+            if isinstance(request, UnderstandRequest) and request.stop:
+                self._stops[seq] = StopMatcher(request.stop)
             self.scheduler.add(seq)
         for request_id in cancelled:
             self.scheduler.cancel(request_id)
@@ -271,7 +288,7 @@ class Engine:
     def _prepare(self, request: Request) -> Sequence:
         if isinstance(request, UnderstandRequest):
             return self.understanding.prepare(request.request_id, request.images, request.prompt,
-                                              request.max_new_tokens, request.params)
+                                              request.max_new_tokens, request.params, messages=request.messages)
         return self.generation.prepare(request.request_id, request.prompt, request.n, request.cfg_weight,
                                        request.params)
 
@@ -298,11 +315,19 @@ class Engine:
     def _on_tokens(self, seq: Sequence, token: int) -> None:
         state: UnderstandingState = seq.data
         done = self.scheduler.update(seq, token)
+        stops = self._stops.get(seq)
         if seq.finish_reason != "stop":
             delta = self.understanding.push(seq, token)
+            if stops is not None:
+                delta = stops.feed(delta)
+                if stops.stopped and not done:
+                    self.scheduler.stop(seq)
+                    done = True
             self._emit(self._sinks[seq], TokenOutput(seq.request_id, token, delta))
         if done:
-            result = UnderstandResult(state.decoder.text, seq.finish_reason or "length", len(state.ids),
+            text = stops.text if stops is not None and stops.stopped else state.decoder.text
+            self._stops.pop(seq, None)
+            result = UnderstandResult(text, seq.finish_reason or "length", len(state.ids),
                                       len(state.out), list(state.out), state.seed)
             with self._lock:
                 self._stats.prompt_tokens += result.prompt_tokens
@@ -343,6 +368,7 @@ class Engine:
         self._emit(self._sinks.pop(seq), FinishedOutput(seq.request_id, result))
 
     def _fail(self, seq: Sequence, reason: str, message: str) -> None:
+        self._stops.pop(seq, None)
         self._count(failed=True)
         self._emit(self._sinks.pop(seq), FailedOutput(seq.request_id, reason, message))
 

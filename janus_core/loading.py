@@ -3,6 +3,11 @@
 `load_model` returns a `LoadedModel`: the transformers `JanusForConditionalGeneration` on its
 device and dtype, a `JanusProcessor` configured to prompt exactly as the official checkpoints do,
 and a few derived facts the runtime needs. Errors name the missing file or weight.
+
+Chat format: the checkpoint's own chat template when it has one; otherwise ours, with the roles of
+the model's family (`janus`: Janus-1.3B's `User:` / `Assistant:`; `janus-pro`: `<|User|>` /
+`<|Assistant|>`, also JanusFlow), read from the checkpoint's name (a hub id or a directory such as
+`models--deepseek-ai--Janus-1.3B`). `chat_format=` overrides both.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from transformers.utils import logging as hf_logging
 from janus_core import deepseek
 from janus_core.device import resolve_device, resolve_dtype
 from janus_core.errors import ModelLoadError
-from janus_core.prompts import BOI_TOKEN, CHAT_TEMPLATE, EOI_TOKEN, IMAGE_SPECIAL_TOKENS, IMAGE_TOKEN, PAD
+from janus_core.prompts import (
+    BOI_TOKEN,
+    CHAT_FORMATS,
+    EOI_TOKEN,
+    IMAGE_SPECIAL_TOKENS,
+    IMAGE_TOKEN,
+    PAD,
+    chat_template,
+    template_format,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     special: dict[str, int] = field(default_factory=dict)
+    chat_format: str = "janus-pro"  # the roles prompts use: "janus-pro" or "janus" (Janus-1.3B)
 
     @property
     def tokenizer(self):
@@ -96,7 +111,26 @@ def detect_format(path: Path) -> str:
     )
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def family_from_name(*names: str) -> str:
+    """The chat format a checkpoint's name implies: Janus-1.3B -> "janus", anything else "janus-pro"."""
+    text = " ".join(names).lower().replace("_", "-")
+    return "janus" if "janus-1.3b" in text else "janus-pro"
+
+
+def _apply_chat_format(processor: JanusProcessor, model: str, path: Path, chat_format: str | None) -> str:
+    if chat_format is not None:
+        if chat_format not in CHAT_FORMATS:
+            raise ModelLoadError(f"unknown chat format {chat_format!r}; use one of {', '.join(CHAT_FORMATS)}")
+        processor.chat_template = chat_template(chat_format)
+        return chat_format
+    family = family_from_name(model, str(path.resolve()))
+    if processor.chat_template:
+        return template_format(processor.chat_template) or family
+    processor.chat_template = chat_template(family)
+    return family
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_format: str | None = None) -> LoadedModel:
     hf_logging.disable_progress_bar()
     path = resolve_model_path(model)
     fmt = detect_format(path)
@@ -117,6 +151,7 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
         )
         net = _instantiate(config, state, dt, path)
     _check_processor(processor, net.config, path)
+    fmt_chat = _apply_chat_format(processor, model, path, chat_format)
     net.generation_config = _generation_config(processor, path)
     net.to(dev).eval()
     tok = processor.tokenizer
@@ -128,8 +163,8 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
         "boi": tok.convert_tokens_to_ids(BOI_TOKEN),
         "eoi": tok.convert_tokens_to_ids(EOI_TOKEN),
     }
-    log.info("loaded %s (%s layout) on %s as %s", path, fmt, dev, dt)
-    return LoadedModel(net, processor, path, fmt, dev, dt, special)
+    log.info("loaded %s (%s layout, %s chat format) on %s as %s", path, fmt, fmt_chat, dev, dt)
+    return LoadedModel(net, processor, path, fmt, dev, dt, special, fmt_chat)
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -210,8 +245,6 @@ def _hf_processor(path: Path) -> JanusProcessor:
         processor = JanusProcessor.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the processor/tokenizer from {path}: {exc}") from exc
-    if processor.chat_template is None:
-        processor.chat_template = CHAT_TEMPLATE
     return processor
 
 
@@ -231,7 +264,6 @@ def _deepseek_processor(path: Path) -> JanusProcessor:
     return JanusProcessor(
         image_processor=_image_processor_class()(**kwargs),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
         use_default_system_prompt=True,
         num_image_tokens=int(proc.get("num_image_tokens", 576)),
     )

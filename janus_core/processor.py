@@ -3,7 +3,8 @@
 Understanding: default system prompt + `<|User|>: <image_placeholder>\\n{prompt}\\n\\n<|Assistant|>:`,
 each image expanded to begin + N placeholders + end, images padded to square with the mean colour,
 resized and normalised by the image processor. Generation: the same chat format with an empty
-system prompt, ending in `<begin_of_image>`. This module knows tokens and pixels, not sampling.
+system prompt, ending in `<begin_of_image>`. Conversations (`janus_core.conversation`) render the
+same way, every turn in order. This module knows tokens and pixels, not sampling.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
+from janus_core.conversation import Message, check_conversation, expand_images, system_text, template_messages
 from janus_core.errors import InvalidRequestError
 from janus_core.loading import LoadedModel
 from janus_core.prompts import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
@@ -51,6 +54,30 @@ def build_understanding_inputs(lm: LoadedModel, images: Sequence[Image.Image], p
     batch = lm.processor(text=text, images=list(images) or None, generation_mode="text", return_tensors="pt")
     pixels = batch.get("pixel_values")
     return UnderstandingInputs(batch["input_ids"][0].tolist(), pixels.float() if pixels is not None else None)
+
+
+def conversation_text(lm: LoadedModel, messages: Sequence[Message]) -> str:
+    """The whole conversation as prompt text (system block, every turn, the generation prompt)."""
+    check_conversation(messages)
+    turns = lm.processor.apply_chat_template(template_messages(messages), add_generation_prompt=True)
+    default = DEFAULT_SYSTEM_PROMPT if lm.processor.use_default_system_prompt else None
+    return system_text(messages, default) + turns
+
+
+def build_conversation_inputs(lm: LoadedModel, messages: Sequence[Message],
+                              images: Sequence[Image.Image]) -> UnderstandingInputs:
+    """Ids and pixels of a conversation; `images` are all of its images in order."""
+    wanted = sum(m.num_images for m in messages)
+    if wanted != len(images):
+        raise InvalidRequestError(f"the messages refer to {wanted} image(s) but {len(images)} were given")
+    # Expanded and tokenized here rather than by the processor's __call__, which would put its own
+    # default system prompt in front of a client's.
+    text = expand_images(conversation_text(lm, messages), lm.num_image_tokens)
+    ids = lm.tokenizer(text)["input_ids"]
+    pixels = None
+    if images:
+        pixels = lm.processor.image_processor(list(images), return_tensors="pt")["pixel_values"].float()
+    return UnderstandingInputs(list(ids), pixels)
 
 
 def build_generation_ids(lm: LoadedModel, prompt: str) -> list[int]:

@@ -8,6 +8,8 @@ Understanding prepends the default system prompt (transformers' `JanusProcessor`
 
 from __future__ import annotations
 
+from typing import Literal
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -19,22 +21,49 @@ ASSISTANT = "<|Assistant|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN, "<patch_placeholder>", USER, ASSISTANT]
 IMAGE_SPECIAL_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN}
 
-# Our own Jinja rendering of the format above, in transformers' multimodal message shape:
-# {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}.
-# Each image becomes "<image_placeholder>\n" ahead of the text; turns are separated by "\n\n" after
-# a user turn and by EOS after an assistant turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% set role = message['role'] | lower %}"
-    "{% if role == 'user' %}<|User|>: "
-    "{% elif role == 'assistant' %}<|Assistant|>: "
-    "{% else %}{{ message['role'] | capitalize }}: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] | trim }}"
-    "{% else %}"
-    "{% for part in message['content'] if part['type'] == 'image' %}<image_placeholder>{{ '\\n' }}{% endfor %}"
-    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') | trim }}"
-    "{% endif %}"
-    "{% if role == 'assistant' %}" + EOS + "{% else %}{{ '\\n\\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
+ChatFormat = Literal["janus-pro", "janus"]
+CHAT_FORMATS: tuple[str, ...] = ("janus-pro", "janus")
+# The roles each family was trained with: Janus-Pro (and JanusFlow) `<|User|>`, Janus-1.3B `User`.
+ROLES: dict[str, tuple[str, str]] = {"janus-pro": (USER, ASSISTANT), "janus": ("User", "Assistant")}
+
+
+def chat_template(fmt: str = "janus-pro") -> str:
+    """Our own Jinja rendering of the format above, in transformers' multimodal message shape:
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}.
+
+    Each image becomes "<image_placeholder>\\n" ahead of the text; a user turn ends with "\\n\\n", an
+    assistant turn with EOS; a system message is plain text and a blank line (DeepSeek's
+    `system_template`), so it belongs first.
+    """
+    if fmt not in ROLES:
+        raise ValueError(f"unknown chat format {fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
+    user, assistant = ROLES[fmt]
+    return (
+        "{% for message in messages %}"
+        "{% set role = message['role'] | lower %}"
+        f"{{% if role == 'user' %}}{user}: "
+        f"{{% elif role == 'assistant' %}}{assistant}: "
+        "{% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] | trim }}"
+        "{% else %}"
+        "{% for part in message['content'] if part['type'] == 'image' %}<image_placeholder>{{ '\\n' }}{% endfor %}"
+        "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') | trim }}"
+        "{% endif %}"
+        "{% if role == 'assistant' %}" + EOS + "{% else %}{{ '\\n\\n' }}{% endif %}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{assistant}:{{% endif %}}"
+    )
+
+
+CHAT_TEMPLATE = chat_template("janus-pro")
+
+
+def template_format(template: str | None) -> str | None:
+    """Which family a chat template's roles belong to (None: neither is recognisable)."""
+    if not template:
+        return None
+    if USER in template:
+        return "janus-pro"
+    if "User:" in template or "User" in template:
+        return "janus"
+    return None

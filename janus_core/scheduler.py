@@ -177,6 +177,11 @@ class Scheduler:
             return True
         return False
 
+    def stop(self, seq: Sequence) -> None:
+        """Finish a running sequence as "stop" for a reason the scheduler cannot see (a stop string)."""
+        if seq.status is Status.RUNNING:
+            self._finish(seq, "stop")
+
     def fail(self, seq: Sequence) -> None:
         """Take a running sequence out after an error; its rows go back to the pool."""
         if seq.status is Status.RUNNING:

@@ -2,9 +2,12 @@
 
 `write_tiny_model` writes the real architecture at toy sizes (2 LM layers, 64x64 images, 4x4 = 16
 image tokens, a VQ with the real 16x downsampling) plus a byte-level BPE tokenizer that carries the
-real special tokens and the Janus-Pro chat template. The same seed gives the same network in both
+real special tokens and a chat template. The same seed gives the same network in both
 layouts: `hf` (what `JanusForConditionalGeneration.from_pretrained` reads) and `deepseek` (the
-original `multi_modality` layout).
+original `multi_modality` layout). `variant="janus"` writes a Janus-1.3B-style checkpoint: the same
+network with `User:` / `Assistant:` roles (in its chat template for `hf`; for `deepseek`, which has
+no template, the loader reads the family from the checkpoint's name, so name its directory after
+Janus-1.3B or load it with `chat_format="janus"`).
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ from janus_core import deepseek
 from janus_core.prompts import (
     BOI_TOKEN,
     BOS,
-    CHAT_TEMPLATE,
     EOS,
     IMAGE_SPECIAL_TOKENS,
     IMAGE_TOKEN,
     PAD,
     SPECIAL_TOKENS,
+    chat_template,
 )
 
 Format = Literal["hf", "deepseek"]
+Variant = Literal["janus-pro", "janus"]
 
 TINY_IMAGE_SIZE = 64
 TINY_PATCH = 16
@@ -171,23 +175,27 @@ def write_tiny_model(
     *,
     shards: int = 1,
     weights: Literal["safetensors", "bin"] | None = None,
+    variant: Variant = "janus-pro",
 ) -> Path:
     """Write a tiny random Janus checkpoint with its tokenizer and processor files; returns the path."""
+    if variant not in ("janus-pro", "janus"):
+        raise ValueError(f"unknown variant {variant!r}; use 'janus-pro' or 'janus'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer)
     model = build_model(config, seed)
     if fmt == "hf":
-        _write_hf(out, model, tokenizer, shards, weights or "safetensors")
+        _write_hf(out, model, tokenizer, shards, weights or "safetensors", chat_template(variant))
     elif fmt == "deepseek":
         _write_deepseek(out, model, tokenizer, shards, weights or "bin")
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'deepseek'")
+
     return out
 
 
-def _write_hf(out: Path, model, tokenizer, shards: int, weights: str) -> None:
+def _write_hf(out: Path, model, tokenizer, shards: int, weights: str, template: str) -> None:
     model.generation_config = generation_config(tokenizer)
     if shards > 1 or weights == "bin":
         model.config.save_pretrained(out)
@@ -199,7 +207,7 @@ def _write_hf(out: Path, model, tokenizer, shards: int, weights: str) -> None:
     processor = JanusProcessor(
         image_processor=_image_processor(),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
         use_default_system_prompt=True,
         num_image_tokens=model.config.vision_config.num_image_tokens,
     )

@@ -35,6 +35,7 @@ from server.http_common import (
 )
 from server.jobs import GenerateParams, UnderstandParams
 from server.logs import request_id_var
+from server.messages import read_messages
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueUnavailable
 from server.schemas import GenerateBody, UnderstandBody
@@ -42,6 +43,8 @@ from server.service import BadRequest, Service, ServiceUnavailable
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+OPENAI_BODY_ROUTES = frozenset({"/v1/chat/completions", "/v1/images/generations"})
 
 
 @dataclass
@@ -52,6 +55,12 @@ class ModelInfo:
     image_size: int = 384
     num_image_tokens: int = 576
     created: int = field(default_factory=lambda: int(time.time()))
+    served_names: list[str] = field(default_factory=list)  # --served-model-name; empty: just `name`
+
+    @property
+    def names(self) -> list[str]:
+        """What `model` may say in OpenAI requests and what /v1/models lists (the first answers)."""
+        return self.served_names or [self.name]
 
 
 def create_app(settings: Settings, service: Service, metrics: Metrics, model_info: ModelInfo | None = None) -> FastAPI:
@@ -168,8 +177,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(503, str(exc), "unavailable", {"Retry-After": str(int(exc.retry_after))})
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
-        return error_response(422, _describe_validation(exc.errors()))
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # OpenAI answers every malformed request with a 400 (the SDK's BadRequestError); ours say 422.
+        status = 400 if request.url.path in OPENAI_BODY_ROUTES else 422
+        return error_response(status, _describe_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(_: Request, exc: StarletteHTTPException):
@@ -215,8 +226,8 @@ def _add_operational_routes(app: FastAPI) -> None:
     async def models(request: Request):
         _auth(request)
         info: ModelInfo = request.app.state.model_info
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": info.created,
-                                            "owned_by": "janus-server"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": info.created,
+                                            "owned_by": "janus-server"} for name in info.names]}
 
 
 def _auth(request: Request) -> None:
@@ -229,7 +240,7 @@ def _auth(request: Request) -> None:
 def _add_native_routes(app: FastAPI) -> None:
     @app.post("/v1/understand", tags=["janus"], openapi_extra={
         "requestBody": {"content": {
-            "application/json": {"schema": UnderstandBody.model_json_schema()},
+            "application/json": {"schema": inline_schema(UnderstandBody)},
             "multipart/form-data": {"schema": {"type": "object", "required": ["prompt", "image"], "properties": {
                 "prompt": {"type": "string"}, "image": {"type": "array", "items": {"type": "string",
                                                                                      "format": "binary"}},
@@ -240,9 +251,13 @@ def _add_native_routes(app: FastAPI) -> None:
         _auth(request)
         settings: Settings = request.app.state.settings
         body, images = await _read_understand(request, settings)
-        params = UnderstandParams(body.prompt, images, body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        messages = None
+        if body.messages is not None:
+            messages, images = await read_messages(body.messages, settings)
+        params = UnderstandParams(body.prompt or "", images, body.max_new_tokens, body.temperature, body.top_p,
+                                  body.seed, messages=messages)
         service: Service = request.app.state.service
-        ticket = await service.submit_understand(params, stream=body.stream,
+        ticket = await service.submit_understand(params, stream=body.stream, require_image=messages is None,
                                                  idempotency_key=request.headers.get("idempotency-key"))
         if body.stream:
             return _sse_response(stream_job(service, ticket, _understand_sse))
@@ -285,7 +300,7 @@ async def _read_understand(request: Request, settings: Settings) -> tuple[Unders
     body = _validate(UnderstandBody, raw)
     # base64 of several MB takes milliseconds: keep it off the event loop
     images = await asyncio.to_thread(
-        lambda: [decode_image_payload(s, i, settings.max_image_bytes) for i, s in enumerate(body.images)])
+        lambda: [decode_image_payload(s, i, settings.max_image_bytes) for i, s in enumerate(body.images or [])])
     return body, images
 
 
@@ -318,6 +333,25 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[Underst
     if fields:
         raise HTTPError(422, f"unknown form field(s): {', '.join(sorted(fields))}")
     return _validate(UnderstandBody, raw), images
+
+
+def inline_schema(model) -> dict[str, Any]:
+    """`model`'s JSON schema with its `$defs` written in place, so it can sit inside an OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            # a discriminator's mapping names $defs entries; the oneOf alone says the same
+            return {k: resolve(v) for k, v in node.items() if k != "discriminator"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
 
 
 def _validate(model, raw: Any):

@@ -17,6 +17,12 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
         p.add_argument("--max-batch-size", type=int, dest="max_batch_size")
         p.add_argument("--compile", action="store_true", default=None, help="compile the decode step (CUDA)")
+        p.add_argument("--chat-format", dest="chat_format", choices=["janus-pro", "janus"],
+                       help="prompt roles: janus-pro (<|User|>) or janus (Janus-1.3B's User:); "
+                            "default: the checkpoint's own template, else its family")
+    if network:
+        p.add_argument("--served-model-name", action="append", dest="served_model_name",
+                       help="a name clients send as `model` (repeatable; default: the checkpoint's name)")
     if network:
         p.add_argument("--host")
         p.add_argument("--port", type=int)
@@ -43,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--format", choices=["hf", "deepseek"], default="hf")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1)
+    tiny.add_argument("--variant", choices=["janus-pro", "janus"], default="janus-pro",
+                      help="janus: Janus-1.3B's User:/Assistant: roles (hf layout: in its chat template)")
     return parser
 
 
@@ -57,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tiny-model":
         from janus_core.tiny import write_tiny_model
 
-        out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards)
-        print(f"wrote a tiny random Janus checkpoint ({args.format} layout, seed {args.seed}) to {out}")
+        out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant)
+        print(f"wrote a tiny random {args.variant} checkpoint ({args.format} layout, seed {args.seed}) to {out}")
         return 0
     settings = settings_from(args)
     from server.logs import configure_logging

@@ -206,6 +206,11 @@ def _decimal(value: float) -> float:
 def understand_params(request: janus_pb2.UnderstandRequest) -> UnderstandParams:
     fields: dict[str, Any] = {"prompt": request.prompt, "images": list(request.images),
                               "temperature": _decimal(request.temperature)}
+    if request.messages:
+        if request.prompt or request.images:
+            raise BadRequest("send either messages or prompt + images, not both")
+        fields["messages"] = [{"role": m.role, "text": m.text, "images": len(m.images)} for m in request.messages]
+        fields["images"] = [image for m in request.messages for image in m.images]
     if request.max_new_tokens:
         fields["max_new_tokens"] = request.max_new_tokens
     if request.top_p:

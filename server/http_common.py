@@ -67,9 +67,10 @@ def check_api_key(request: Request, keys: list[str]) -> None:
         raise HTTPError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def decode_image_payload(value: str, index: int, max_bytes: int, field: str = "images") -> bytes:
-    """Base64 or a `data:` URL -> bytes; the size is checked before decoding."""
-    label = f"{field}[{index}]"
+def decode_image_payload(value: str, index: int, max_bytes: int, field: str = "images",
+                         label: str | None = None) -> bytes:
+    """Base64 or a `data:` URL -> bytes; the size is checked before decoding. `label` names it in errors."""
+    label = label or f"{field}[{index}]"
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{label} is empty; expected base64 image data or a data: URL")
     payload = value

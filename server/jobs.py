@@ -36,6 +36,10 @@ class UnderstandParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # A whole conversation instead of `prompt`: [{"role", "text", "images": count}], its images in
+    # `images` in order.
+    messages: list[dict[str, Any]] | None = None
+    stop: list[str] = field(default_factory=list)  # strings that end the answer (not returned)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def make_queue(settings: Settings) -> JobQueue:
 
 def model_info(settings: Settings) -> ModelInfo:
     name = Path(settings.model).name if settings.model else "janus-pro"
-    return ModelInfo(name=name or "janus-pro")
+    return ModelInfo(name=name or "janus-pro", served_names=list(settings.served_model_name))
 
 
 def load_engine(settings: Settings):
@@ -43,7 +43,7 @@ def load_engine(settings: Settings):
 
     if not settings.model:
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
-    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
                           vision_cache_bytes=settings.vision_cache_mb * 2**20,

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from janus_core.conversation import Message, check_conversation
 from janus_core.errors import InvalidRequestError
 from janus_core.images import decode_image
 from janus_core.sampling import SamplingParams
@@ -61,12 +62,48 @@ def _check_prompt(settings: Settings, prompt: str) -> None:
         raise BadRequest(f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}", 413)
 
 
+def conversation(messages: list[dict[str, Any]]) -> list[Message]:
+    """Job messages -> janus_core's; `InvalidRequestError` for a malformed one (a worker gets only valid jobs
+    from our frontends, but a queue may carry anything)."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("text", ""), str) or not isinstance(m.get("images", 0), int):
+            raise InvalidRequestError(f"messages[{i}] is malformed")
+        out.append(Message(str(m.get("role")), m.get("text", ""), m.get("images", 0)))
+    check_conversation(out)
+    return out
+
+
+MAX_STOPS = 4  # OpenAI's limit
+
+
+def _check_messages(settings: Settings, p: UnderstandParams) -> None:
+    assert p.messages is not None
+    try:
+        messages = conversation(p.messages)
+    except InvalidRequestError as exc:
+        raise BadRequest(str(exc)) from exc
+    chars = sum(len(m.text) for m in messages)
+    if chars > settings.max_prompt_chars:
+        raise BadRequest(f"the conversation's text is {chars} characters; the limit is {settings.max_prompt_chars}",
+                         413)
+    wanted = sum(m.num_images for m in messages)
+    if wanted != len(p.images):
+        raise BadRequest(f"the messages refer to {wanted} image(s) but {len(p.images)} were sent")
+
+
 def validate_understand(settings: Settings, p: UnderstandParams, *, require_image: bool = True) -> None:
-    _check_prompt(settings, p.prompt)
-    if require_image and not p.images:
-        raise BadRequest("at least one image is required")
+    if p.messages is not None:
+        _check_messages(settings, p)
+    else:
+        _check_prompt(settings, p.prompt)
+        if require_image and not p.images:
+            raise BadRequest("at least one image is required")
     if len(p.images) > settings.max_images:
-        raise BadRequest(f"{len(p.images)} images given; at most {settings.max_images} per request")
+        where = "in one conversation" if p.messages is not None else "per request"
+        raise BadRequest(f"{len(p.images)} images given; at most {settings.max_images} {where}")
+    if len(p.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in p.stop):
+        raise BadRequest(f"stop takes at most {MAX_STOPS} non-empty strings, got {p.stop!r}")
     for i, data in enumerate(p.images):
         if len(data) > settings.max_image_bytes:
             raise BadRequest(f"images[{i}] is {len(data)} bytes; the limit is {settings.max_image_bytes}", 413)

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
     cpu_packed_linears: bool = True  # CPU fp32: oneDNN-packed linear weights (faster decode steps)
+    chat_format: Literal["janus-pro", "janus"] | None = None  # None: the checkpoint's template or family
+    served_model_name: CsvList = Field(default_factory=list)  # names clients may use; empty: the checkpoint's
 
     # network
     host: str = "0.0.0.0"
@@ -48,7 +50,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    min_image_side: int = 8
+    min_image_side: int = 1  # the processor pads any image to square, as transformers' does
     max_images: int = 4
     max_n: int = 16
     max_new_tokens: int = 2048
@@ -61,7 +63,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True
 
-    @field_validator("api_key", "cors_origins", "allowed_image_hosts", mode="before")
+    @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", mode="before")
     @classmethod
     def _split_csv(cls, value):
         # `JANUS_API_KEY=a,b` and a single flag value both work.

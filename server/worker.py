@@ -36,6 +36,7 @@ from server.jobs import GenerateParams, Job, UnderstandParams
 from server.logs import request_id_var
 from server.metrics import Metrics
 from server.queue import JobQueue
+from server.service import conversation
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,10 @@ class Worker:
             images = [decode_image(data, max_pixels=self.settings.max_image_pixels,
                                    min_side=self.settings.min_image_side, label=f"images[{i}]")
                       for i, data in enumerate(p.images)]
+            messages = conversation(p.messages) if p.messages is not None else None
             return UnderstandRequest(job.id, p.prompt, images, p.max_new_tokens,
-                                     SamplingParams(p.temperature, p.top_p, p.seed))
+                                     SamplingParams(p.temperature, p.top_p, p.seed), messages=messages,
+                                     stop=[s for s in p.stop if isinstance(s, str) and s])
         assert isinstance(p, GenerateParams)
         return GenerateRequest(job.id, p.prompt, p.n, p.cfg_weight, SamplingParams(p.temperature, p.top_p, p.seed))
 

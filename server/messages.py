@@ -1,0 +1,72 @@
+"""OpenAI-shaped conversations -> job messages + image bytes, for /v1/chat/completions and /v1/understand.
+
+Each message becomes `{"role", "text", "images"}` (the image count; the bytes go in one flat list in
+conversation order), the shape `UnderstandParams.messages` carries through the queue. `developer`
+is OpenAI's newer name for `system`. Several text parts of one message are joined with a newline
+(as vLLM does); a message's images go ahead of its text (Janus' own convention). Images come as
+`data:` URLs; a remote http(s) URL is fetched only when its host is in `allowed_image_hosts`.
+Conversation rules (order of roles, where images may be) are janus_core's, checked in `Service`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from server.http_common import decode_image_payload
+from server.schemas import ChatMessage, ImagePart
+from server.service import BadRequest
+from server.settings import Settings
+
+
+async def read_messages(messages: list[ChatMessage], settings: Settings) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Job messages and every image of the conversation in order (fetched or decoded from base64)."""
+    count = sum(1 for m in messages if not isinstance(m.content, str)
+                for part in m.content if isinstance(part, ImagePart))
+    if count > settings.max_images:
+        raise BadRequest(f"the conversation has {count} images; at most {settings.max_images} are allowed "
+                         "in one conversation")
+    out: list[dict[str, Any]] = []
+    images: list[bytes] = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if isinstance(message.content, str):
+            out.append({"role": role, "text": message.content, "images": 0})
+            continue
+        texts: list[str] = []
+        found = 0
+        for j, part in enumerate(message.content):
+            if isinstance(part, ImagePart):
+                label = f"messages[{i}].content[{j}].image_url"
+                images.append(await fetch_image(part.image_url.url, label, settings))
+                found += 1
+            else:
+                texts.append(part.text)
+        out.append({"role": role, "text": "\n".join(texts), "images": found})
+    return out, images
+
+
+async def fetch_image(url: str, label: str, settings: Settings) -> bytes:
+    if url.startswith("data:"):
+        return decode_image_payload(url, 0, settings.max_image_bytes, label=label)
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        raise BadRequest(f"{label} must be a data: URL (or an allowed http(s) URL)")
+    if parsed.hostname not in settings.allowed_image_hosts:
+        raise BadRequest(f"{label}: remote image URLs are refused (host {parsed.hostname!r} is not "
+                         "in JANUS_ALLOWED_IMAGE_HOSTS); send a data: URL")
+    try:
+        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client, \
+                client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise BadRequest(f"{label}: fetching it returned HTTP {response.status_code}")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > settings.max_image_bytes:
+                    raise BadRequest(f"{label} is larger than {settings.max_image_bytes} bytes", 413)
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise BadRequest(f"{label} could not be fetched: {exc}") from exc
