@@ -120,6 +120,18 @@ class JanusClient:
         return Understanding(id=r.id, text=r.text, finish_reason=r.finish_reason,
                              prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
 
+    def converse(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 timeout: float | None = None) -> Understanding:
+        """Continue a conversation: `messages` are `{"role", "text", "images": [paths or bytes]}`, oldest first."""
+        turns = [janus_pb2.Message(role=m["role"], text=m.get("text", ""),
+                                   images=[_read_image(i) for i in m.get("images", ())]) for m in messages]
+        fields = _set({"messages": turns}, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      seed=seed)
+        r = self._stub.Understand(janus_pb2.UnderstandRequest(**fields), **self._options(timeout))
+        return Understanding(id=r.id, text=r.text, finish_reason=r.finish_reason,
+                             prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+
     def understand_stream(self, prompt: str, images: Sequence[ImageInput], *,
                           max_new_tokens: int | None = None, temperature: float | None = None,
                           top_p: float | None = None, seed: int | None = None,
