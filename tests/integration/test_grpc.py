@@ -330,7 +330,7 @@ async def test_cancelling_a_unary_call_cancels_the_job(stack: Stack) -> None:
     ({"prompt": ""}, "prompt"),
     ({"images": []}, "at least one image"),
     ({"images": [b"not an image"]}, "images[0] is not a decodable image"),
-    ({"images": [IMAGE, png(2)]}, "images[1] is 2x2"),
+    ({"images": [IMAGE, IMAGE[:20]]}, "images[1] is truncated"),  # any size is fine; a cut-off file is not
     ({"images": [IMAGE] * 5}, "at most 4"),
     ({"top_p": 1.5}, "top_p"),
     ({"temperature": -1.0}, "temperature"),
