@@ -42,21 +42,32 @@ def workdir(tmp_path, readme_server):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_examples(readme_server, workdir):
     blocks = [b for b in _blocks("bash") if b.lstrip().startswith("curl")]
-    assert len(blocks) >= 3
+    assert len(blocks) >= 4
+    conversations = 0
     for block in blocks:
         result = subprocess.run(["bash", "-ec", _localise(block, readme_server)], cwd=workdir,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (block, result.stderr)
         assert '"error"' not in result.stdout, (block, result.stdout[:500])
+        if '"messages"' in block:
+            conversations += 1
+            assert '"finish_reason"' in result.stdout, result.stdout[:500]
+    assert conversations == 1
     assert (workdir / "fox.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_python_examples(readme_server, workdir):
     blocks = _blocks("python")
     assert any("OpenAI" in b for b in blocks) and any("JanusClient" in b for b in blocks)
+    outputs = {}
     for block in blocks:
         result = subprocess.run([sys.executable, "-c", _localise(block, readme_server)], cwd=workdir,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (block, result.stderr[-2000:])
+        outputs[block] = result.stdout
+    chat = next(out for block, out in outputs.items() if "stream_options" in block)
+    assert "prompt_tokens=" in chat  # the conversation's usage arrived in the last chunk
+    grpc = next(out for block, out in outputs.items() if "converse" in block)
+    assert grpc.strip(), "the gRPC conversation printed nothing"
     assert (workdir / "fox2.png").read_bytes().startswith(b"\x89PNG")
     assert (workdir / "fox-0.png").read_bytes().startswith(b"\x89PNG")
