@@ -200,10 +200,10 @@ class Engine:
 
     def clear_caches(self) -> None:
         """Forget every cached prefix and vision feature (benchmarks measure the cold path with it).
-        Safe from any thread between requests; results never depend on the caches."""
-        with self._lock:
-            self.understanding.prefixes.clear()
-            self.understanding.vision.clear()
+        Call it while no request runs: the engine thread reads the caches without a lock. Results
+        never depend on the caches, only the work done does."""
+        self.understanding.prefixes.clear()
+        self.understanding.vision.clear()
 
     def start(self) -> None:
         if self._thread is None:
@@ -323,6 +323,8 @@ class Engine:
                 if stops.stopped and not done:
                     self.scheduler.stop(seq)
                     done = True
+                elif stops.stopped:  # the stop string ended on the last token allowed
+                    seq.finish_reason = "stop"
             self._emit(self._sinks[seq], TokenOutput(seq.request_id, token, delta))
         if done:
             text = stops.text if stops is not None and stops.stopped else state.decoder.text

@@ -5,8 +5,8 @@ device and dtype, a `JanusProcessor` configured to prompt exactly as the officia
 and a few derived facts the runtime needs. Errors name the missing file or weight.
 
 Chat format: the checkpoint's own chat template when it has one; otherwise ours, with the roles of
-the model's family (`janus`: Janus-1.3B's `User:` / `Assistant:`; `janus-pro`: `<|User|>` /
-`<|Assistant|>`, also JanusFlow), read from the checkpoint's name (a hub id or a directory such as
+the model's family (`janus`: Janus-1.3B's and JanusFlow's `User:` / `Assistant:`; `janus-pro`: `<|User|>` /
+`<|Assistant|>`), read from the checkpoint's name (a hub id or a directory such as
 `models--deepseek-ai--Janus-1.3B`). `chat_format=` overrides both.
 """
 
@@ -112,9 +112,10 @@ def detect_format(path: Path) -> str:
 
 
 def family_from_name(*names: str) -> str:
-    """The chat format a checkpoint's name implies: Janus-1.3B -> "janus", anything else "janus-pro"."""
+    """The chat format a checkpoint's name implies: Janus-1.3B and JanusFlow-1.3B (whose examples use
+    `User` / `Assistant`) -> "janus"; anything else "janus-pro"."""
     text = " ".join(names).lower().replace("_", "-")
-    return "janus" if "janus-1.3b" in text else "janus-pro"
+    return "janus" if "janus-1.3b" in text or "janusflow" in text else "janus-pro"
 
 
 def _apply_chat_format(processor: JanusProcessor, model: str, path: Path, chat_format: str | None) -> str:

@@ -23,7 +23,7 @@ IMAGE_SPECIAL_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi
 
 ChatFormat = Literal["janus-pro", "janus"]
 CHAT_FORMATS: tuple[str, ...] = ("janus-pro", "janus")
-# The roles each family was trained with: Janus-Pro (and JanusFlow) `<|User|>`, Janus-1.3B `User`.
+# The roles each family was trained with: Janus-Pro `<|User|>`; Janus-1.3B and JanusFlow-1.3B `User`.
 ROLES: dict[str, tuple[str, str]] = {"janus-pro": (USER, ASSISTANT), "janus": ("User", "Assistant")}
 
 
@@ -31,9 +31,10 @@ def chat_template(fmt: str = "janus-pro") -> str:
     """Our own Jinja rendering of the format above, in transformers' multimodal message shape:
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}.
 
-    Each image becomes "<image_placeholder>\\n" ahead of the text; a user turn ends with "\\n\\n", an
-    assistant turn with EOS; a system message is plain text and a blank line (DeepSeek's
-    `system_template`), so it belongs first.
+    A message's images go ahead of its text, each on its own line with a blank line between two
+    images (as the template transformers' converter gives Janus-Pro renders them); text parts are
+    joined with spaces; a user turn ends with "\\n\\n", an assistant turn with EOS; a system message
+    is plain text and a blank line (DeepSeek's `system_template`), so it belongs first.
     """
     if fmt not in ROLES:
         raise ValueError(f"unknown chat format {fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
@@ -46,7 +47,8 @@ def chat_template(fmt: str = "janus-pro") -> str:
         "{% endif %}"
         "{% if message['content'] is string %}{{ message['content'] | trim }}"
         "{% else %}"
-        "{% for part in message['content'] if part['type'] == 'image' %}<image_placeholder>{{ '\\n' }}{% endfor %}"
+        "{% for part in message['content'] if part['type'] == 'image' %}"
+        "{% if not loop.first %}{{ '\\n' }}{% endif %}<image_placeholder>{{ '\\n' }}{% endfor %}"
         "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') | trim }}"
         "{% endif %}"
         "{% if role == 'assistant' %}" + EOS + "{% else %}{{ '\\n\\n' }}{% endif %}"

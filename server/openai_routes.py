@@ -134,10 +134,6 @@ def _usage(event: dict[str, Any]) -> dict[str, int]:
             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
 
 
-def _chunk(chunk_id: str, created: int, model: str, delta: dict, finish: str | None,
-           usage: dict | None = None) -> dict[str, Any]:
-    chunk: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+def _chunk(chunk_id: str, created: int, model: str, delta: dict, finish: str | None) -> dict[str, Any]:
+    return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}

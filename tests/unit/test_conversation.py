@@ -115,7 +115,7 @@ def test_chat_format_detection_and_override(tmp_path, tiny_hf_dir):
     overridden = load_model(str(tiny_hf_dir), "cpu", chat_format="janus")
     assert "User: hi" in overridden.tokenizer.decode(build_generation_ids(overridden, "hi"))
     assert family_from_name("deepseek-ai/Janus-Pro-7B") == "janus-pro"
-    assert family_from_name("deepseek-ai/JanusFlow-1.3B") == "janus-pro"
+    assert family_from_name("deepseek-ai/JanusFlow-1.3B") == "janus"
     assert family_from_name("deepseek-ai/Janus-1.3B") == "janus"
 
 
@@ -167,6 +167,14 @@ def test_stop_matcher_holds_back_partial_matches():
     assert m.feed("D and more") == ""
     assert m.stopped and m.text == "abcENope.."
     assert m.feed("later") == ""
+
+
+def test_two_images_render_like_janus_pro_template(tiny_hf):
+    """transformers' converted Janus-Pro template puts a blank line between two images of a message."""
+    text = tiny_hf.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}],
+        add_generation_prompt=True)
+    assert text == "<|User|>: <image_placeholder>\n\n<image_placeholder>\nCompare.\n\n<|Assistant|>:"
 
 
 @pytest.mark.parametrize(("messages", "message"), [
