@@ -291,3 +291,16 @@ def test_served_names_and_chat_format_flag(janus_server, tmp_path, oracle):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="janus-c", messages=openai_turns(), max_tokens=4)
     assert "'janus-a', 'janus-b'" in str(info.value)
+
+
+def test_reflection_shows_the_conversation_form(server):
+    import grpc
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        request = pool.FindMessageTypeByName("janus.v1.UnderstandRequest")
+        field = request.fields_by_name["messages"]
+        assert field.message_type.full_name == "janus.v1.Message"
+        assert set(field.message_type.fields_by_name) == {"role", "text", "images"}
