@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from transformers import (
     JanusConfig,
-    JanusImageProcessorPil,
     JanusProcessor,
     JanusVisionConfig,
     JanusVQVAEConfig,
     LlamaConfig,
 )
 
+from janus_core.compat import pil_image_processor_class
 from janus_core.prompts import CHAT_TEMPLATE, IMAGE_TOKEN
 from janus_core.tiny import TINY_NORM, build_model, build_tokenizer, generation_config, write_tiny_model
 
@@ -98,7 +98,7 @@ def write_model(out: str | Path, shape: str = "mid", seed: int = 0) -> Path:
     model.save_pretrained(out)
     size = SHAPES[shape].image_size
     processor = JanusProcessor(
-        image_processor=JanusImageProcessorPil(size={"height": size, "width": size}, min_size=14, **TINY_NORM),
+        image_processor=pil_image_processor_class()(size={"height": size, "width": size}, min_size=14, **TINY_NORM),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, use_default_system_prompt=True,
         num_image_tokens=model.config.vision_config.num_image_tokens,
     )

@@ -6,7 +6,9 @@
   images, cond/uncond rows all prefilled, a dynamic cache, CFG and sampling in plain torch.
 - `hf_understand`: transformers' `generate` for text, one request at a time, with time to first token.
 
-Nothing here imports the engine, so a REST-level benchmark can reuse it unchanged.
+Nothing here imports the engine, so a REST-level benchmark can reuse it unchanged. Every reference
+refuses a model whose linear layers the engine has packed (`require_stock`): those figures would be
+ours, not transformers'.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -22,13 +24,23 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from janus_core.loading import LoadedModel
+from janus_core.packed_linear import PackedLinear
 from janus_core.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
+
+
+def require_stock(lm: LoadedModel) -> None:
+    """Raise unless `lm` is transformers' model as loaded (no layer swapped by the engine)."""
+    swapped = sum(isinstance(m, PackedLinear) for m in lm.model.modules())
+    if swapped:
+        raise RuntimeError(f"the reference got a model with {swapped} packed linear layers (the engine's); "
+                           "load a separate copy for the reference")
 
 
 @torch.inference_mode()
 def hf_generate_image(lm: LoadedModel, prompt: str, *, cfg_weight: float = 5.0, temperature: float = 1.0,
                       seed: int = 0) -> torch.Tensor:
     """(1, num_image_tokens) codes from transformers' image mode."""
+    require_stock(lm)
     ids = torch.tensor([build_generation_ids(lm, prompt)], device=lm.device)
     torch.manual_seed(seed)
     sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -40,6 +52,7 @@ def hf_generate_image(lm: LoadedModel, prompt: str, *, cfg_weight: float = 5.0, 
 def official_loop(lm: LoadedModel, prompt: str, *, parallel_size: int, cfg_weight: float = 5.0,
                   temperature: float = 1.0) -> torch.Tensor:
     """(parallel_size, num_image_tokens) codes, computed the way DeepSeek's reference script does."""
+    require_stock(lm)
     model, core = lm.model, lm.model.model.language_model
     cond = build_generation_ids(lm, prompt)
     rows = [cond if i % 2 == 0 else unconditional_ids(lm, cond) for i in range(2 * parallel_size)]
@@ -80,11 +93,13 @@ class TextRun:
     tokens: int
     seconds: float
     ttft: float
+    ids: list[int] = field(default_factory=list)  # the new tokens, EOS and after cut off
 
 
 @torch.inference_mode()
 def hf_understand(lm: LoadedModel, images: Sequence[Image.Image], prompt: str, *, max_new_tokens: int) -> TextRun:
     """Greedy transformers generate for one request; tokens made (without EOS), total time, TTFT."""
+    require_stock(lm)
     started = time.perf_counter()
     inputs = build_understanding_inputs(lm, images, prompt)
     ids = torch.tensor([inputs.input_ids], device=lm.device)
@@ -96,7 +111,7 @@ def hf_understand(lm: LoadedModel, images: Sequence[Image.Image], prompt: str, *
     new = out[0, ids.shape[1]:].tolist()
     eos = lm.special["eos"]
     tokens = new.index(eos) if eos in new else len(new)
-    return TextRun(tokens, seconds, (clock.first or time.perf_counter()) - started)
+    return TextRun(tokens, seconds, (clock.first or time.perf_counter()) - started, new[:tokens])
 
 
 # --- timing helpers ---------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ from transformers import (
     GenerationConfig,
     JanusConfig,
     JanusForConditionalGeneration,
-    JanusImageProcessorPil,
     JanusProcessor,
 )
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from janus_core import deepseek
+from janus_core.compat import pil_image_processor_class
 from janus_core.device import resolve_device, resolve_dtype
 from janus_core.errors import ModelLoadError
 from janus_core.prompts import (
@@ -155,8 +155,13 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
     fmt_chat = _apply_chat_format(processor, model, path, chat_format)
     net.generation_config = _generation_config(processor, path)
     net.to(dev).eval()
-    tok = processor.tokenizer
-    special = {
+    log.info("loaded %s (%s layout, %s chat format) on %s as %s", path, fmt, fmt_chat, dev, dt)
+    return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat)
+
+
+def special_ids(tok) -> dict[str, int]:
+    """The ids the runtime looks up by name: bos, eos, pad, image, boi (begin of image), eoi."""
+    return {
         "bos": tok.bos_token_id,
         "eos": tok.eos_token_id,
         "pad": tok.convert_tokens_to_ids(PAD) if tok.pad_token_id is None else tok.pad_token_id,
@@ -164,8 +169,6 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
         "boi": tok.convert_tokens_to_ids(BOI_TOKEN),
         "eoi": tok.convert_tokens_to_ids(EOI_TOKEN),
     }
-    log.info("loaded %s (%s layout, %s chat format) on %s as %s", path, fmt, fmt_chat, dev, dt)
-    return LoadedModel(net, processor, path, fmt, dev, dt, special, fmt_chat)
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def _image_processor_class():
         from transformers import JanusImageProcessor
 
         return JanusImageProcessor
-    return JanusImageProcessorPil
+    return pil_image_processor_class()
 
 
 def _hf_processor(path: Path) -> JanusProcessor:

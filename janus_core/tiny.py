@@ -23,7 +23,6 @@ from transformers import (
     GenerationConfig,
     JanusConfig,
     JanusForConditionalGeneration,
-    JanusImageProcessorPil,
     JanusProcessor,
     JanusVisionConfig,
     JanusVQVAEConfig,
@@ -32,6 +31,7 @@ from transformers import (
 )
 
 from janus_core import deepseek
+from janus_core.compat import pil_image_processor_class
 from janus_core.prompts import (
     BOI_TOKEN,
     BOS,
@@ -163,8 +163,8 @@ def build_model(config: JanusConfig, seed: int) -> JanusForConditionalGeneration
     return model.eval()
 
 
-def _image_processor() -> JanusImageProcessorPil:
-    return JanusImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, min_size=14,
+def _image_processor():
+    return pil_image_processor_class()(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, min_size=14,
                                   **TINY_NORM)
 
 

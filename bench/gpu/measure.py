@@ -1,0 +1,371 @@
+"""The measurements of the GPU check: the engine at several loads, transformers' references, a greedy check.
+
+Each function returns table rows (`Row`) and raises on failure; the caller isolates sections.
+Timing: an engine is stepped on this thread (`StepTimer`), each step's wall time recorded, and the
+runner's `decode` (the forward pass: Llama layers and final norm) timed on its own between device
+syncs, so `host_ms` = median step - median forward is everything a step spends outside the forward
+(embedding, heads, guidance, sampling, scheduling, bookkeeping). Roofline per step = (the weight
+bytes the step reads + the KV bytes its rows attend over) / measured copy bandwidth.
+
+This module knows the engine's request types and the references; not the command line or the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.gpu.model import kv_bytes_per_token, step_weight_bytes
+from bench.references import hf_generate_image, hf_understand
+from janus_core.engine import (
+    Engine,
+    EngineConfig,
+    FailedOutput,
+    FinishedOutput,
+    GenerateRequest,
+    TokenOutput,
+    UnderstandRequest,
+)
+from janus_core.loading import LoadedModel
+from janus_core.processor import build_generation_ids, build_understanding_inputs
+from janus_core.sampling import SamplingParams
+
+PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",
+           "a futuristic city skyline at night with neon lights", "a cat on a chair"]
+QUESTIONS = ["Describe this image in detail.", "What is shown in the picture?", "What color is the car?"]
+GEN_PROMPT_TOKENS = 64  # room per generation row for the prompt (the bench's prompts are ~30 tokens)
+UND_CONTEXT = 1024  # understanding row length: ~680 prompt tokens with a 384 px image + new tokens
+WARM_STEPS = 4  # decode steps run (then cancelled) before timing: CUDA graphs are recorded by the third call
+
+
+@dataclass
+class Row:
+    """One line of the table; None prints as '-'."""
+
+    shape: str
+    section: str
+    mode: str
+    c: int | None = None
+    ms_step: float | None = None
+    host_ms: float | None = None
+    rate: float | None = None
+    unit: str = ""
+    ttft_s: float | None = None
+    peak_gib: float | None = None
+    roof_ms: float | None = None
+    of_roof: float | None = None
+    x_ref: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)  # JSON only (e.g. the greedy check's agreeing steps)
+
+    @property
+    def key(self) -> tuple[str, str, str, int | None]:
+        return self.shape, self.section, self.mode, self.c
+
+
+# --- the device -----------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_device_memory() -> None:
+    """Give back what finished sections held, compiled CUDA graphs included."""
+    gc.collect()
+    if torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # an old or odd torch: the memory stays held, the run goes on
+            torch._dynamo.reset()  # compiled functions keep their graphs' memory pools alive
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Device memory still free (CUDA), or None where nobody counts it (CPU)."""
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+def kv_bytes_needed(lm: LoadedModel, kind: str, slots: int) -> int:
+    """KV bytes an engine of `make_engine(lm, kind, slots)` holds for its `slots` sequences."""
+    per_token = kv_bytes_per_token(lm)
+    if kind == "generate":
+        return 2 * slots * (GEN_PROMPT_TOKENS + lm.num_image_tokens) * per_token
+    return slots * min(UND_CONTEXT, lm.max_context) * per_token
+
+
+def make_engine(lm: LoadedModel, kind: str, slots: int, *, compile: bool = False) -> Engine:
+    """The bench's only engine constructor: room for `slots` sequences of `kind` ("generate": images).
+
+    Today's `EngineConfig` allocates fixed KV rows per kind, so the other kind gets the minimum.
+    When the paged KV pool lands, this becomes one KV memory size: `kv_bytes_needed(lm, kind, slots)`.
+    """
+    if kind == "generate":
+        config = EngineConfig(max_batch_size=slots, max_generation_images=slots, max_context=2,
+                              max_generation_prompt=GEN_PROMPT_TOKENS, compile=compile,
+                              vision_cache_bytes=0, prefix_cache_bytes=0)
+    else:
+        config = EngineConfig(max_batch_size=slots, max_generation_images=1, max_context=min(UND_CONTEXT,
+                              lm.max_context), max_generation_prompt=1, compile=compile)
+    return Engine(lm, config)
+
+
+class Clock:
+    """An engine sink: first-token and finish times, tokens per request, results; failures kept."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+        self.results: dict[str, object] = {}
+        self.failed: list[str] = []
+
+    def __call__(self, out) -> None:
+        now = time.perf_counter() - self.started
+        if isinstance(out, TokenOutput):
+            self.first.setdefault(out.request_id, now)
+            self.tokens[out.request_id] = self.tokens.get(out.request_id, 0) + 1
+        elif isinstance(out, FinishedOutput):
+            self.done[out.request_id] = now
+            self.results[out.request_id] = out.result
+        elif isinstance(out, FailedOutput) and out.reason != "cancelled":
+            self.failed.append(f"{out.request_id}: {out.message}")
+
+
+class StepTimer:
+    """Steps an engine on this thread, timing every step and every forward pass inside it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.device = engine.lm.device
+        self.steps: list[float] = []
+        self.forwards: list[float] = []
+        forward = engine.runner.decode
+
+        def timed_forward(*args, **kwargs):
+            sync(self.device)
+            started = time.perf_counter()
+            out = forward(*args, **kwargs)
+            sync(self.device)
+            self.forwards.append(time.perf_counter() - started)
+            return out
+
+        engine.runner.decode = timed_forward  # this engine's runner only; the batches call it through there
+
+    def run(self, requests: list, clock: Clock) -> float:
+        """Submit `requests` together, step until idle; returns the makespan in seconds."""
+        self.steps.clear()
+        self.forwards.clear()
+        clock.started = started = time.perf_counter()
+        for req in requests:
+            self.engine.add_request(req, clock)
+        while True:
+            t0 = time.perf_counter()
+            if not self.engine.step():
+                break
+            self.steps.append(time.perf_counter() - t0)
+        sync(self.device)
+        if clock.failed:
+            raise RuntimeError(f"{len(clock.failed)} request(s) failed, first: {clock.failed[0]}")
+        return time.perf_counter() - started
+
+    def warm(self, requests: list, steps: int = WARM_STEPS) -> float:
+        """Run `steps` steps of `requests`, then cancel them: compiles/captures what this load uses."""
+        started = time.perf_counter()
+        clock = Clock()
+        for req in requests:
+            self.engine.add_request(req, clock)
+        for _ in range(steps):
+            self.engine.step()
+        for req in requests:
+            self.engine.cancel(req.request_id)
+        self.engine.run_until_idle()
+        sync(self.device)
+        if clock.failed:
+            raise RuntimeError(f"warm-up failed: {clock.failed[0]}")
+        return time.perf_counter() - started
+
+    def medians_ms(self) -> tuple[float, float]:
+        """(median step, median forward) in ms over the last `run`."""
+        return 1000 * statistics.median(self.steps), 1000 * statistics.median(self.forwards)
+
+
+def random_images(count: int, size: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def roofline_ms(weight_bytes: int, kv_bytes: float, bandwidth: float) -> float:
+    return 1000 * (weight_bytes + kv_bytes) / bandwidth
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+def generation_requests(tag: str, count: int, *, temperature: float = 1.0) -> list[GenerateRequest]:
+    return [GenerateRequest(f"{tag}-{i}", f"{PROMPTS[i % len(PROMPTS)]} #{i}",
+                            params=SamplingParams(temperature=temperature, seed=i)) for i in range(count)]
+
+
+def generation_level(lm: LoadedModel, timer: StepTimer, c: int, mode: str, bandwidth: float) -> Row:
+    """c images (c requests, n=1, CFG 5, temperature 1) in flight together; one row."""
+    # Compiling needs this level's batch bucket; eager only needs the code paths touched once.
+    compiled = mode == "compile"
+    warm_s = timer.warm(generation_requests(f"warm{c}", c if compiled else 1), WARM_STEPS if compiled else 2)
+    requests = generation_requests(f"g{c}", c)
+    reset_peak(lm.device)
+    makespan = timer.run(requests, clock := Clock())
+    assert len(clock.done) == c, f"{len(clock.done)} of {c} requests finished"
+    ms_step, fwd_ms = timer.medians_ms()
+    # Row b of a step attends over its prompt and the codes so far: on average prompt + N/2 positions.
+    mean_prompt = statistics.fmean(len(build_generation_ids(lm, r.prompt)) for r in requests)
+    kv_read = 2 * c * (mean_prompt + lm.num_image_tokens / 2) * kv_bytes_per_token(lm)
+    roof = roofline_ms(step_weight_bytes(lm, "generate"), kv_read, bandwidth)
+    return Row(lm.name.removeprefix("random-"), "generate", mode, c, ms_step=ms_step, host_ms=ms_step - fwd_ms,
+               rate=c / makespan, unit="img/s", peak_gib=peak_gib(lm.device), roof_ms=roof, of_roof=roof / ms_step,
+               note=f"warm-up {warm_s:.1f} s", extra={"forward_ms": fwd_ms, "makespan_s": makespan, "warm_s": warm_s})
+
+
+# --- understanding --------------------------------------------------------------------------------
+
+
+def understanding_level(lm: LoadedModel, engine: Engine, timer: StepTimer, c: int, max_new_tokens: int,
+                        bandwidth: float) -> Row:
+    """c requests, each with its own fresh image (no cache hits), greedy, `max_new_tokens` each; one row."""
+    pics = random_images(c, lm.image_size, seed=1000 + c)
+    requests = [UnderstandRequest(f"u{c}-{i}", QUESTIONS[0], [pics[i]], max_new_tokens=max_new_tokens)
+                for i in range(c)]
+    engine.understanding.vision.clear()
+    engine.understanding.prefixes.clear()
+    reset_peak(lm.device)
+    makespan = timer.run(requests, clock := Clock())
+    tokens = sum(clock.tokens.values())
+    ms_step, fwd_ms = timer.medians_ms()
+    prompt = len(build_understanding_inputs(lm, pics[:1], QUESTIONS[0]).input_ids)
+    kv_read = c * (prompt + max_new_tokens / 2) * kv_bytes_per_token(lm)
+    roof = roofline_ms(step_weight_bytes(lm, "understand"), kv_read, bandwidth)
+    return Row(lm.name.removeprefix("random-"), "understand", "eager", c, ms_step=ms_step, host_ms=ms_step - fwd_ms,
+               rate=tokens / makespan, unit="tok/s", ttft_s=statistics.median(clock.first.values()),
+               peak_gib=peak_gib(lm.device), roof_ms=roof, of_roof=roof / ms_step,
+               note=f"{tokens / c:.0f} tokens/request, prompt {prompt}",
+               extra={"forward_ms": fwd_ms, "makespan_s": makespan, "tokens": tokens})
+
+
+def warm_understanding(lm: LoadedModel, timer: StepTimer) -> None:
+    pic = random_images(1, lm.image_size, seed=999)
+    timer.run([UnderstandRequest("warm", QUESTIONS[1], pic, max_new_tokens=2)], Clock())
+
+
+# --- references -----------------------------------------------------------------------------------
+
+
+def reference_rows(ref: LoadedModel, requests: int, max_new_tokens: int, bandwidth: float) -> list[Row]:
+    """transformers' generate, one request at a time, image mode and text; the first request warms up."""
+    shape = ref.name.removeprefix("random-")
+    steps = ref.num_image_tokens
+    times = []
+    reset_peak(ref.device)
+    for i in range(max(requests, 1)):
+        sync(ref.device)
+        started = time.perf_counter()
+        hf_generate_image(ref, PROMPTS[i % len(PROMPTS)], seed=i)
+        sync(ref.device)
+        times.append(time.perf_counter() - started)
+    image_s = statistics.fmean(times[1:] or times)
+    prompt = len(build_generation_ids(ref, PROMPTS[0]))
+    roof = roofline_ms(step_weight_bytes(ref, "generate"),
+                       2 * (prompt + steps / 2) * kv_bytes_per_token(ref), bandwidth)
+    ms_step = 1000 * image_s / steps
+    image_row = Row(shape, "transformers image", "eager", 1, ms_step=ms_step, rate=1 / image_s, unit="img/s",
+                    peak_gib=peak_gib(ref.device), roof_ms=roof, of_roof=roof / ms_step,
+                    note=f"generate(generation_mode='image'), {len(times)} request(s)",
+                    extra={"seconds": times})
+
+    pics = random_images(max(requests, 1) + 1, ref.image_size, seed=2000)
+    hf_understand(ref, pics[-1:], QUESTIONS[1], max_new_tokens=2)  # warm-up
+    reset_peak(ref.device)
+    runs = [hf_understand(ref, [pics[i]], QUESTIONS[0], max_new_tokens=max_new_tokens) for i in range(max(requests, 1))]
+    tokens = sum(r.tokens for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    decode_ms = 1000 * statistics.fmean((r.seconds - r.ttft) / max(r.tokens - 1, 1) for r in runs)
+    text_prompt = len(build_understanding_inputs(ref, pics[:1], QUESTIONS[0]).input_ids)
+    text_roof = roofline_ms(step_weight_bytes(ref, "understand"),
+                            (text_prompt + max_new_tokens / 2) * kv_bytes_per_token(ref), bandwidth)
+    text_row = Row(shape, "transformers text", "eager", 1, ms_step=decode_ms, rate=tokens / seconds, unit="tok/s",
+                   ttft_s=statistics.fmean(r.ttft for r in runs), peak_gib=peak_gib(ref.device),
+                   roof_ms=text_roof, of_roof=text_roof / decode_ms,
+                   note=f"generate, {len(runs)} request(s), {tokens / len(runs):.0f} tokens/request",
+                   extra={"seconds": [r.seconds for r in runs]})
+    return [image_row, text_row]
+
+
+# --- greedy check -----------------------------------------------------------------------------------
+
+
+def agreeing_prefix(ours: list[int], theirs: list[int]) -> int:
+    n = 0
+    for a, b in zip(ours, theirs, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _check_row(shape: str, kind: str, ours: list[list[int]], theirs: list[list[int]], dtype: torch.dtype) -> Row:
+    equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    agree = [agreeing_prefix(a, b) for a, b in zip(ours, theirs, strict=True)]
+    lengths = [max(len(a), len(b)) for a, b in zip(ours, theirs, strict=True)]
+    note = f"{equal}/{len(ours)} requests token-equal to transformers"
+    if equal < len(ours):
+        note += "; steps agreeing " + ", ".join(f"{a}/{n}" for a, n in zip(agree, lengths, strict=True))
+    return Row(shape, "greedy check", kind, len(ours), note=note,
+               extra={"equal": equal, "requests": len(ours), "agree": agree, "lengths": lengths, "dtype": str(dtype)})
+
+
+def greedy_check_rows(lm: LoadedModel, ref: LoadedModel, max_new_tokens: int) -> list[Row]:
+    """A few greedy requests batched through our engine against transformers one at a time, same weights."""
+    shape = lm.name.removeprefix("random-")
+    pics = random_images(len(QUESTIONS), lm.image_size, seed=3000)
+    und = [UnderstandRequest(f"check-u{i}", q, [pics[i]], max_new_tokens=max_new_tokens)
+           for i, q in enumerate(QUESTIONS)]
+    engine = make_engine(lm, "understand", len(und))
+    StepTimer(engine).run(und, clock := Clock())
+    ours = [list(clock.results[r.request_id].token_ids) for r in und]
+    theirs = [hf_understand(ref, r.images, r.prompt, max_new_tokens=max_new_tokens).ids for r in und]
+    rows = [_check_row(shape, "understand", ours, theirs, lm.dtype)]
+    del engine
+
+    gen = generation_requests("check-g", 2, temperature=0.0)
+    engine = make_engine(lm, "generate", len(gen))
+    StepTimer(engine).run(gen, clock := Clock())
+    ours = [clock.results[r.request_id].tokens[0].tolist() for r in gen]
+    theirs = [hf_generate_image(ref, r.prompt, temperature=0.0)[0].tolist() for r in gen]
+    rows.append(_check_row(shape, "generate", ours, theirs, lm.dtype))
+    return rows
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
