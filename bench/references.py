@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
+from janus_core.compat import cache_keyword
 from janus_core.loading import LoadedModel
 from janus_core.packed_linear import PackedLinear
 from janus_core.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
@@ -44,8 +45,10 @@ def hf_generate_image(lm: LoadedModel, prompt: str, *, cfg_weight: float = 5.0, 
     ids = torch.tensor([build_generation_ids(lm, prompt)], device=lm.device)
     torch.manual_seed(seed)
     sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    # Both lengths spelled out: transformers 5.0 leaves them unset and its image mode then fails on None.
     return lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                             guidance_scale=cfg_weight, **sample)
+                             guidance_scale=cfg_weight, num_return_sequences=1,
+                             max_length=ids.shape[1] + lm.num_image_tokens, **sample)
 
 
 @torch.inference_mode()
@@ -59,8 +62,9 @@ def official_loop(lm: LoadedModel, prompt: str, *, parallel_size: int, cfg_weigh
     embeds = model.get_input_embeddings()(torch.tensor(rows, device=lm.device))  # (2P, T, D)
     cache = DynamicCache(config=model.config.text_config)
     codes = torch.zeros((parallel_size, lm.num_image_tokens), dtype=torch.long, device=lm.device)
+    cache_arg = {cache_keyword(core.forward): cache}
     for step in range(lm.num_image_tokens):
-        hidden = core(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = core(inputs_embeds=embeds, use_cache=True, **cache_arg).last_hidden_state
         logits = model.model.generation_head(hidden[:, -1, :])  # (2P, V)
         cond_l, uncond_l = logits[0::2], logits[1::2]
         guided = uncond_l + cfg_weight * (cond_l - uncond_l)

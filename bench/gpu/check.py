@@ -81,6 +81,11 @@ class State:
             raise Skipped(f"no {shape} model (its setup failed or was skipped)")
         return self.models[shape]
 
+    def ref(self, shape: str):
+        if shape not in self.refs:
+            raise Skipped(f"no {shape} reference model (its setup failed or was skipped)")
+        return self.refs[shape]
+
 
 def run_sections(sections: list[Section], state: State, budget_s: float,
                  on_progress: Callable[[Section], None] = lambda s: None) -> None:
@@ -234,25 +239,26 @@ def build_sections(args, device: torch.device, dtype: torch.dtype, bandwidth: fl
                                     first_s=est.understanding(f, args.und_levels[:1], n_new)))
 
         if is_ref and "ref" in only:
-            planned = [Row(shape, "transformers image", "eager", 1), Row(shape, "transformers text", "eager", 1)]
-
-            def ref(shape=shape) -> list[Row]:
-                if shape not in state.refs:
-                    raise Skipped(f"no {shape} reference model")
-                return measure.reference_rows(state.refs[shape], args.ref_requests, n_new, bandwidth)
-
-            sections.append(Section(f"transformers {shape}", est.references(f, args.ref_requests, n_new), planned,
-                                    ref))
+            sections.append(Section(
+                f"transformers image {shape}", args.ref_requests * est.hf_image(f),
+                [Row(shape, "transformers image", "eager", 1)],
+                lambda shape=shape: [measure.reference_image_row(state.ref(shape), args.ref_requests, bandwidth)]))
+            sections.append(Section(
+                f"transformers text {shape}", (args.ref_requests + 1) * est.hf_text(f, n_new),
+                [Row(shape, "transformers text", "eager", 1)],
+                lambda shape=shape: [measure.reference_text_row(state.ref(shape), args.ref_requests, n_new,
+                                                                bandwidth)]))
 
         if is_ref and "check" in only:
-            planned = [Row(shape, "greedy check", "understand", 3), Row(shape, "greedy check", "generate", 2)]
-
-            def check(shape=shape) -> list[Row]:
-                if shape not in state.refs:
-                    raise Skipped(f"no {shape} reference model")
-                return measure.greedy_check_rows(state.model(shape), state.refs[shape], args.check_tokens)
-
-            sections.append(Section(f"greedy check {shape}", est.greedy_check(f, args.check_tokens), planned, check))
+            sections.append(Section(
+                f"greedy check understand {shape}", est.check_understanding(f, args.check_tokens),
+                [Row(shape, "greedy check", "understand", len(measure.QUESTIONS))],
+                lambda shape=shape: [measure.greedy_check_understanding(state.model(shape), state.ref(shape),
+                                                                        args.check_tokens)]))
+            sections.append(Section(
+                f"greedy check generate {shape}", est.check_generation(f, measure.CHECK_IMAGES),
+                [Row(shape, "greedy check", "generate", measure.CHECK_IMAGES)],
+                lambda shape=shape: [measure.greedy_check_generation(state.model(shape), state.ref(shape))]))
 
     # Compiled runs go last: they cost the most (compilation) and are the likeliest to fail on an old torch,
     # so a tight budget or a failure there leaves every other figure in place.

@@ -280,8 +280,8 @@ def warm_understanding(lm: LoadedModel, timer: StepTimer) -> None:
 # --- references -----------------------------------------------------------------------------------
 
 
-def reference_rows(ref: LoadedModel, requests: int, max_new_tokens: int, bandwidth: float) -> list[Row]:
-    """transformers' generate, one request at a time, image mode and text; the first request warms up."""
+def reference_image_row(ref: LoadedModel, requests: int, bandwidth: float) -> Row:
+    """transformers' image-mode generate, one request at a time; the first warms up when there are two or more."""
     shape = ref.name.removeprefix("random-")
     steps = ref.num_image_tokens
     times = []
@@ -297,11 +297,14 @@ def reference_rows(ref: LoadedModel, requests: int, max_new_tokens: int, bandwid
     roof = roofline_ms(step_weight_bytes(ref, "generate"),
                        2 * (prompt + steps / 2) * kv_bytes_per_token(ref), bandwidth)
     ms_step = 1000 * image_s / steps
-    image_row = Row(shape, "transformers image", "eager", 1, ms_step=ms_step, rate=1 / image_s, unit="img/s",
-                    peak_gib=peak_gib(ref.device), roof_ms=roof, of_roof=roof / ms_step,
-                    note=f"generate(generation_mode='image'), {len(times)} request(s)",
-                    extra={"seconds": times})
+    return Row(shape, "transformers image", "eager", 1, ms_step=ms_step, rate=1 / image_s, unit="img/s",
+               peak_gib=peak_gib(ref.device), roof_ms=roof, of_roof=roof / ms_step,
+               note=f"generate(generation_mode='image'), {len(times)} request(s)", extra={"seconds": times})
 
+
+def reference_text_row(ref: LoadedModel, requests: int, max_new_tokens: int, bandwidth: float) -> Row:
+    """transformers' generate for text (greedy, one image each), one request at a time, after a warm-up."""
+    shape = ref.name.removeprefix("random-")
     pics = random_images(max(requests, 1) + 1, ref.image_size, seed=2000)
     hf_understand(ref, pics[-1:], QUESTIONS[1], max_new_tokens=2)  # warm-up
     reset_peak(ref.device)
@@ -312,12 +315,11 @@ def reference_rows(ref: LoadedModel, requests: int, max_new_tokens: int, bandwid
     text_prompt = len(build_understanding_inputs(ref, pics[:1], QUESTIONS[0]).input_ids)
     text_roof = roofline_ms(step_weight_bytes(ref, "understand"),
                             (text_prompt + max_new_tokens / 2) * kv_bytes_per_token(ref), bandwidth)
-    text_row = Row(shape, "transformers text", "eager", 1, ms_step=decode_ms, rate=tokens / seconds, unit="tok/s",
-                   ttft_s=statistics.fmean(r.ttft for r in runs), peak_gib=peak_gib(ref.device),
-                   roof_ms=text_roof, of_roof=text_roof / decode_ms,
-                   note=f"generate, {len(runs)} request(s), {tokens / len(runs):.0f} tokens/request",
-                   extra={"seconds": [r.seconds for r in runs]})
-    return [image_row, text_row]
+    return Row(shape, "transformers text", "eager", 1, ms_step=decode_ms, rate=tokens / seconds, unit="tok/s",
+               ttft_s=statistics.fmean(r.ttft for r in runs), peak_gib=peak_gib(ref.device),
+               roof_ms=text_roof, of_roof=text_roof / decode_ms,
+               note=f"generate, {len(runs)} request(s), {tokens / len(runs):.0f} tokens/request",
+               extra={"seconds": [r.seconds for r in runs]})
 
 
 # --- greedy check -----------------------------------------------------------------------------------
@@ -343,9 +345,11 @@ def _check_row(shape: str, kind: str, ours: list[list[int]], theirs: list[list[i
                extra={"equal": equal, "requests": len(ours), "agree": agree, "lengths": lengths, "dtype": str(dtype)})
 
 
-def greedy_check_rows(lm: LoadedModel, ref: LoadedModel, max_new_tokens: int) -> list[Row]:
-    """A few greedy requests batched through our engine against transformers one at a time, same weights."""
-    shape = lm.name.removeprefix("random-")
+CHECK_IMAGES = 2  # greedy generation requests in the check (576 transformers steps each on a real shape)
+
+
+def greedy_check_understanding(lm: LoadedModel, ref: LoadedModel, max_new_tokens: int) -> Row:
+    """Greedy understanding requests batched through our engine against transformers one at a time."""
     pics = random_images(len(QUESTIONS), lm.image_size, seed=3000)
     und = [UnderstandRequest(f"check-u{i}", q, [pics[i]], max_new_tokens=max_new_tokens)
            for i, q in enumerate(QUESTIONS)]
@@ -353,16 +357,17 @@ def greedy_check_rows(lm: LoadedModel, ref: LoadedModel, max_new_tokens: int) ->
     StepTimer(engine).run(und, clock := Clock())
     ours = [list(clock.results[r.request_id].token_ids) for r in und]
     theirs = [hf_understand(ref, r.images, r.prompt, max_new_tokens=max_new_tokens).ids for r in und]
-    rows = [_check_row(shape, "understand", ours, theirs, lm.dtype)]
-    del engine
+    return _check_row(lm.name.removeprefix("random-"), "understand", ours, theirs, lm.dtype)
 
-    gen = generation_requests("check-g", 2, temperature=0.0)
+
+def greedy_check_generation(lm: LoadedModel, ref: LoadedModel) -> Row:
+    """Greedy (temperature 0) CFG image requests batched through our engine against transformers' image mode."""
+    gen = generation_requests("check-g", CHECK_IMAGES, temperature=0.0)
     engine = make_engine(lm, "generate", len(gen))
     StepTimer(engine).run(gen, clock := Clock())
     ours = [clock.results[r.request_id].tokens[0].tolist() for r in gen]
     theirs = [hf_generate_image(ref, r.prompt, temperature=0.0)[0].tolist() for r in gen]
-    rows.append(_check_row(shape, "generate", ours, theirs, lm.dtype))
-    return rows
+    return _check_row(lm.name.removeprefix("random-"), "generate", ours, theirs, lm.dtype)
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -127,12 +127,10 @@ class Estimator:
         step = self.step_s(f, f.text_weight_bytes, 1, prompt + new_tokens / 2, 1)
         return self.image_s(f) + self.prefill_s(f, prompt) + 1.3 * new_tokens * step
 
-    def references(self, f: ShapeFacts, requests: int, new_tokens: int) -> float:
-        return requests * (self.hf_image(f) + self.hf_text(f, new_tokens)) + self.hf_text(f, 2)
-
-    def greedy_check(self, f: ShapeFacts, new_tokens: int) -> float:
+    def check_understanding(self, f: ShapeFacts, new_tokens: int) -> float:
         prompt = self.und_prompt(f)
-        und = 3 * (self.image_s(f) + self.prefill_s(f, prompt))
-        und += new_tokens * self.step_s(f, f.text_weight_bytes, 3, prompt, 3) + 3 * self.hf_text(f, new_tokens)
-        gen = f.image_tokens * self.gen_step(f, 2, "eager") + 2 * self.hf_image(f)
-        return und + gen
+        ours = 3 * (self.image_s(f) + self.prefill_s(f, prompt))
+        return ours + new_tokens * self.step_s(f, f.text_weight_bytes, 3, prompt, 3) + 3 * self.hf_text(f, new_tokens)
+
+    def check_generation(self, f: ShapeFacts, images: int) -> float:
+        return f.image_tokens * self.gen_step(f, images, "eager") + images * self.hf_image(f)
