@@ -53,6 +53,7 @@ class Section:
     estimate_s: float
     planned: list[Row]  # the rows this section fills; shown with the reason when it fails or is skipped
     run: Callable[[], list[Row]]
+    shape: str = ""
     first_s: float | None = None  # estimate of its first level: a section starts when that fits the budget
     after: Callable[[], None] | None = None  # e.g. drop a model no later section needs
     status: str = "pending"
@@ -81,6 +82,12 @@ class State:
             raise Skipped(f"no {shape} model (its setup failed or was skipped)")
         return self.models[shape]
 
+    def resident_bytes(self, but: str) -> int:
+        """Bytes of weights held by models of shapes other than `but` (they sit in every peak)."""
+        held = [lm for s, lm in [*self.models.items(), *self.refs.items()] if s != but]
+        return sum(t.numel() * t.element_size() for lm in held
+                   for t in [*lm.model.parameters(), *lm.model.buffers()])
+
     def ref(self, shape: str):
         if shape not in self.refs:
             raise Skipped(f"no {shape} reference model (its setup failed or was skipped)")
@@ -101,7 +108,10 @@ def run_sections(sections: list[Section], state: State, budget_s: float,
         else:
             t0 = time.perf_counter()
             try:
+                others = state.resident_bytes(but=section.shape)
                 for row in section.run():
+                    if row.peak_gib is not None:  # this shape's own peak: other shapes' weights taken out
+                        row.peak_gib -= others / 2**30
                     state.rows[row.key] = row
                 section.status = "ok"
             except Skipped as exc:
@@ -263,9 +273,14 @@ def build_sections(args, device: torch.device, dtype: torch.dtype, bandwidth: fl
     # Compiled runs go last: they cost the most (compilation) and are the likeliest to fail on an old torch,
     # so a tight budget or a failure there leaves every other figure in place.
     ordered = sections + compile_sections
-    for shape in args.shapes:  # free each shape's models once its last section is done
-        last = max(i for i, s in enumerate(ordered) if s.name.endswith(f" {shape}"))
-        ordered[last].after = lambda shape=shape: (state.models.pop(shape, None), state.refs.pop(shape, None))
+    for section in ordered:
+        section.shape = section.name.rsplit(" ", 1)[1]
+    for shape in args.shapes:  # free each model once the last section that uses it is done
+        mine = [s for s in ordered if s.shape == shape]
+        mine[-1].after = lambda shape=shape: (state.models.pop(shape, None), state.refs.pop(shape, None))
+        uses_ref = [s for s in mine if s.name.startswith(("transformers", "greedy check"))]
+        if uses_ref and uses_ref[-1] is not mine[-1]:
+            uses_ref[-1].after = lambda shape=shape: state.refs.pop(shape, None)
     return ordered
 
 
