@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from janus_core.compat import cache_keyword
+from janus_core.compat import cache_arg
 from janus_core.loading import LoadedModel
 from janus_core.packed_linear import PackedLinear
 from janus_core.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
@@ -62,9 +62,8 @@ def official_loop(lm: LoadedModel, prompt: str, *, parallel_size: int, cfg_weigh
     embeds = model.get_input_embeddings()(torch.tensor(rows, device=lm.device))  # (2P, T, D)
     cache = DynamicCache(config=model.config.text_config)
     codes = torch.zeros((parallel_size, lm.num_image_tokens), dtype=torch.long, device=lm.device)
-    cache_arg = {cache_keyword(core.forward): cache}
     for step in range(lm.num_image_tokens):
-        hidden = core(inputs_embeds=embeds, use_cache=True, **cache_arg).last_hidden_state
+        hidden = core(inputs_embeds=embeds, **cache_arg(core, cache), use_cache=True).last_hidden_state
         logits = model.model.generation_head(hidden[:, -1, :])  # (2P, V)
         cond_l, uncond_l = logits[0::2], logits[1::2]
         guided = uncond_l + cfg_weight * (cond_l - uncond_l)

@@ -1,30 +1,35 @@
-"""Names that moved between the transformers releases janus_core supports (5.0 and later).
+"""Differences between the library versions the project's range allows, in one place.
+
+transformers renamed the cache argument of its models' `forward` from `past_key_values` to `cache`
+(the old name warns from 5.2x and goes away in 5.40); `cache_arg` names whichever the installed
+version takes, so no call warns and none breaks on either side of the rename.
 
 The PIL/numpy Janus image processor is `JanusImageProcessor` in 5.0 (the torchvision one being
 `JanusImageProcessorFast`); later 5.x releases call it `JanusImageProcessorPil` and give the plain
-name to the torchvision one. Machines without our pinned transformers (a borrowed GPU box) must
-still import janus_core, so every use goes through here. Recent 5.x releases also rename the cache
-keyword of the model forwards (`past_key_values` -> `cache`, the old one deprecated). This module
-knows names, nothing else.
+name to the torchvision one; `pil_image_processor_class` finds it under either, so janus_core still
+imports on a borrowed GPU box's older transformers.
 """
 
 from __future__ import annotations
 
 import inspect
+from functools import cache
+from typing import Any
 
 import transformers
+
+
+@cache
+def _takes_cache(forward: Any) -> bool:
+    return "cache" in inspect.signature(forward).parameters
+
+
+def cache_arg(module: Any, value: Any) -> dict[str, Any]:
+    """`{"cache": value}` or `{"past_key_values": value}` for `module(...)`, as its version expects."""
+    return {"cache" if _takes_cache(type(module).forward) else "past_key_values": value}
 
 
 def pil_image_processor_class() -> type:
     """The Janus image processor that needs only PIL and numpy, under this release's name."""
     pil = getattr(transformers, "JanusImageProcessorPil", None)
     return pil if pil is not None else transformers.JanusImageProcessor
-
-
-def cache_keyword(forward) -> str:
-    """The keyword a transformers `forward` takes its KV cache by: `cache` in recent 5.x, `past_key_values` before."""
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):  # a wrapped or compiled callable without a signature
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"

@@ -82,9 +82,11 @@ class State:
             raise Skipped(f"no {shape} model (its setup failed or was skipped)")
         return self.models[shape]
 
-    def resident_bytes(self, but: str) -> int:
-        """Bytes of weights held by models of shapes other than `but` (they sit in every peak)."""
-        held = [lm for s, lm in [*self.models.items(), *self.refs.items()] if s != but]
+    def resident_bytes(self, section: Section) -> int:
+        """Bytes of weights held by models `section` does not use (they sit in every peak it measures)."""
+        mine = self.refs.get(section.shape) if section.name.startswith("transformers") else \
+            self.models.get(section.shape)
+        held = [lm for lm in [*self.models.values(), *self.refs.values()] if lm is not mine]
         return sum(t.numel() * t.element_size() for lm in held
                    for t in [*lm.model.parameters(), *lm.model.buffers()])
 
@@ -108,9 +110,9 @@ def run_sections(sections: list[Section], state: State, budget_s: float,
         else:
             t0 = time.perf_counter()
             try:
-                others = state.resident_bytes(but=section.shape)
+                others = state.resident_bytes(section)
                 for row in section.run():
-                    if row.peak_gib is not None:  # this shape's own peak: other shapes' weights taken out
+                    if row.peak_gib is not None:  # the peak of what this section uses: other models taken out
                         row.peak_gib -= others / 2**30
                     state.rows[row.key] = row
                 section.status = "ok"

@@ -13,6 +13,7 @@ This module knows the engine's request types and the references; not the command
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import statistics
 import time
@@ -115,19 +116,37 @@ def kv_bytes_needed(lm: LoadedModel, kind: str, slots: int) -> int:
 
 
 def make_engine(lm: LoadedModel, kind: str, slots: int, *, compile: bool = False) -> Engine:
-    """The bench's only engine constructor: room for `slots` sequences of `kind` ("generate": images).
+    """The bench's only engine constructor: KV room for `slots` sequences of `kind` ("generate": images).
 
-    Today's `EngineConfig` allocates fixed KV rows per kind, so the other kind gets the minimum.
-    When the paged KV pool lands, this becomes one KV memory size: `kv_bytes_needed(lm, kind, slots)`.
+    With the paged KV pool (`EngineConfig.kv_cache_memory`) the room is one byte count; with the
+    fixed per-kind rows of the engine before it, the other kind gets the minimum.
     """
-    if kind == "generate":
+    context = min(UND_CONTEXT, lm.max_context)
+    if "kv_cache_memory" in {f.name for f in dataclasses.fields(EngineConfig)}:
+        # Slack for block rounding: up to one partly filled block per row, at any block size up to 64.
+        rows = 2 * slots if kind == "generate" else slots
+        memory = kv_bytes_needed(lm, kind, slots) + rows * 64 * kv_bytes_per_token(lm)
+        config = EngineConfig(max_batch_size=slots, max_context=context, max_generation_prompt=GEN_PROMPT_TOKENS,
+                              kv_cache_memory=memory, compile=compile)
+    elif kind == "generate":
         config = EngineConfig(max_batch_size=slots, max_generation_images=slots, max_context=2,
                               max_generation_prompt=GEN_PROMPT_TOKENS, compile=compile,
                               vision_cache_bytes=0, prefix_cache_bytes=0)
     else:
-        config = EngineConfig(max_batch_size=slots, max_generation_images=1, max_context=min(UND_CONTEXT,
-                              lm.max_context), max_generation_prompt=1, compile=compile)
+        config = EngineConfig(max_batch_size=slots, max_generation_images=1, max_context=context,
+                              max_generation_prompt=1, compile=compile)
     return Engine(lm, config)
+
+
+def forget_images(engine: Engine) -> None:
+    """Drop the engine's cached image features and prompt prefixes, so a new level gets no hits."""
+    if hasattr(engine, "clear_caches"):
+        engine.clear_caches()
+        return
+    for name in ("vision", "prefixes"):
+        cache = getattr(engine.understanding, name, None)
+        if cache is not None:
+            cache.clear()
 
 
 class Clock:
@@ -278,10 +297,7 @@ def understanding_level(lm: LoadedModel, engine: Engine, timer: StepTimer, c: in
     pics = random_images(c, lm.image_size, seed=1000 + c)
     requests = [UnderstandRequest(f"u{c}-{i}", QUESTIONS[0], [pics[i]], max_new_tokens=max_new_tokens)
                 for i in range(c)]
-    for name in ("vision", "prefixes"):  # forget earlier levels' images (whatever caches this engine has)
-        cache = getattr(engine.understanding, name, None)
-        if cache is not None:
-            cache.clear()
+    forget_images(engine)
     reset_peak(lm.device)
     makespan = timer.run(requests, clock := Clock())
     tokens = sum(clock.tokens.values())
