@@ -1,0 +1,202 @@
+"""The playground page driven in a real headless Chromium against `janus-server serve` (tiny model).
+
+The tiny checkpoint here has Janus-Pro's image shapes (576 tokens, 384x384 PNGs), so a generation
+takes the real number of decode steps: long enough to stop one half-way and see that it stopped.
+Every test fails on a JavaScript error or console.error in the page; screenshots go to tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.integration.browser import console_problems, require_browser, start_chromium, wait_for
+from tests.integration.servers import start_server
+
+MAX_IMAGE_BYTES = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory):
+    require_browser()
+    from janus_core.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path_factory.mktemp("tiny-384"), "hf", seed=0, image_size=384)
+    proc = start_server(["serve", "--model", str(model)], tmp_path_factory.mktemp("logs"),
+                        env={"JANUS_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES)})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(page_server):
+    driver = start_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def page(browser, page_server):
+    """The page freshly loaded, with the model name shown (its first API call succeeded)."""
+    browser.get(page_server.url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    wait_for(lambda: browser.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
+    browser.get_log("browser")  # start every test with an empty console
+    return browser
+
+
+def _el(driver, css: str):
+    return driver.find_element("css selector", css)
+
+
+def _set(driver, element_id: str, value: str) -> None:
+    field = driver.find_element("id", element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def _metric(server, pattern: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    match = re.search(pattern, text, flags=re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _png_file(path, size, noise=False):
+    image = Image.effect_noise(size, 120).convert("RGB") if noise else Image.new("RGB", size, (40, 160, 90))
+    image.save(path)
+    return str(path)
+
+
+def test_generates_two_images_with_seeds(page, page_server, tmp_path):
+    _set(page, "gen-prompt", "a red fox in the snow")
+    _set(page, "gen-n", "2")
+    _set(page, "gen-seed", "7")
+    _el(page, "#gen-submit").click()
+    job = _el(page, "#gen-jobs .job")
+    wait_for(lambda: job.get_attribute("data-state") != "running", 120, "the generation to finish")
+    page.save_screenshot(str(tmp_path / "generated.png"))
+    assert job.get_attribute("data-state") == "done", job.text
+    assert job.get_attribute("data-step") == job.get_attribute("data-total") == "576"
+
+    images = job.find_elements("css selector", ".gallery img")
+    assert len(images) == 2
+    for img in images:  # decoded by the browser, at the model's size
+        assert page.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 384
+    seeds = [c.get_attribute("data-seed") for c in job.find_elements("css selector", ".gallery .seed")]
+    assert seeds == ["7", "8"]  # image i of a request uses seed + i
+
+    # the same request straight to the API gives the same pictures: the page shows what the server made
+    direct = httpx.post(page_server.url + "/v1/generate", timeout=120,
+                        json={"prompt": "a red fox in the snow", "n": 2, "seed": 7}).json()
+    shown = [img.get_attribute("src") for img in images]
+    assert shown == [f"data:image/png;base64,{i['b64_png']}" for i in direct["images"]]
+    links = job.find_elements("css selector", ".gallery a.download")
+    assert [a.get_attribute("download") for a in links] == ["janus-7.png", "janus-8.png"]
+
+    # "use as input" hands an image to the chat panel
+    job.find_elements("css selector", ".gallery button.use")[1].click()
+    attached = wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
+    assert attached[0].get_attribute("src") == shown[1]
+    # "reuse seed" prepares a one-image request that gives that image again
+    job.find_elements("css selector", ".gallery button.reuse")[1].click()
+    assert page.find_element("id", "gen-seed").get_attribute("value") == "8"
+    assert page.find_element("id", "gen-n").get_attribute("value") == "1"
+    assert console_problems(page) == []
+
+
+def test_dice_picks_a_seed_beyond_float_precision(page):
+    _el(page, "#gen-dice").click()
+    seed = page.find_element("id", "gen-seed").get_attribute("value")
+    assert seed.isdigit() and 0 <= int(seed) < 2**62
+    assert console_problems(page) == []
+
+
+def test_chat_streams_and_follows_up(page, tmp_path):
+    page.find_element("id", "chat-files").send_keys(_png_file(tmp_path / "green.png", (96, 64)))
+    wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
+    _set(page, "chat-max-tokens", "24")
+    _set(page, "chat-input", "What is in this image?")
+    _el(page, "#chat-send").click()
+    answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
+    wait_for(lambda: answer.get_attribute("data-state") != "streaming", 60, "the answer to finish")
+    assert answer.get_attribute("data-state") == "done", answer.text
+    assert int(answer.get_attribute("data-updates")) > 1  # streamed: the text grew in several steps
+    assert _el(page, "#chat-log .msg.assistant .text").text.strip()
+    assert page.find_elements("css selector", "#chat-log .msg.user .thumbs img")
+
+    _set(page, "chat-input", "And what colour is it?")
+    page.find_element("id", "chat-input").send_keys("\n")  # Enter sends
+    wait_for(lambda: len(page.find_elements("css selector", "#chat-log .msg.assistant")) == 2, 10, "a second answer")
+    second = page.find_elements("css selector", "#chat-log .msg.assistant")[1]
+    wait_for(lambda: second.get_attribute("data-state") != "streaming", 60, "the follow-up to finish")
+    assert second.get_attribute("data-state") == "done", second.text
+    page.save_screenshot(str(tmp_path / "chat.png"))
+    # the whole conversation goes with each request: two turns of each role are kept
+    roles = page.execute_script("return chat.messages.map(m => m.role)")
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+    _el(page, "#chat-new").click()
+    assert page.find_elements("css selector", "#chat-log .msg") == []
+    assert page.execute_script("return chat.messages.length") == 0
+    assert console_problems(page) == []
+
+
+def test_stop_cancels_the_generation_on_the_server(page, page_server, tmp_path):
+    steps_before = _metric(page_server, r'^janus_decode_step_seconds_count\{kind="generate"\} (\S+)$')
+    images_before = _metric(page_server, r"^janus_images_generated_total (\S+)$")
+    _set(page, "gen-prompt", "a long walk")
+    _set(page, "gen-n", "1")
+    _el(page, "#gen-submit").click()
+    job = _el(page, "#gen-jobs .job")
+    wait_for(lambda: int(job.get_attribute("data-step") or 0) >= 5, 60, "the first progress events")
+    job.find_element("css selector", "button.stop").click()
+    wait_for(lambda: job.get_attribute("data-state") != "running", 10, "the page to stop")
+    page.save_screenshot(str(tmp_path / "stopped.png"))
+    assert job.get_attribute("data-state") == "stopped"
+    assert int(job.get_attribute("data-step")) < 576
+    assert "stopped at step" in job.text
+
+    # the server stopped the job, not just the page: nothing runs, and it ran far fewer than 576 steps
+    wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="generate"\} (\S+)$') == 0, 30,
+             "the engine to drop the job")
+    wait_for(lambda: "stopped job" in page_server.log(), 30, "the worker's log line about the stop")
+    steps = _metric(page_server, r'^janus_decode_step_seconds_count\{kind="generate"\} (\S+)$') - steps_before
+    assert steps < 0.75 * 576, f"{steps} decode steps ran after Stop was pressed early"
+    assert _metric(page_server, r"^janus_images_generated_total (\S+)$") == images_before
+    assert re.search(r"stopped job \w+ after [\d.]+ s: cancelled", page_server.log())
+    assert job.find_elements("css selector", ".gallery img") == []
+    assert console_problems(page) == []
+
+
+def test_oversize_image_shows_a_clear_message(page, tmp_path):
+    path = _png_file(tmp_path / "big.png", (640, 640), noise=True)
+    assert os.path.getsize(path) > MAX_IMAGE_BYTES
+    page.find_element("id", "chat-files").send_keys(path)
+    wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
+    _set(page, "chat-input", "What is this?")
+    _el(page, "#chat-send").click()
+    error = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant .error"), 30,
+                     "the error message")[0]
+    page.save_screenshot(str(tmp_path / "too-large.png"))
+    assert "Too large for this server (413" in error.text
+    assert f"limit of {MAX_IMAGE_BYTES} bytes" in error.text
+    assert page.execute_script("return chat.messages.length") == 0  # the failed turn is not history
+    assert not _el(page, "#chat-send").get_attribute("disabled")
+    assert console_problems(page, allowed_statuses=(413,)) == []
+
+
+def test_page_assets_are_local_and_locked_down(page_server):
+    page = httpx.get(page_server.url + "/playground", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert refs and all(r.startswith(("/playground/", "data:")) for r in refs), refs
+    for ref in refs:
+        if ref.startswith("/"):
+            assert httpx.get(page_server.url + ref, timeout=10).status_code == 200
+    script = httpx.get(page_server.url + "/playground/playground.js", timeout=10).text
+    assert "http://" not in script and "https://" not in script
