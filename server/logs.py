@@ -53,20 +53,21 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
 def quiet_libraries() -> None:
     """Progress bars off; transformers' and huggingface_hub's log records go to the root handler."""
     try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-        hub = logging.getLogger("huggingface_hub")
-        hub.handlers.clear()  # its import added a plain StreamHandler; the root handler prints instead
-        hub.propagate = True
-    except ImportError:  # pragma: no cover - both are dependencies; an api-only image may trim them
-        pass
-    try:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
         transformers_logging.disable_default_handler()
         transformers_logging.enable_propagation()
+    except ImportError:  # pragma: no cover - both are dependencies; an api-only image may trim them
+        pass
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401 - importing it is what adds its handler
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        hub = logging.getLogger("huggingface_hub")
+        hub.handlers.clear()  # a plain StreamHandler: the root handler prints its records instead
+        hub.propagate = True
     except ImportError:  # pragma: no cover
         pass
 

@@ -112,6 +112,10 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     app = create_app(settings, service, metrics, info)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            timeout_graceful_shutdown=int(settings.request_timeout)))
+    if settings.playground:
+        shown = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        shown = f"[{shown}]" if ":" in shown else shown
+        log.info("playground: http://%s:%d/ (the API's own page; --no-playground turns it off)", shown, settings.port)
     grpc_server = None
     if settings.grpc_port:
         from server.grpc_service import start_grpc_server

@@ -429,7 +429,7 @@ async function runGeneration(prompt, body) {
       card.dataset.state = "error";
     }
   } finally {
-    stop.disabled = true;
+    stop.hidden = true;
     requestEnded();
   }
 }

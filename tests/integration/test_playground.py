@@ -17,7 +17,7 @@ from PIL import Image
 from tests.integration.browser import console_problems, require_browser, start_chromium, wait_for
 from tests.integration.servers import start_server
 
-MAX_IMAGE_BYTES = 256 * 1024
+MAX_IMAGE_BYTES = 1024 * 1024  # above a 384x384 noise PNG (so "use as input" works), below the one made here
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def page_server(tmp_path_factory):
     require_browser()
     from janus_core.tiny import write_tiny_model
 
-    model = write_tiny_model(tmp_path_factory.mktemp("tiny-384"), "hf", seed=0, image_size=384)
+    model = write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-model-384", "hf", seed=0, image_size=384)
     proc = start_server(["serve", "--model", str(model)], tmp_path_factory.mktemp("logs"),
                         env={"JANUS_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES)})
     yield proc
@@ -97,10 +97,20 @@ def test_generates_two_images_with_seeds(page, page_server, tmp_path):
     links = job.find_elements("css selector", ".gallery a.download")
     assert [a.get_attribute("download") for a in links] == ["janus-7.png", "janus-8.png"]
 
-    # "use as input" hands an image to the chat panel
+    # "use as input" hands an image to the chat panel, and a question about it gets an answer
     job.find_elements("css selector", ".gallery button.use")[1].click()
     attached = wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
     assert attached[0].get_attribute("src") == shown[1]
+    _set(page, "chat-max-tokens", "16")
+    _set(page, "chat-input", "What is in this picture?")
+    _el(page, "#chat-send").click()
+    answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
+    wait_for(lambda: answer.get_attribute("data-state") != "streaming", 60, "the answer to finish")
+    assert answer.get_attribute("data-state") == "done", answer.text
+    assert page.find_element("css selector", "#chat-log .msg.user .thumbs img").get_attribute("src") == shown[1]
+    page.save_screenshot(str(tmp_path / "playground.png"))
+    if os.environ.get("JANUS_PLAYGROUND_SCREENSHOT"):  # how docs/playground.png is made (then shrunk)
+        page.save_screenshot(os.environ["JANUS_PLAYGROUND_SCREENSHOT"])
     # "reuse seed" prepares a one-image request that gives that image again
     job.find_elements("css selector", ".gallery button.reuse")[1].click()
     assert page.find_element("id", "gen-seed").get_attribute("value") == "8"
@@ -173,7 +183,7 @@ def test_stop_cancels_the_generation_on_the_server(page, page_server, tmp_path):
 
 
 def test_oversize_image_shows_a_clear_message(page, tmp_path):
-    path = _png_file(tmp_path / "big.png", (640, 640), noise=True)
+    path = _png_file(tmp_path / "big.png", (1024, 1024), noise=True)
     assert os.path.getsize(path) > MAX_IMAGE_BYTES
     page.find_element("id", "chat-files").send_keys(path)
     wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
