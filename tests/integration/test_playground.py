@@ -210,3 +210,44 @@ def test_page_assets_are_local_and_locked_down(page_server):
             assert httpx.get(page_server.url + ref, timeout=10).status_code == 200
     script = httpx.get(page_server.url + "/playground/playground.js", timeout=10).text
     assert "http://" not in script and "https://" not in script
+
+
+def test_asks_for_the_api_key_once_and_keeps_it_in_the_session(browser):
+    """Behind --api-key the page loads without one, asks for it, and keeps it in sessionStorage only."""
+    from server.settings import Settings
+    from tests.integration.test_playground_routes import serving
+
+    with serving(Settings(api_key=["s3cret"])) as url:
+        browser.get(url + "/")
+        browser.execute_script("sessionStorage.clear(); localStorage.clear()")
+        browser.refresh()
+        dialog = browser.find_element("id", "key-dialog")
+        wait_for(lambda: dialog.get_attribute("open") is not None, 30, "the key dialog")
+        _set(browser, "key-input", "wrong")
+        _el(browser, "#key-save").click()
+        wait_for(lambda: "invalid API key" in browser.find_element("id", "key-error").text, 30, "the refusal")
+        _set(browser, "key-input", "s3cret")
+        _el(browser, "#key-save").click()
+        wait_for(lambda: browser.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
+        assert dialog.get_attribute("open") is None
+        assert browser.execute_script("return sessionStorage.getItem('janus-playground-api-key')") == "s3cret"
+        assert browser.execute_script("return localStorage.length") == 0
+        browser.refresh()  # the same tab keeps the key: no second question
+        wait_for(lambda: browser.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
+        assert browser.find_element("id", "key-dialog").get_attribute("open") is None
+        assert console_problems(browser, allowed_statuses=(401,)) == []
+
+
+def test_readable_on_a_phone(page, tmp_path):
+    page.set_window_size(390, 844)
+    try:
+        page.refresh()
+        wait_for(lambda: page.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
+        page.save_screenshot(str(tmp_path / "phone.png"))
+        # one column, nothing wider than the screen
+        assert page.execute_script("return document.documentElement.scrollWidth") <= 390
+        chat, gen = (page.find_element("id", i).rect for i in ("chat-panel", "gen-panel"))
+        assert gen["y"] >= chat["y"] + chat["height"] and gen["x"] == chat["x"]
+        assert console_problems(page) == []
+    finally:
+        page.set_window_size(1280, 900)
