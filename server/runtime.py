@@ -43,6 +43,8 @@ def load_engine(settings: Settings):
 
     if not settings.model:
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
+    # progress bars are off (logs are JSON lines): say why a first start with a hub id takes minutes
+    log.info("loading %s (a hub id not in the Hugging Face cache is downloaded first)", settings.model)
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
