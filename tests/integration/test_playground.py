@@ -7,8 +7,10 @@ Every test fails on a JavaScript error or console.error in the page; screenshots
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -251,3 +253,48 @@ def test_readable_on_a_phone(page, tmp_path):
         assert console_problems(page) == []
     finally:
         page.set_window_size(1280, 900)
+
+
+def test_drop_and_paste_add_images_and_refuse_other_files(page, tmp_path):
+    png = base64.b64encode(Path(_png_file(tmp_path / "drop.png", (32, 32))).read_bytes()).decode()
+    send = """
+        const [b64, name, type, target, kind] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type}));
+        const event = kind === "drop" ? new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true})
+                                      : new ClipboardEvent("paste", {clipboardData: data, bubbles: true});
+        document.getElementById(target).dispatchEvent(event);
+    """
+    page.execute_script(send, png, "drop.png", "image/png", "drop-zone", "drop")
+    wait_for(lambda: len(page.find_elements("css selector", "#attachments img")) == 1, 10, "the dropped image")
+    page.execute_script(send, png, "pasted.png", "image/png", "chat-input", "paste")
+    wait_for(lambda: len(page.find_elements("css selector", "#attachments img")) == 2, 10, "the pasted image")
+    page.execute_script(send, base64.b64encode(b"hello").decode(), "notes.txt", "text/plain", "drop-zone", "drop")
+    assert "notes.txt is not an image" in wait_for(lambda: page.find_element("id", "chat-error").text, 10, "refusal")
+    names = [img.get_attribute("alt") for img in page.find_elements("css selector", "#attachments img")]
+    assert names == ["drop.png", "pasted.png"]
+    page.find_elements("css selector", "#attachments button")[0].click()  # remove one again
+    assert [img.get_attribute("alt") for img in page.find_elements("css selector", "#attachments img")] == [
+        "pasted.png"]
+    assert console_problems(page) == []
+
+
+def test_stop_cancels_a_streaming_answer(page, page_server, tmp_path):
+    stops_before = page_server.log().count("stopped job")
+    page.find_element("id", "chat-files").send_keys(_png_file(tmp_path / "green.png", (64, 64)))
+    wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
+    _set(page, "chat-max-tokens", "300")
+    _set(page, "chat-input", "Describe every detail.")
+    _el(page, "#chat-send").click()
+    answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
+    wait_for(lambda: int(answer.get_attribute("data-updates") or 0) >= 3, 60, "the first pieces of text")
+    _el(page, "#chat-stop").click()
+    wait_for(lambda: answer.get_attribute("data-state") != "streaming", 10, "the page to stop")
+    assert answer.get_attribute("data-state") == "stopped", answer.text
+    assert int(answer.get_attribute("data-updates")) < 300
+    assert page.execute_script("return chat.messages.map(m => m.role)") == ["user", "assistant"]  # partial kept
+    wait_for(lambda: page_server.log().count("stopped job") > stops_before, 30, "the worker to stop the job")
+    wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="understand"\} (\S+)$') == 0, 30,
+             "the engine to drop the job")
+    assert console_problems(page) == []
