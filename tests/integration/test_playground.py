@@ -61,10 +61,13 @@ def _set(driver, element_id: str, value: str) -> None:
     field.send_keys(value)
 
 
-def _metric(server, pattern: str) -> float:
+def _metric(server, pattern: str, default: float | None = None) -> float:
+    """A sample from /metrics; a labelled series appears only once observed, hence `default`."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
     match = re.search(pattern, text, flags=re.M)
-    return float(match.group(1)) if match else 0.0
+    if match is None and default is None:
+        raise AssertionError(f"no sample matches {pattern!r} in /metrics")
+    return float(match.group(1)) if match else float(default)
 
 
 def _png_file(path, size, noise=False):
@@ -157,9 +160,22 @@ def test_chat_streams_and_follows_up(page, tmp_path):
     assert console_problems(page) == []
 
 
+def _engine_sample(server) -> tuple[float, float, float]:
+    """(generation requests running, generation decode steps so far, images generated) from one scrape."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+
+    def sample(pattern: str) -> float:
+        match = re.search(pattern, text, flags=re.M)
+        return float(match.group(1)) if match else 0.0
+
+    return (sample(r'^janus_running_requests\{kind="generate"\} (\S+)$'),
+            sample(r'^janus_decode_step_seconds_count\{kind="generate"\} (\S+)$'),
+            sample(r"^janus_images_generated_total (\S+)$"))
+
+
 def test_stop_cancels_the_generation_on_the_server(page, page_server, tmp_path):
-    steps_before = _metric(page_server, r'^janus_decode_step_seconds_count\{kind="generate"\} (\S+)$')
-    images_before = _metric(page_server, r"^janus_images_generated_total (\S+)$")
+    _, steps_before, images_before = _engine_sample(page_server)
+    stops_before = page_server.log().count("stopped job")
     _set(page, "gen-prompt", "a long walk")
     _set(page, "gen-n", "1")
     _el(page, "#gen-submit").click()
@@ -172,14 +188,15 @@ def test_stop_cancels_the_generation_on_the_server(page, page_server, tmp_path):
     assert int(job.get_attribute("data-step")) < 576
     assert "stopped at step" in job.text
 
-    # the server stopped the job, not just the page: nothing runs, and it ran far fewer than 576 steps
-    wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="generate"\} (\S+)$') == 0, 30,
-             "the engine to drop the job")
-    wait_for(lambda: "stopped job" in page_server.log(), 30, "the worker's log line about the stop")
-    steps = _metric(page_server, r'^janus_decode_step_seconds_count\{kind="generate"\} (\S+)$') - steps_before
-    assert steps < 0.75 * 576, f"{steps} decode steps ran after Stop was pressed early"
-    assert _metric(page_server, r"^janus_images_generated_total (\S+)$") == images_before
+    # The server stopped the job, not just the page: the worker says so, and a scrape taken after
+    # the job's steps were counted shows nothing running, far fewer than 576 steps and no image.
+    wait_for(lambda: page_server.log().count("stopped job") > stops_before, 30, "the worker to stop the job")
     assert re.search(r"stopped job \w+ after [\d.]+ s: cancelled", page_server.log())
+    running, steps, images = wait_for(
+        lambda: (s := _engine_sample(page_server))[0] == 0 and s[1] > steps_before and s, 30,
+        "a scrape with the job's steps and nothing running")
+    assert steps - steps_before < 0.75 * 576, f"{steps - steps_before} decode steps ran; Stop came at step 5-ish"
+    assert images == images_before
     assert job.find_elements("css selector", ".gallery img") == []
     assert console_problems(page) == []
 
@@ -295,6 +312,6 @@ def test_stop_cancels_a_streaming_answer(page, page_server, tmp_path):
     assert int(answer.get_attribute("data-updates")) < 300
     assert page.execute_script("return chat.messages.map(m => m.role)") == ["user", "assistant"]  # partial kept
     wait_for(lambda: page_server.log().count("stopped job") > stops_before, 30, "the worker to stop the job")
-    wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="understand"\} (\S+)$') == 0, 30,
+    wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="understand"\} (\S+)$', 0) == 0, 30,
              "the engine to drop the job")
     assert console_problems(page) == []
