@@ -7,7 +7,9 @@ layouts: `hf` (what `JanusForConditionalGeneration.from_pretrained` reads) and `
 original `multi_modality` layout). `variant="janus"` writes a Janus-1.3B-style checkpoint: the same
 network with `User:` / `Assistant:` roles (in its chat template for `hf`; for `deepseek`, which has
 no template, the loader reads the family from the checkpoint's name, so name its directory after
-Janus-1.3B or load it with `chat_format="janus"`).
+Janus-1.3B or load it with `chat_format="janus"`). `image_size=384` gives Janus-Pro's real image
+shapes (24x24 = 576 image tokens, 384x384 PNGs) on the same toy network: generation then takes the
+real number of decode steps, which is what a long-running request needs in a test or a try-out.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast) -> JanusConfig:
+def tiny_config(tokenizer: PreTrainedTokenizerFast, image_size: int = TINY_IMAGE_SIZE) -> JanusConfig:
     hidden = 64
     text = LlamaConfig(
         vocab_size=TINY_VOCAB,
@@ -114,11 +116,11 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> JanusConfig:
         num_hidden_layers=2,
         num_attention_heads=2,
         mlp_ratio=2.0,
-        image_size=TINY_IMAGE_SIZE,
+        image_size=image_size,
         patch_size=TINY_PATCH,
         projection_dim=hidden,
         depth=2,
-        num_image_tokens=(TINY_IMAGE_SIZE // TINY_PATCH) ** 2,
+        num_image_tokens=(image_size // TINY_PATCH) ** 2,
     )
     vq = JanusVQVAEConfig(
         embed_dim=8,
@@ -163,8 +165,8 @@ def build_model(config: JanusConfig, seed: int) -> JanusForConditionalGeneration
     return model.eval()
 
 
-def _image_processor():
-    return pil_image_processor_class()(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, min_size=14,
+def _image_processor(image_size: int):
+    return pil_image_processor_class()(size={"height": image_size, "width": image_size}, min_size=14,
                                   **TINY_NORM)
 
 
@@ -176,14 +178,17 @@ def write_tiny_model(
     shards: int = 1,
     weights: Literal["safetensors", "bin"] | None = None,
     variant: Variant = "janus-pro",
+    image_size: int = TINY_IMAGE_SIZE,
 ) -> Path:
     """Write a tiny random Janus checkpoint with its tokenizer and processor files; returns the path."""
     if variant not in ("janus-pro", "janus"):
         raise ValueError(f"unknown variant {variant!r}; use 'janus-pro' or 'janus'")
+    if image_size < TINY_PATCH or image_size % TINY_PATCH:
+        raise ValueError(f"image_size must be a positive multiple of {TINY_PATCH}, got {image_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, image_size)
     model = build_model(config, seed)
     if fmt == "hf":
         _write_hf(out, model, tokenizer, shards, weights or "safetensors", chat_template(variant))
@@ -205,7 +210,7 @@ def _write_hf(out: Path, model, tokenizer, shards: int, weights: str, template: 
     else:
         model.save_pretrained(out)
     processor = JanusProcessor(
-        image_processor=_image_processor(),
+        image_processor=_image_processor(model.config.vision_config.image_size),
         tokenizer=tokenizer,
         chat_template=template,
         use_default_system_prompt=True,
@@ -234,7 +239,7 @@ def _write_deepseek(out: Path, model, tokenizer, shards: int, weights: str) -> N
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "VLMImageProcessor",
         "processor_class": "VLChatProcessor",
-        "image_size": TINY_IMAGE_SIZE,
+        "image_size": model.config.vision_config.image_size,
         "min_size": 14,
         "background_color": [127, 127, 127],
         "do_normalize": True,

@@ -1,8 +1,9 @@
 """The REST frontend (FastAPI): validate, submit to the job queue, await or stream the result.
 
 Routes: /v1/understand, /v1/generate, the OpenAI-compatible /v1/chat/completions and
-/v1/images/generations (in `server.openai_routes`), /v1/models, /health, /ready, /metrics. The app
-never touches the model: it only talks to a `Service` (and through it, the queue).
+/v1/images/generations (in `server.openai_routes`), /v1/models, /health, /ready, /metrics, and the
+browser playground at / (in `server.playground`). The app never touches the model: it only talks to
+a `Service` (and through it, the queue).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
     from server.openai_routes import add_openai_routes
 
     add_openai_routes(app)
+    if settings.playground:
+        from server.playground import add_playground_routes
+
+        add_playground_routes(app)
     return app
 
 

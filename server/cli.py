@@ -30,8 +30,12 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--api-key", action="append", dest="api_key", help="accepted API key (repeatable)")
         p.add_argument("--max-queue-depth", type=int, dest="max_queue_depth")
         p.add_argument("--request-timeout", type=float, dest="request_timeout")
+        p.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None,
+                       help="serve the browser playground at / and /playground (default: on)")
     p.add_argument("--metrics-port", type=int, dest="metrics_port")
     p.add_argument("--log-level", dest="log_level")
+    p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None, dest="log_json",
+                   help="JSON log lines (default) or, with --no-log-json, plain text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--shards", type=int, default=1)
     tiny.add_argument("--variant", choices=["janus-pro", "janus"], default="janus-pro",
                       help="janus: Janus-1.3B's User:/Assistant: roles (hf layout: in its chat template)")
+    tiny.add_argument("--image-size", type=int, default=64, dest="image_size",
+                      help="64 (default: 16 image tokens, fast) or 384 (Janus-Pro's 576 tokens and 384x384 PNGs)")
     return parser
 
 
@@ -63,10 +69,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tiny-model":
+        from server.logs import quiet_libraries
+
+        quiet_libraries()  # no "Writing model shards" progress bar
         from janus_core.tiny import write_tiny_model
 
-        out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant)
-        print(f"wrote a tiny random {args.variant} checkpoint ({args.format} layout, seed {args.seed}) to {out}")
+        try:
+            out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant,
+                                   image_size=args.image_size)
+        except ValueError as exc:
+            print(f"janus-server tiny-model: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote a tiny random {args.variant} checkpoint ({args.format} layout, seed {args.seed}, "
+              f"{args.image_size}x{args.image_size} images) to {out}")
         return 0
     settings = settings_from(args)
     from server.logs import configure_logging

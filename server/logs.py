@@ -1,4 +1,11 @@
-"""Logging set-up: one JSON object per line, with the request id of the request being handled."""
+"""Logging set-up: one JSON object per line (or plain text when asked), with the request id.
+
+Everything a server process writes to stderr goes through the root logger's one handler: Python
+warnings (a deprecation notice from a library would otherwise print two raw lines per request),
+transformers' and huggingface_hub's own loggers (each ships a handler of its own that prints plain
+text) and nothing from progress bars, which are turned off. This module does not know which
+library warns about what; it only routes and de-duplicates.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,12 @@ import contextvars
 import json
 import logging
 import time
+import warnings
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+_warned: set[tuple[str, str, int]] = set()
+_MAX_DISTINCT_WARNINGS = 256  # a warning whose text changes every call must not grow this for ever
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,3 +46,37 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.showwarning = _log_warning
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Progress bars off; transformers' and huggingface_hub's log records go to the root handler."""
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+    except ImportError:  # pragma: no cover - both are dependencies; an api-only image may trim them
+        pass
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401 - importing it is what adds its handler
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        hub = logging.getLogger("huggingface_hub")
+        hub.handlers.clear()  # a plain StreamHandler: the root handler prints its records instead
+        hub.propagate = True
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` replacement: each distinct warning becomes one log record, once."""
+    key = (category.__name__, str(message), lineno)
+    if key in _warned:
+        return
+    if len(_warned) < _MAX_DISTINCT_WARNINGS:
+        _warned.add(key)
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)

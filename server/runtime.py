@@ -43,6 +43,8 @@ def load_engine(settings: Settings):
 
     if not settings.model:
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
+    # progress bars are off (logs are JSON lines): say why a first start with a hub id takes minutes
+    log.info("loading %s (a hub id not in the Hugging Face cache is downloaded first)", settings.model)
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
@@ -112,6 +114,10 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     app = create_app(settings, service, metrics, info)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            timeout_graceful_shutdown=int(settings.request_timeout)))
+    if settings.playground:
+        shown = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        shown = f"[{shown}]" if ":" in shown else shown
+        log.info("playground: http://%s:%d/ (the API's own page; --no-playground turns it off)", shown, settings.port)
     grpc_server = None
     if settings.grpc_port:
         from server.grpc_service import start_grpc_server

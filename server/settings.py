@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     api_key: CsvList = Field(default_factory=list)  # any of these keys is accepted; empty = no auth
     allowed_image_hosts: CsvList = Field(default_factory=list)  # hosts that remote image URLs may name
 
+    playground: bool = True  # the browser page at / and /playground
+
     log_level: str = "info"
-    log_json: bool = True
+    log_json: bool = True  # false: plain text log lines
 
     @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", mode="before")
     @classmethod

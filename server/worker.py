@@ -171,7 +171,10 @@ class Worker:
                     if out.reason == "internal" and await self.queue.release(self.worker_id, [job.id]):
                         log.warning("job %s failed (%s); handed back for another delivery", job.id, out.message)
                         return
-                    await self.queue.finish(job.id, self._failure_event(running, out))
+                    event = self._failure_event(running, out)
+                    log.info("stopped job %s after %.3f s: %s", job.id, time.time() - running.started,
+                             event.get("code"))
+                    await self.queue.finish(job.id, event)
                     return
         except Exception as exc:  # report, so the client never waits in silence
             log.exception("job %s: forwarding its result failed", job.id)

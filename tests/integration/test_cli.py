@@ -30,6 +30,20 @@ def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path, tiny_hf, fmt)
     assert all(torch.equal(v, ours[k]) for k, v in loaded.model.state_dict().items())
 
 
+def test_tiny_model_with_janus_pro_image_shapes(tmp_path):
+    """--image-size 384: 576 image tokens and 384x384 images, as the real model; no progress bar printed."""
+    out = tmp_path / "tiny-384"
+    result = subprocess.run([*_cli(), "tiny-model", str(out), "--format", "deepseek", "--image-size", "384"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "384x384 images" in result.stdout
+    loaded = load_model(str(out), device="cpu")
+    assert (loaded.image_size, loaded.num_image_tokens) == (384, 576)
+    bad = subprocess.run([*_cli(), "tiny-model", str(tmp_path / "bad"), "--image-size", "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "multiple of 16" in bad.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["serve"], "--model is required"),
     (["api"], "needs --queue redis://"),

@@ -1,7 +1,13 @@
-"""The README's examples run as written against a real `janus-server serve` (ports substituted)."""
+"""The README's examples run as written against a real `janus-server serve` (ports substituted).
+
+They run from the checkout, as a newcomer runs them (`.venv/bin/...` is relative to it), with
+`/tmp/` pointed at a folder of this test's own so parallel runs do not share files. Afterwards the
+checkout has no new untracked or changed files, and the server wrote nothing but log lines.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,17 +18,27 @@ import pytest
 
 from tests.integration.servers import start_server
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 
 
 def _blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def _localise(text: str, server) -> str:
+def _localise(text: str, server, tmp: Path) -> str:
     text = text.replace("localhost:8000", f"127.0.0.1:{server.port}")
     text = text.replace("localhost:50051", f"127.0.0.1:{server.grpc_port}")
+    text = text.replace("/tmp/", f"{tmp}/")
     return text.replace(".venv/bin/python", sys.executable)
+
+
+def _git_status() -> set[str]:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    return set(out.splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +50,24 @@ def readme_server(tiny_hf_dir, tmp_path_factory):
 
 @pytest.fixture()
 def workdir(tmp_path, readme_server):
+    """This test's `/tmp`, with the README's test image made; the checkout's status before and after."""
+    before = _git_status()
     make_image = next(b for b in _blocks("bash") if "red.png" in b and "Image.new" in b)
-    subprocess.run(["bash", "-ec", _localise(make_image, readme_server)], cwd=tmp_path, check=True)
-    return tmp_path
+    subprocess.run(["bash", "-ec", _localise(make_image, readme_server, tmp_path)], cwd=REPO, check=True)
+    yield tmp_path
+    assert _git_status() - before == set(), "the README's examples wrote into the checkout"
+
+
+def _assert_only_log_lines(server) -> None:
+    """stderr and stdout of the server (one file) hold JSON log lines only: no bars, prints or raw warnings."""
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"the server wrote a line that is not a JSON log line: {line[:300]!r}")
+        assert {"ts", "level", "logger", "msg"} <= set(entry), line[:300]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -45,7 +76,7 @@ def test_curl_examples(readme_server, workdir):
     assert len(blocks) >= 4
     conversations = 0
     for block in blocks:
-        result = subprocess.run(["bash", "-ec", _localise(block, readme_server)], cwd=workdir,
+        result = subprocess.run(["bash", "-ec", _localise(block, readme_server, workdir)], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (block, result.stderr)
         assert '"error"' not in result.stdout, (block, result.stdout[:500])
@@ -54,6 +85,7 @@ def test_curl_examples(readme_server, workdir):
             assert '"finish_reason"' in result.stdout, result.stdout[:500]
     assert conversations == 1
     assert (workdir / "fox.png").read_bytes().startswith(b"\x89PNG")
+    _assert_only_log_lines(readme_server)
 
 
 def test_python_examples(readme_server, workdir):
@@ -61,7 +93,7 @@ def test_python_examples(readme_server, workdir):
     assert any("OpenAI" in b for b in blocks) and any("JanusClient" in b for b in blocks)
     outputs = {}
     for block in blocks:
-        result = subprocess.run([sys.executable, "-c", _localise(block, readme_server)], cwd=workdir,
+        result = subprocess.run([sys.executable, "-c", _localise(block, readme_server, workdir)], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (block, result.stderr[-2000:])
         outputs[block] = result.stdout
@@ -71,3 +103,12 @@ def test_python_examples(readme_server, workdir):
     assert grpc.strip(), "the gRPC conversation printed nothing"
     assert (workdir / "fox2.png").read_bytes().startswith(b"\x89PNG")
     assert (workdir / "fox-0.png").read_bytes().startswith(b"\x89PNG")
+    _assert_only_log_lines(readme_server)
+
+
+def test_readme_points_outside_the_checkout():
+    """Every file an example writes or reads by name is under /tmp (the check above cannot see grpcurl's)."""
+    text = "\n".join(_blocks("bash") + _blocks("python"))
+    names = set(re.findall(r"[\w./-]*\b[\w-]+\.png\b", text))
+    assert names and all(n.startswith("/tmp/") for n in names), names
+    assert (REPO / "docs" / "playground.png").stat().st_size < 200_000  # the README's screenshot stays small
