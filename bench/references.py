@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
+from janus_core.compat import cache_arg
 from janus_core.loading import LoadedModel
 from janus_core.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
 
@@ -47,7 +48,7 @@ def official_loop(lm: LoadedModel, prompt: str, *, parallel_size: int, cfg_weigh
     cache = DynamicCache(config=model.config.text_config)
     codes = torch.zeros((parallel_size, lm.num_image_tokens), dtype=torch.long, device=lm.device)
     for step in range(lm.num_image_tokens):
-        hidden = core(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = core(inputs_embeds=embeds, **cache_arg(core, cache), use_cache=True).last_hidden_state
         logits = model.model.generation_head(hidden[:, -1, :])  # (2P, V)
         cond_l, uncond_l = logits[0::2], logits[1::2]
         guided = uncond_l + cfg_weight * (cond_l - uncond_l)
