@@ -72,6 +72,12 @@ def runs_of(table: Sequence[int], block_size: int, length: int) -> list[Run]:
     return runs
 
 
+def row_tables(rows: int, length: int, block_size: int) -> list[list[int]]:
+    """Consecutive blocks for `rows` rows of `length` positions (row r: blocks [r*n, (r+1)*n)); for benchmarks."""
+    n = -(-length // block_size)
+    return [list(range(r * n, (r + 1) * n)) for r in range(rows)]
+
+
 @dataclass
 class PrefillBatch:
     """B rows that each get T new tokens at positions [start, start + T)."""

@@ -94,8 +94,8 @@ class KVManager:
         return True
 
     def release(self, seq: Sequence) -> None:
-        for table in seq.tables:
-            self.pool.release(table)
+        for table in seq.tables:  # tail first: a cached chain loses its least useful blocks first
+            self.pool.release(table[::-1])
         seq.tables = []
 
     def register(self, seq: Sequence) -> None:
