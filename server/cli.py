@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--shards", type=int, default=1)
     tiny.add_argument("--variant", choices=["janus-pro", "janus"], default="janus-pro",
                       help="janus: Janus-1.3B's User:/Assistant: roles (hf layout: in its chat template)")
+    tiny.add_argument("--sharp", action="store_true", help="larger LM weights: varied outputs that reach EOS")
     plan = sub.add_parser("plan", help="what fits on a GPU: reads config.json only (no weights)")
     plan.add_argument("--model", required=True, help="checkpoint directory or hub id in the local cache")
     plan.add_argument("--gpu-memory", action="append", dest="gpu_memory",
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tiny-model":
         from janus_core.tiny import write_tiny_model
 
-        out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant)
+        out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant,
+                               sharp=args.sharp)
         print(f"wrote a tiny random {args.variant} checkpoint ({args.format} layout, seed {args.seed}) to {out}")
         return 0
     if args.command == "plan":
