@@ -141,17 +141,19 @@ class UnderstandingBatch:
         return sample_rows(self.runner.text_logits(hidden), [state.params], [state.generator])[0]
 
     def _embed(self, state: UnderstandingState, start: int, end: int) -> torch.Tensor:
-        """Embeddings of positions [start, end): text, with SigLIP features over the image placeholders."""
-        ids = torch.tensor([state.tokens[start:end]])  # (1, T)
-        embeds = self.runner.embed_text(ids)  # (1, T, D)
+        """Embeddings of positions [start, end): text, with SigLIP features over the images' placeholders."""
+        embeds = self.runner.embed_text(torch.tensor([state.tokens[start:end]]))  # (1, T, D)
         wanted = [i for i, (a, b, _) in enumerate(state.spans) if a < end and b > start]
         if not wanted:
             return embeds
-        features = self._features(state, wanted)  # one (N, D) per wanted image
-        parts = [f[max(start - a, 0):min(end, b) - a] for f, (a, b, _) in
-                 zip(features, [state.spans[i] for i in wanted], strict=True)]
-        mask = (ids == self.lm.special["image"]).unsqueeze(-1).to(embeds.device)
-        return embeds.masked_scatter(mask, torch.cat(parts).to(embeds.dtype))
+        embeds = embeds.clone()
+        # By span, not by token id: an answer may contain the placeholder id as plain text (a preempted
+        # request's answer is part of its prompt when it comes back).
+        for i, feats in zip(wanted, self._features(state, wanted), strict=True):
+            a, b, _ = state.spans[i]
+            lo, hi = max(a, start), min(b, end)
+            embeds[0, lo - start:hi - start] = feats[lo - a:hi - a].to(embeds.dtype)
+        return embeds
 
     def _features(self, state: UnderstandingState, wanted: list[int]) -> list[torch.Tensor]:
         found = {i: self.vision.get(state.image_keys[i]) for i in wanted}
