@@ -91,7 +91,8 @@ def test_three_times_the_pool_at_once_all_complete(small_pool_server):
 
 @pytest.mark.parametrize(("path", "body", "words"), [
     ("/v1/generate", {"prompt": "a red fox", "n": 5}, "5 image(s) of"),
-    ("/v1/understand", {"prompt": "hello", "max_new_tokens": 400}, "plus max_new_tokens 400 need"),
+    ("/v1/understand", {"prompt": "hello", "images": [IMAGES[0]], "max_new_tokens": 400},
+     "plus max_new_tokens 400 need"),
 ])
 def test_a_request_larger_than_the_pool_is_refused_with_the_numbers(small_pool_server, path, body, words):
     reply = httpx.post(small_pool_server.url + path, json=body, timeout=60)
