@@ -71,3 +71,12 @@ def test_python_examples(readme_server, workdir):
     assert grpc.strip(), "the gRPC conversation printed nothing"
     assert (workdir / "fox2.png").read_bytes().startswith(b"\x89PNG")
     assert (workdir / "fox-0.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plan_example(tiny_hf_dir):
+    line = next(b for b in _blocks("bash") if "janus-server plan" in b).strip()
+    cmd = line.replace(".venv/bin/janus-server", f"{sys.executable} -m server.cli")
+    result = subprocess.run(["bash", "-ec", cmd.replace(".cache/tiny-model", str(tiny_hf_dir))],
+                            capture_output=True, text=True, timeout=120, cwd=README.parent)
+    assert result.returncode == 0, result.stderr
+    assert "1.0 GiB" in result.stdout and "images" in result.stdout
