@@ -113,6 +113,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes of KV pool; None: from the device (CUDA) or a CPU default
     gpu_memory_utilization: float = 0.90  # CUDA: the share of the device the engine may fill
     prefix_caching: bool = True  # keep full KV blocks for reuse by later prompts with the same start
+    attention: str = "auto"  # decode attention over the pool: "runs", "flex", or auto (flex on CUDA)
     vision_cache_bytes: int = 256 * 2**20
     compile: bool = False  # CUDA only: static-shape decode step under torch.compile + CUDA graphs
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.packed_linear)
@@ -128,6 +129,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention not in ("auto", "runs", "flex"):
+            raise ValueError(f"attention must be auto, runs or flex, got {self.attention!r}")
         if self.vision_cache_bytes < 0:
             raise ValueError("vision_cache_bytes must be >= 0")
 
@@ -181,6 +184,8 @@ class Engine:
                              f"{per_token} bytes per token; give more --kv-cache-memory")
         log.info("%s (block size %d, %d blocks)", self.capacity.describe(), BLOCK_SIZE, num_blocks)
         self.kv = self.runner.new_kv(num_blocks, BLOCK_SIZE)
+        if cfg.attention != "auto":
+            self.kv.attention = cfg.attention
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
         manager = KVManager(self.pool, prefix_caching=cfg.prefix_caching)
         self.understanding = UnderstandingBatch(
@@ -252,6 +257,31 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def warm_up(self) -> None:
+        """CUDA: compile the flex decode attention for every batch bucket before requests arrive.
+
+        If it cannot be compiled on this torch/driver, log why and fall back to the per-row attention.
+        """
+        if self.kv.attention != "flex" or self.lm.device.type != "cuda":
+            return
+        import torch
+
+        from janus_core.kv_cache import DecodeBatch
+
+        started, rows = time.perf_counter(), 1
+        try:
+            while rows < 2 * 2 * self.config.max_batch_size:  # up to the bucket of the largest decode batch
+                batch = DecodeBatch.for_rows(self.kv, [[0]] * rows, [0] * rows)  # block 0 is free: scratch
+                ids = torch.zeros((rows, 1), dtype=torch.long)
+                self.runner.decode(batch, self.runner.embed_text(ids), torch.zeros(rows, dtype=torch.long))
+                rows *= 2
+            torch.cuda.synchronize(self.lm.device)
+            log.info("compiled the flex decode attention for batches up to %d rows in %.1f s", rows // 2,
+                     time.perf_counter() - started)
+        except Exception:
+            log.exception("flex decode attention failed to compile; using per-row attention instead")
+            self.kv.attention = "runs"
+
     def clear_caches(self) -> None:
         """Forget cached KV blocks and vision features (from any thread; the next step sees it).
 
@@ -263,6 +293,7 @@ class Engine:
 
     # --- engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
+        self.warm_up()
         while True:
             with self._wakeup:
                 while not (self._inbox or self._cancelled or self.scheduler.has_work() or self._stopping):

@@ -10,11 +10,21 @@ here) writes the new keys/values into their slots and attends over the row's slo
 `PrefillBatch` or `DecodeBatch` through the layer's keyword arguments. Without one it is plain SDPA,
 so the same model still runs transformers' own paths (and its `generate`, the oracle).
 
+Decode attention has two implementations over the same pool, chosen per `PagedKV.attention`:
+- "runs" (CPU): per row, SDPA over each run of consecutive slots read in place (one call when the
+  row's blocks are consecutive, an exact softmax over the runs' scores when not). Exact in fp32.
+- "flex" (CUDA): one `flex_attention` call for the whole batch over the whole pool, with a
+  `BlockMask` built from the block tables, so the kernel visits each row's blocks where they lie
+  (torch itself, no extra dependency; compiled, with the batch padded to power-of-two buckets so a
+  handful of compilations serve every request mix).
+
 This module knows tensors, slots and positions; not tokens, prompts, blocks' owners or sampling.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +47,7 @@ class PagedKV:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, H, S, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, H, S, D)
         self.block_size = block_size
+        self.attention = "flex" if self.k.is_cuda else "runs"
 
     @property
     def num_blocks(self) -> int:
@@ -114,20 +125,80 @@ class DecodeBatch:
     kv: PagedKV
     slots: torch.Tensor  # (B,) int64
     runs: list[list[Run]]
+    flex: FlexBlocks | None = None
 
     @classmethod
     def for_rows(cls, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> DecodeBatch:
         """Row b (block table `tables[b]`) feeds one token at `positions[b]`."""
         bs = kv.block_size
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        if kv.attention == "flex":
+            return cls(kv, torch.tensor(slots, device=kv.k.device), [], FlexBlocks(kv, tables, positions))
         runs = [runs_of(t, bs, p + 1) for t, p in zip(tables, positions, strict=True)]
         return cls(kv, torch.tensor(slots, device=kv.k.device), runs)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q, k, v: (B, H, 1, D) -> (B, H, 1, D)
         _write(self.kv, layer, self.slots, k, v)
+        if self.flex is not None:
+            return self.flex.attend(layer, q, scale)
         k_all, v_all = self.kv.k[layer], self.kv.v[layer]  # (H, S, D)
         return torch.stack([_attend_runs(q[b], k_all, v_all, runs, scale) for b, runs in enumerate(self.runs)])
+
+
+class FlexBlocks:
+    """A decode batch's block tables as one `BlockMask` over the whole pool, for `flex_attention`.
+
+    Row b's query is query row b of batch element b; the keys are the pool's slots (one shared batch
+    element). The mask lists each row's physical blocks, so the kernel reads only those, and its
+    `mask_mod` maps a slot back to the row's position through a (rows, blocks) table of logical block
+    indices (a block shared by several rows has one entry per row). Rows are padded to a power of two.
+    """
+
+    def __init__(self, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> None:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        self.kv, self.rows = kv, len(tables)
+        bs, blocks, device = kv.block_size, kv.num_blocks, kv.k.device
+        padded = 1 << max(self.rows - 1, 0).bit_length()
+        width = max(len(t) for t in tables)
+        table = torch.tensor([[*t, *[t[0]] * (width - len(t))] for t in tables] + [[0] * width] * (padded - self.rows),
+                             device=device)  # (P, W): padding repeats a row's first block, rows after are empty
+        logical = torch.arange(width, device=device).expand(padded, width).clone()
+        logical[table == table[:, :1]] = 0  # the repeated first block keeps logical index 0
+        to_logical = torch.full((padded, blocks), -1, dtype=torch.int32, device=device)
+        to_logical.scatter_(1, table, logical.to(torch.int32))
+        position = torch.tensor([*positions, *[-1] * (padded - self.rows)], device=device)  # -1: sees nothing
+        counts = torch.tensor([-(-(p + 1) // bs) for p in positions] + [1] * (padded - self.rows),
+                              dtype=torch.int32, device=device)
+        indices = torch.zeros((padded, blocks), dtype=torch.int32, device=device)
+        indices[:, :width] = table.to(torch.int32)
+
+        def visible(b, h, q_idx, kv_idx):
+            block = to_logical[b, kv_idx // bs]
+            return (block >= 0) & (block * bs + kv_idx % bs <= position[b])
+
+        self.mask = BlockMask.from_kv_blocks(counts[:, None, None], indices[:, None, None, :], BLOCK_SIZE=(128, bs),
+                                             mask_mod=visible, seq_lengths=(1, blocks * bs))
+        self.padded = padded
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        # q: (B, H, 1, D) -> (B, H, 1, D)
+        if self.padded > self.rows:
+            q = torch.cat([q, q.new_zeros((self.padded - self.rows, *q.shape[1:]))])
+        out = _flex(q.is_cuda)(q, self.kv.k[layer][None], self.kv.v[layer][None], block_mask=self.mask, scale=scale)
+        return out[:self.rows]
+
+
+@functools.cache
+def _flex(compiled: bool):
+    """`flex_attention`, compiled where it runs for real (CUDA); eager elsewhere (tests on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled:
+        return torch.compile(flex_attention, dynamic=False)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
 
 
 def _write(kv: PagedKV, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -105,6 +105,16 @@ def test_mixed_batch_equals_transformers(sharp, oracle, images):
     assert engine.pool.num_used == 0 and engine.stats().preemptions == 0
 
 
+def test_flex_attention_over_block_tables_equals_the_oracle(sharp, oracle, images):
+    """The CUDA decode attention (one flex_attention over the pool with a BlockMask), run eagerly on CPU."""
+    gens, unds = generate_mix()[:2], understand_mix(images)[:4]
+    engine = Engine(sharp, kv_config(sharp, 96, attention="flex"))
+    assert engine.kv.attention == "flex"
+    sink = run(engine, [*gens, *unds])
+    check_understanding(sink, oracle, unds)
+    check_generation(sink, oracle, gens)
+
+
 def test_fragmented_pool_and_shared_prefixes_keep_outputs(sharp, oracle, images):
     """Blocks freed out of order leave holes: rows then span several runs of blocks, outputs stay the same."""
     engine = Engine(sharp, EngineConfig(max_batch_size=16))
