@@ -143,7 +143,35 @@ class DecodeBatch:
         if self.flex is not None:
             return self.flex.attend(layer, q, scale)
         k_all, v_all = self.kv.k[layer], self.kv.v[layer]  # (H, S, D)
-        return torch.stack([_attend_runs(q[b], k_all, v_all, runs, scale) for b, runs in enumerate(self.runs)])
+        out = []
+        for lo, hi, start, step, length in _strided_groups(self.runs):
+            if hi - lo == 1:
+                out.append(_attend_runs(q[lo], k_all, v_all, self.runs[lo], scale)[None])
+                continue
+            # Rows whose runs have one length and evenly spaced starts (images of requests admitted
+            # together) are one strided view of the pool: a single SDPA call for all of them.
+            size, stride = (hi - lo, k_all.shape[0], length, k_all.shape[2]), (step * k_all.shape[2], *k_all.stride())
+            keys = k_all.as_strided(size, stride, k_all.storage_offset() + start * k_all.shape[2])
+            values = v_all.as_strided(size, stride, v_all.storage_offset() + start * v_all.shape[2])
+            out.append(F.scaled_dot_product_attention(q[lo:hi], keys, values, scale=scale))
+        return torch.cat(out)
+
+
+def _strided_groups(runs: list[list[Run]]) -> list[tuple[int, int, int, int, int]]:
+    """Consecutive rows as (first, last + 1, start slot, slot step, length): single-run rows of one length
+    with evenly spaced starts share a group; every other row is a group of its own."""
+    groups: list[tuple[int, int, int, int, int]] = []
+    for b, row in enumerate(runs):
+        start, length = row[0][0], row[0][1] - row[0][0]
+        if groups and len(row) == 1:
+            lo, hi, first, step, size = groups[-1]
+            last = runs[hi - 1]
+            if hi == b and len(last) == 1 and size == length and (
+                    (hi - lo == 1 and start > first) or (hi - lo > 1 and start - last[0][0] == step)):
+                groups[-1] = (lo, b + 1, first, start - first if hi - lo == 1 else step, size)
+                continue
+        groups.append((b, b + 1, start, 0, length))
+    return groups
 
 
 class FlexBlocks:
