@@ -115,7 +115,7 @@ class EngineConfig:
     prefix_caching: bool = True  # keep full KV blocks for reuse by later prompts with the same start
     attention: str = "auto"  # decode attention over the pool: "runs", "flex", or auto (flex on CUDA)
     vision_cache_bytes: int = 256 * 2**20
-    compile: bool = False  # CUDA only: static-shape decode step under torch.compile + CUDA graphs
+    compile: bool = False  # reserved for a CUDA-graph decode step; the paged step runs eager (flex is compiled)
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.packed_linear)
 
     def __post_init__(self) -> None:
@@ -159,7 +159,6 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0  # held by running requests
     kv_blocks_cached: int = 0  # free, but holding reusable content until needed
-    kv_peak_usage: float = 0.0  # highest used / total seen since start
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -474,7 +473,6 @@ class Engine:
             s.prefix_tokens_reused = c.prefix_tokens_reused
             s.preemptions = self.scheduler.preemptions
             s.kv_blocks_used, s.kv_blocks_cached = self.pool.num_used, self.pool.num_cached_free
-            s.kv_peak_usage = max(s.kv_peak_usage, s.kv_usage_ratio)
 
     def _record_step(self, kind: str, batch: int, seconds: float) -> None:
         with self._lock:
