@@ -26,6 +26,9 @@ from transformers import DynamicCache, JanusForConditionalGeneration
 
 from bench.bench_linear import interleaved
 from bench.models import SHAPES, cached_model
+from janus_core.block_pool import BLOCK_SIZE
+from janus_core.compat import cache_arg
+from janus_core.kv_cache import DecodeBatch, PagedKV, PrefillBatch, row_tables
 from janus_core.loading import load_model
 from janus_core.processor import build_understanding_inputs
 from janus_core.runner import ModelRunner
@@ -53,15 +56,17 @@ def prefill(model_dir: Path, repeats: int) -> None:
     inputs = build_understanding_inputs(lm, [image], "Describe this image in detail.")
     ids, pixels = torch.tensor([inputs.input_ids]), inputs.pixel_values
     image_mask = (ids == lm.model.config.image_token_id).unsqueeze(-1)
-    cache = runner.new_cache(1, ids.shape[1] + 8)
+    tables = row_tables(1, ids.shape[1], BLOCK_SIZE)
+    batch = PrefillBatch.for_rows(runner.new_kv(len(tables[0]), BLOCK_SIZE), tables, 0, ids.shape[1])
 
     def ours() -> torch.Tensor:
         embeds = runner.embed_text(ids).masked_scatter(image_mask, runner.vision_features(pixels))
-        return runner.text_logits(runner.prefill(cache, [0], embeds))
+        return runner.text_logits(runner.prefill(batch, embeds))
 
     def theirs() -> torch.Tensor:
+        cache = DynamicCache(config=reference.config.text_config)
         out = reference(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), use_cache=True,
-                        past_key_values=DynamicCache(config=reference.config.text_config), logits_to_keep=1)
+                        logits_to_keep=1, **cache_arg(reference, cache))
         return out.logits[:, -1]
 
     assert ours().argmax().item() == theirs().argmax().item()
@@ -76,7 +81,7 @@ def prefill(model_dir: Path, repeats: int) -> None:
 def decode_attention(shape: str, repeats: int, rows: int = 8, length: int = 708) -> None:
     s = SHAPES[shape]
     heads, head_dim = s.lm_heads, s.lm_hidden // s.lm_heads
-    k = torch.randn(s.lm_layers, rows, heads, 2048, head_dim)  # the engine's layout (L, R, H, S, D)
+    k = torch.randn(s.lm_layers, rows, heads, 2048, head_dim)  # the fixed rows of before (L, R, H, S, D)
     v = torch.randn_like(k)
     q = torch.randn(rows, heads, 1, head_dim)
     positions = torch.arange(length - rows, length)
@@ -91,8 +96,20 @@ def decode_attention(shape: str, repeats: int, rows: int = 8, length: int = 708)
         return [torch.softmax(q @ k[i, :, :, :length].transpose(-1, -2) * head_dim ** -0.5 + additive, -1)
                 @ v[i, :, :, :length] for i in range(s.lm_layers)]
 
+    # The engine's paged pool: (L, H, slots, D), each row on its own consecutive blocks, attended in place.
+    tables = row_tables(rows, length, BLOCK_SIZE)
+    pool = PagedKV(layers=s.lm_layers, kv_heads=heads, num_blocks=rows * len(tables[0]), block_size=BLOCK_SIZE,
+                   head_dim=head_dim, dtype=torch.float32, device=torch.device("cpu"))
+    pool.k.normal_()
+    pool.v.normal_()
+    paged = DecodeBatch.for_rows(pool, tables, positions.tolist())
+    new_k, new_v = torch.randn(rows, heads, 1, head_dim), torch.randn(rows, heads, 1, head_dim)
+
+    def paged_rows():
+        return [paged.attend(i, q, new_k, new_v, head_dim ** -0.5) for i in range(s.lm_layers)]
+
     got = interleaved({"bool mask": sdpa(visible), "float mask": sdpa(additive), "no mask": sdpa(None),
-                       "matmuls": matmuls}, repeats)
+                       "matmuls": matmuls, "paged rows": paged_rows}, repeats)
     kv_bytes = 2 * s.lm_layers * rows * heads * length * head_dim * 4
     print(f"\n## decode attention, {rows} rows x {length} positions x {s.lm_layers} layers "
           f"({kv_bytes / 1e6:.0f} MB of fp32 KV per step)")
@@ -104,12 +121,14 @@ def decode_attention(shape: str, repeats: int, rows: int = 8, length: int = 708)
 def decode_step_profile(model_dir: Path, rows: int = 8, context: int = 700) -> None:
     lm = load_model(str(model_dir), device="cpu")
     runner = ModelRunner(lm)
-    cache = runner.new_cache(rows, context + 64)
+    tables = row_tables(rows, context + 64, BLOCK_SIZE)
+    kv = runner.new_kv(rows * len(tables[0]), BLOCK_SIZE)
     positions = torch.arange(context, context + rows)
     ids = torch.zeros((rows, 1), dtype=torch.long)
+    batch = DecodeBatch.for_rows(kv, tables, positions.tolist())
 
     def step():
-        return runner.text_logits(runner.decode(cache, runner.embed_text(ids), positions)).argmax(-1).tolist()
+        return runner.text_logits(runner.decode(batch, runner.embed_text(ids), positions)).argmax(-1).tolist()
 
     for _ in range(5):
         step()

@@ -181,7 +181,7 @@ def bench_second_question(lm: LoadedModel, ref: LoadedModel, config: EngineConfi
     run_engine(reuse, [UnderstandRequest("warm", "hi", images(1, lm.image_size, 98), max_new_tokens=1)])
     t_first = run_engine(reuse, [first]).first["q1"]
     t_second = run_engine(reuse, [second]).first["q2"]
-    cold_cfg = EngineConfig(**{**config.__dict__, "prefix_cache_bytes": 0, "vision_cache_bytes": 0})
+    cold_cfg = EngineConfig(**{**config.__dict__, "prefix_caching": False, "vision_cache_bytes": 0})
     cold = Engine(lm, cold_cfg)
     run_engine(cold, [UnderstandRequest("warm", "hi", images(1, lm.image_size, 98), max_new_tokens=1)])
     run_engine(cold, [first])

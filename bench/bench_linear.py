@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from bench.models import SHAPES, cached_model
+from janus_core.block_pool import BLOCK_SIZE
+from janus_core.kv_cache import DecodeBatch, row_tables
 from janus_core.loading import load_model
 from janus_core.packed_linear import pack_linears, packing_supported
 from janus_core.runner import ModelRunner
@@ -79,13 +81,15 @@ def bench_decode_step(model_dir: Path, rows: int, context: int, repeats: int) ->
     for packed in (False, True):
         lm = load_model(str(model_dir), device="cpu")
         runners["packed" if packed else "plain"] = ModelRunner(lm, pack_cpu_linears=packed)
-    caches = {name: r.new_cache(rows, context + 64) for name, r in runners.items()}
+    tables = row_tables(rows, context + 64, BLOCK_SIZE)
+    kvs = {name: r.new_kv(rows * len(tables[0]), BLOCK_SIZE) for name, r in runners.items()}
     positions = torch.arange(context, context + rows)  # rows at slightly different lengths, as in a batch
     ids = torch.zeros((rows, 1), dtype=torch.long)
 
     def step(name: str) -> Callable[[], object]:
         r = runners[name]
-        return lambda: r.text_logits(r.decode(caches[name], r.embed_text(ids), positions)).argmax(-1).tolist()
+        batch = DecodeBatch.for_rows(kvs[name], tables, positions.tolist())
+        return lambda: r.text_logits(r.decode(batch, r.embed_text(ids), positions)).argmax(-1).tolist()
 
     got = interleaved({name: step(name) for name in runners}, repeats)
     print(f"\n## decode step of the engine's runner: {rows} rows at ~{context} cached positions ({model_dir})")

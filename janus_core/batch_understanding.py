@@ -1,30 +1,33 @@
 """Continuously batched understanding: requests join and leave the decode batch at every token.
 
-Each request owns one KV-cache row. Admission prefills its prompt into that row; after that a
-decode step feeds every running request's last token at its own position. Two caches save work:
+Each request owns one row of paged KV (a block table). Admission prefills the positions its table
+does not already hold; after that a decode step feeds every running request's last token at its
+own position. Two caches save work:
 - vision features by image content (a `ByteLRU` keyed by `image_key`): a repeated image skips SigLIP;
-- prompt prefixes (a `ByteLRU` of `CachedPrefix`): the keys/values of everything up to the end of the last image
-  (system prompt + images) are kept, so a second question about the same image(s) copies them
-  into its row and prefills only the question. The tokens every prompt starts with (BOS, the
-  system prompt and the user-turn marker: the longest run of ids a prompt shares with the empty
-  prompt's) are kept the same way, so a request with a new image or no image skips those too.
+- KV blocks by content: every full block of a row (prompt and answer alike) gets a chained key over
+  its token ids and the images whose positions it holds, and stays in the pool after the request
+  ends until the memory is needed. A later prompt that starts with the same tokens and images (the
+  system prompt, the same image and another question, the next turn of a conversation, a preempted
+  request coming back) takes those blocks by reference and prefills only the rest.
 
 This module knows the understanding prompt format, limits and detokenisation; the scheduler
-decides who runs and the runner does the tensor work.
+decides who runs and holds which blocks, and the runner does the tensor work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from janus_core.block_pool import chain_keys
 from janus_core.conversation import Message
 from janus_core.detok import IncrementalDecoder
 from janus_core.errors import InvalidRequestError
-from janus_core.kv_cache import CachedPrefix, KVCache
+from janus_core.kv_cache import DecodeBatch, PagedKV, PrefillBatch
+from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
 from janus_core.lru import ByteLRU
 from janus_core.processor import build_conversation_inputs, build_understanding_inputs
@@ -34,49 +37,61 @@ from janus_core.scheduler import Sequence as Seq
 from janus_core.understanding import check_limits
 from janus_core.vision_cache import image_key
 
+Span = tuple[int, int, str]  # positions [start, end) of one image's placeholders, and its content key
+
 
 @dataclass(eq=False)
 class UnderstandingState:
     ids: list[int]
     pixels: torch.Tensor | None  # (num_images, 3, H, W)
     image_keys: list[str]
-    prefix_key: Hashable | None  # None: nothing worth reusing (no image)
-    prefix_len: int
-    preamble_len: int  # leading ids shared with the empty prompt (0: too few to be worth reusing)
+    spans: list[Span]
     params: SamplingParams
     seed: int | None
     generator: torch.Generator | None
     decoder: IncrementalDecoder
     out: list[int] = field(default_factory=list)
 
+    @property
+    def tokens(self) -> list[int]:
+        return self.ids + self.out
+
 
 @dataclass
 class CacheCounters:
     vision_hits: int = 0
     vision_misses: int = 0
-    prefix_hits: int = 0
+    prefix_hits: int = 0  # admissions that found KV blocks in the cache
     prefix_misses: int = 0
-    prefix_tokens_reused: int = 0  # image prefixes and preambles together
-    preamble_hits: int = 0
+    prefix_tokens_reused: int = 0
 
 
-MIN_PREAMBLE = 16  # shared leading tokens below which a request prefills from position 0
-PREAMBLE = "preamble"  # the prefix cache's key for the shared start of every prompt
+def image_spans(ids: Sequence[int], image_token: int, keys: Sequence[str]) -> list[Span]:
+    """The placeholder runs of `ids`, in order, paired with the images' content keys."""
+    spans: list[Span] = []
+    start = None
+    for i, t in enumerate([*ids, -1]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            spans.append((start, i, keys[len(spans)]))
+            start = None
+    if len(spans) != len(keys):
+        raise ValueError(f"{len(spans)} image placeholder runs for {len(keys)} images")
+    return spans
 
 
 class UnderstandingBatch:
-    def __init__(self, lm: LoadedModel, runner: ModelRunner, cache: KVCache, *, vision_cache_bytes: int,
-                 prefix_cache_bytes: int, max_images: int, max_new_tokens: int) -> None:
-        self.lm, self.runner, self.cache = lm, runner, cache
+    def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, manager: KVManager, *,
+                 vision_cache_bytes: int, max_images: int, max_new_tokens: int, max_context: int) -> None:
+        self.lm, self.runner, self.kv, self.manager = lm, runner, kv, manager
         self.vision: ByteLRU[torch.Tensor] = ByteLRU(vision_cache_bytes)  # image key -> features (N, D)
-        self.prefixes: ByteLRU[CachedPrefix] = ByteLRU(prefix_cache_bytes)  # prefix key -> keys/values
-        self.max_images, self.max_new_tokens = max_images, max_new_tokens
+        self.max_images, self.max_new_tokens, self.max_context = max_images, max_new_tokens, max_context
         self.counters = CacheCounters()
-        self._preamble = build_understanding_inputs(lm, [], "").input_ids  # what every prompt starts with
 
     def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
                 params: SamplingParams, *, messages: Sequence[Message] | None = None) -> Seq:
-        """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for a row.
+        """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for blocks.
         With `messages`, the whole conversation is the prompt and `images` are its images in order."""
         if len(images) > self.max_images:
             raise InvalidRequestError(f"{len(images)} images given; at most {self.max_images} per request")
@@ -89,80 +104,61 @@ class UnderstandingBatch:
             inputs = build_understanding_inputs(self.lm, images, prompt)
         self._check_context(len(inputs.input_ids), max_new_tokens)
         keys = [image_key(p) for p in inputs.pixel_values] if inputs.pixel_values is not None else []
-        prefix_len = _prefix_len(inputs.input_ids, self.lm.special["eoi"]) if keys else 0
-        shared = _common_prefix_len(inputs.input_ids[:-1], self._preamble)  # at least one token is left to run
+        spans = image_spans(inputs.input_ids, self.lm.special["image"], keys)
         seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
         state = UnderstandingState(
-            ids=inputs.input_ids, pixels=inputs.pixel_values, image_keys=keys,
-            prefix_key=(tuple(inputs.input_ids[:prefix_len]), tuple(keys)) if prefix_len else None,
-            prefix_len=prefix_len,
-            preamble_len=shared if shared >= MIN_PREAMBLE else 0,
-            params=params, seed=seed,
+            ids=inputs.input_ids, pixels=inputs.pixel_values, image_keys=keys, spans=spans, params=params, seed=seed,
             generator=make_generator(seed, self.lm.device) if seed is not None and not params.greedy else None,
             decoder=IncrementalDecoder(self.lm.tokenizer),
         )
-        return Seq(request_id, "understand", num_rows=1, prompt_tokens=len(inputs.input_ids),
-                   max_tokens=max_new_tokens, stop_token=self.lm.special["eos"], data=state)
+        return Seq(request_id, "understand", prompt_tokens=len(inputs.input_ids), max_tokens=max_new_tokens,
+                   stop_token=self.lm.special["eos"], data=state,
+                   cache_keys=chain_keys(state.ids, self.kv.block_size, spans))
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         check_limits(self.lm, prompt_tokens, max_new_tokens)
-        if prompt_tokens + max_new_tokens > self.cache.max_len:
+        if prompt_tokens + max_new_tokens > self.max_context:
             raise InvalidRequestError(
                 f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the engine's "
-                f"context length of {self.cache.max_len} tokens")
+                f"context length of {self.max_context} tokens")
 
     def prefill(self, seq: Seq) -> int:
-        """Fill the request's row (reusing a cached prefix when there is one); sample its first token."""
+        """Compute the positions the row's table does not hold yet (all but cached blocks); sample a token.
+
+        A preempted request comes back through here: its prompt and every token it had sampled are its
+        new prompt, and the token sampled now is the one its next decode step would have given.
+        """
         state: UnderstandingState = seq.data
-        row = seq.rows[0]
-        cached = self.prefixes.get(state.prefix_key) if state.prefix_key is not None else None
-        if cached is not None:
+        tokens, start = state.tokens, seq.cached_tokens
+        if start:
             self.counters.prefix_hits += 1
-            self.counters.prefix_tokens_reused += cached.length
-            self.cache.write(row, cached.k, cached.v)
-            suffix = torch.tensor([state.ids[cached.length:]])  # (1, T - P): text only, after the last image
-            hidden = self.runner.prefill(self.cache, [row], self.runner.embed_text(suffix), start=cached.length)
+            self.counters.prefix_tokens_reused += start
         else:
-            if state.prefix_key is not None:
-                self.counters.prefix_misses += 1
-            embeds = self._embed_prompt(state)  # (1, T, D)
-            # Every cached preamble is a prefix of the same ids (the empty prompt's), so one entry serves
-            # all requests: each takes as many of its positions as it shares.
-            # Both lengths are at least MIN_PREAMBLE (shorter ones are never looked up nor stored).
-            preamble = self.prefixes.get(PREAMBLE) if state.preamble_len else None
-            start = 0
-            if preamble is not None:
-                start = min(preamble.length, state.preamble_len)
-                self.counters.preamble_hits += 1
-                self.counters.prefix_tokens_reused += start
-                self.cache.write(row, preamble.k[:, :, :start], preamble.v[:, :, :start])
-            hidden = self.runner.prefill(self.cache, [row], embeds[:, start:], start=start)
-            if state.prefix_key is not None:
-                self._keep(state.prefix_key, row, state.prefix_len)
-            if state.preamble_len > (preamble.length if preamble is not None else 0):
-                self._keep(PREAMBLE, row, state.preamble_len)
-        token = sample_rows(self.runner.text_logits(hidden), [state.params], [state.generator])[0]
-        return token
+            self.counters.prefix_misses += 1
+        batch = PrefillBatch.for_rows(self.kv, seq.tables, start, len(tokens))
+        hidden = self.runner.prefill(batch, self._embed(state, start, len(tokens)), start)
+        self._extend_keys(seq, len(tokens))
+        return sample_rows(self.runner.text_logits(hidden), [state.params], [state.generator])[0]
 
-    def _keep(self, key: Hashable, row: int, length: int) -> None:
-        """Copy positions [0, length) of `row` into the prefix cache under `key`."""
-        if self.prefixes.max_bytes > 0:
-            prefix = CachedPrefix(*self.cache.read(row, length))
-            self.prefixes.put(key, prefix, prefix.nbytes)
-
-    def _embed_prompt(self, state: UnderstandingState) -> torch.Tensor:
-        ids = torch.tensor([state.ids])  # (1, T)
-        embeds = self.runner.embed_text(ids)  # (1, T, D)
-        if state.pixels is None:
+    def _embed(self, state: UnderstandingState, start: int, end: int) -> torch.Tensor:
+        """Embeddings of positions [start, end): text, with SigLIP features over the images' placeholders."""
+        embeds = self.runner.embed_text(torch.tensor([state.tokens[start:end]]))  # (1, T, D)
+        wanted = [i for i, (a, b, _) in enumerate(state.spans) if a < end and b > start]
+        if not wanted:
             return embeds
-        features = self._features(state)  # (num_images * N, D)
-        mask = (ids == self.lm.model.config.image_token_id).unsqueeze(-1).to(embeds.device)
-        return embeds.masked_scatter(mask, features.to(embeds.dtype))
+        embeds = embeds.clone()
+        # By span, not by token id: an answer may contain the placeholder id as plain text (a preempted
+        # request's answer is part of its prompt when it comes back).
+        for i, feats in zip(wanted, self._features(state, wanted), strict=True):
+            a, b, _ = state.spans[i]
+            lo, hi = max(a, start), min(b, end)
+            embeds[0, lo - start:hi - start] = feats[lo - a:hi - a].to(embeds.dtype)
+        return embeds
 
-    def _features(self, state: UnderstandingState) -> torch.Tensor:
-        found = [self.vision.get(k) for k in state.image_keys]
-        missing = [i for i, f in enumerate(found) if f is None]
-        self.counters.vision_hits += len(found) - len(missing)
+    def _features(self, state: UnderstandingState, wanted: list[int]) -> list[torch.Tensor]:
+        found = {i: self.vision.get(state.image_keys[i]) for i in wanted}
+        missing = [i for i, f in found.items() if f is None]
+        self.counters.vision_hits += len(wanted) - len(missing)
         self.counters.vision_misses += len(missing)
         if missing:
             assert state.pixels is not None
@@ -170,7 +166,16 @@ class UnderstandingBatch:
             for i, feats in zip(missing, computed, strict=True):
                 found[i] = feats
                 self.vision.put(state.image_keys[i], feats, feats.numel() * feats.element_size())
-        return torch.cat([f for f in found if f is not None])  # (num_images * N, D)
+        return [found[i] for i in wanted]  # type: ignore[misc]
+
+    def _extend_keys(self, seq: Seq, fed: int) -> None:
+        """Key the blocks that `fed` written positions have filled, and offer them to the content cache."""
+        state: UnderstandingState = seq.data
+        bs = self.kv.block_size
+        if fed // bs > len(seq.cache_keys):
+            prev = seq.cache_keys[-1] if seq.cache_keys else None
+            seq.cache_keys += chain_keys(state.tokens[:fed], bs, state.spans, prev=prev, first=len(seq.cache_keys))
+        self.manager.register(seq)
 
     def push(self, seq: Seq, token: int) -> str:
         """Record a (non-stop) token; returns the newly settled text."""
@@ -178,30 +183,13 @@ class UnderstandingBatch:
         state.out.append(token)
         return state.decoder.push(token)
 
-    def decode(self, seqs: list[Seq], width: int) -> list[int]:
-        """One token for every running request; the step covers rows [0, width)."""
-        ids = torch.zeros((width, 1), dtype=torch.long)
-        positions = torch.zeros(width, dtype=torch.long)
-        for seq in seqs:
-            state: UnderstandingState = seq.data
-            ids[seq.rows[0], 0] = state.out[-1]
-            positions[seq.rows[0]] = len(state.ids) + len(state.out) - 1
-        hidden = self.runner.decode(self.cache, self.runner.embed_text(ids), positions)  # (width, D)
-        rows = torch.tensor([seq.rows[0] for seq in seqs], device=hidden.device)
-        logits = self.runner.text_logits(hidden[rows])  # (B, V)
+    def decode(self, seqs: list[Seq]) -> list[int]:
+        """One token for every running request: each feeds its last token at its next position."""
+        positions = [len(s.data.ids) + len(s.data.out) - 1 for s in seqs]
+        batch = DecodeBatch.for_rows(self.kv, [s.tables[0] for s in seqs], positions)
+        ids = torch.tensor([[s.data.out[-1]] for s in seqs])  # (B, 1)
+        hidden = self.runner.decode(batch, self.runner.embed_text(ids), torch.tensor(positions))  # (B, D)
+        for seq, p in zip(seqs, positions, strict=True):
+            self._extend_keys(seq, p + 1)
+        logits = self.runner.text_logits(hidden)  # (B, V)
         return sample_rows(logits, [s.data.params for s in seqs], [s.data.generator for s in seqs])
-
-
-def _prefix_len(ids: list[int], end_of_image: int) -> int:
-    """Tokens up to and including the last image's end marker (0 when the prompt has no image)."""
-    last = max((i for i, t in enumerate(ids) if t == end_of_image), default=-1)
-    return last + 1 if 0 < last + 1 < len(ids) else 0
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -6,10 +6,15 @@ exactly one `FinishedOutput` or `FailedOutput`. `cancel(request_id)` removes a r
 step without disturbing the others.
 
 Each `step` is: take in new requests (validate, tokenize), let the `Scheduler` (plain Python)
-drop cancelled requests and admit waiting ones, prefill the admitted ones, run one decode step per
-kind over every running request (`GenerationBatch`, `UnderstandingBatch` on one `ModelRunner`),
-then update from the sampled tokens: stream them, finish requests, VQ-decode finished images
-together. The engine knows tokens, pixels and tensors; not HTTP, queues or PNG encoding.
+drop cancelled requests, make room in the KV block pool (preempting if it must) and admit waiting
+ones, prefill the admitted ones, run one decode step per kind over every running request
+(`GenerationBatch`, `UnderstandingBatch` on one `ModelRunner`), then update from the sampled
+tokens: stream them, finish requests, VQ-decode finished images together.
+
+KV memory is one pool of blocks (`janus_core.block_pool`) sized at start-up by
+`janus_core.memory`: an explicit size, or on CUDA a share of the device after the weights and a
+measured activation peak. The engine knows tokens, pixels and tensors; not HTTP, queues or PNG
+encoding.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from janus_core import memory
 from janus_core.batch_generation import GenerationBatch, GenerationState
 from janus_core.batch_understanding import UnderstandingBatch, UnderstandingState
+from janus_core.block_pool import BLOCK_SIZE, BlockPool
 from janus_core.conversation import Message
 from janus_core.errors import InvalidRequestError
 from janus_core.generation import GenerateResult
+from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
 from janus_core.runner import ModelRunner
 from janus_core.sampling import SamplingParams
@@ -96,33 +104,35 @@ Sink = Callable[[EngineOutput], None]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 16  # running requests (both kinds); also the understanding KV rows
+    max_batch_size: int = 16  # running images + understanding sequences; it does not size memory
     max_images: int = 4  # images per understanding request
     max_new_tokens: int = 2048
-    max_generation_images: int | None = None  # images decoding at once (2 KV rows each); None: max_batch_size
-    max_context: int | None = None  # understanding KV length per row; None: the model's, at most 4096
-    max_generation_prompt: int = 512  # generation prompt tokens; the row length adds the image tokens
+    max_context: int | None = None  # understanding prompt + new tokens; None: the model's
+    max_generation_prompt: int = 512  # generation prompt tokens
     max_prefill_tokens: int = 8192  # prompt tokens admitted per step (at least one request always is)
+    kv_cache_memory: int | None = None  # bytes of KV pool; None: from the device (CUDA) or a CPU default
+    gpu_memory_utilization: float = 0.90  # CUDA: the share of the device the engine may fill
+    prefix_caching: bool = True  # keep full KV blocks for reuse by later prompts with the same start
+    attention: str = "auto"  # decode attention over the pool: "runs", "flex", or auto (flex on CUDA)
     vision_cache_bytes: int = 256 * 2**20
-    prefix_cache_bytes: int = 512 * 2**20
-    compile: bool = False  # CUDA only: static-shape decode step under torch.compile + CUDA graphs
+    compile: bool = False  # reserved for a CUDA-graph decode step; the paged step runs eager (flex is compiled)
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.packed_linear)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
-        if self.max_generation_images is not None and self.max_generation_images < 1:
-            raise ValueError(f"max_generation_images must be at least 1, got {self.max_generation_images}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {self.max_context}")
         if self.max_generation_prompt < 1:
             raise ValueError(f"max_generation_prompt must be at least 1, got {self.max_generation_prompt}")
-        if min(self.vision_cache_bytes, self.prefix_cache_bytes) < 0:
-            raise ValueError("cache sizes must be >= 0 bytes")
-
-    @property
-    def generation_images(self) -> int:
-        return self.max_generation_images or self.max_batch_size
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention not in ("auto", "runs", "flex"):
+            raise ValueError(f"attention must be auto, runs or flex, got {self.attention!r}")
+        if self.vision_cache_bytes < 0:
+            raise ValueError("vision_cache_bytes must be >= 0")
 
 
 @dataclass
@@ -140,11 +150,23 @@ class EngineStats:
     step_seconds: list[tuple[str, float]] = field(default_factory=list)  # drained by the server
     vision_cache_hits: int = 0
     vision_cache_misses: int = 0
-    prefix_cache_hits: int = 0
+    prefix_cache_hits: int = 0  # understanding admissions that reused cached KV blocks
     prefix_cache_misses: int = 0
-    prefix_tokens_reused: int = 0  # image prefixes and shared preambles (system prompt) together
-    preamble_hits: int = 0
+    prefix_tokens_reused: int = 0
+    preemptions: int = 0
     kv_cache_bytes: int = 0
+    kv_block_size: int = BLOCK_SIZE
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0  # held by running requests
+    kv_blocks_cached: int = 0  # free, but holding reusable content until needed
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_blocks_total * self.kv_block_size
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 class Engine:
@@ -152,27 +174,51 @@ class Engine:
         self.lm = lm
         self.config = cfg = config or EngineConfig()
         self.runner = ModelRunner(lm, compile=cfg.compile, pack_cpu_linears=cfg.pack_cpu_linears)
-        # Rows are allocated up front (rows x length x layers); 4096 keeps a 7B at 16 rows near 16 GB in bf16.
-        understand_len = min(cfg.max_context or 4096, lm.max_context)
-        generate_len = min(cfg.max_generation_prompt + lm.num_image_tokens, lm.max_context)
+        context = min(cfg.max_context or lm.max_context, lm.max_context)
+        per_token = memory.kv_bytes_per_token(lm.model.config.text_config, lm.dtype)
+        self.capacity = memory.capacity(self._pool_bytes(per_token, context), per_token, lm.num_image_tokens)
+        num_blocks = self.capacity.kv_tokens // BLOCK_SIZE
+        if num_blocks < 1:
+            raise ValueError(f"the KV pool holds no block: {memory.format_size(self.capacity.kv_cache_bytes)} at "
+                             f"{per_token} bytes per token; give more --kv-cache-memory")
+        log.info("%s (block size %d, %d blocks)", self.capacity.describe(), BLOCK_SIZE, num_blocks)
+        self.kv = self.runner.new_kv(num_blocks, BLOCK_SIZE)
+        if cfg.attention != "auto":
+            self.kv.attention = cfg.attention
+        self.pool = BlockPool(num_blocks, BLOCK_SIZE)
+        manager = KVManager(self.pool, prefix_caching=cfg.prefix_caching)
         self.understanding = UnderstandingBatch(
-            lm, self.runner, self.runner.new_cache(cfg.max_batch_size, understand_len),
-            vision_cache_bytes=cfg.vision_cache_bytes, prefix_cache_bytes=cfg.prefix_cache_bytes,
-            max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens)
-        self.generation = GenerationBatch(lm, self.runner,
-                                          self.runner.new_cache(2 * cfg.generation_images, generate_len))
-        self.scheduler = Scheduler({"understand": cfg.max_batch_size, "generate": 2 * cfg.generation_images},
-                                   max_running=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens)
+            lm, self.runner, self.kv, manager, vision_cache_bytes=cfg.vision_cache_bytes,
+            max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens, max_context=context)
+        self.generation = GenerationBatch(lm, self.runner, self.kv, max_images=cfg.max_batch_size,
+                                          max_prompt_tokens=cfg.max_generation_prompt)
+        self.scheduler = Scheduler(manager, max_running=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox: deque[tuple[Request, Sink]] = deque()
         self._cancelled: set[str] = set()
         self._sinks: dict[Sequence, Sink] = {}  # requests not yet answered
         self._stops: dict[Sequence, StopMatcher] = {}  # understanding requests with stop strings
-        self._stats = EngineStats(
-            kv_cache_bytes=self.understanding.cache.nbytes + self.generation.cache.nbytes)
+        self._stats = EngineStats(kv_cache_bytes=self.kv.nbytes, kv_blocks_total=num_blocks)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._clear = False
+
+    def _pool_bytes(self, per_token: int, context: int) -> int:
+        """The KV pool's size: explicit, a share of the CUDA device, or the CPU default."""
+        cfg, device = self.config, self.lm.device
+        if cfg.kv_cache_memory is not None:
+            return cfg.kv_cache_memory
+        if device.type == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info(device)
+            weights = torch.cuda.memory_allocated(device)
+            others = max(total - free - torch.cuda.memory_reserved(device), 0)  # other processes, CUDA context
+            peak = self.runner.profile_peak(cfg.max_prefill_tokens, 2 * cfg.max_batch_size)
+            return memory.pool_bytes(total, cfg.gpu_memory_utilization, weights, peak, others)
+        # No device to measure: a laptop's share, or less when the batch cap could never use it.
+        return min(memory.CPU_DEFAULT_KV_BYTES, 2 * cfg.max_batch_size * context * per_token)
 
     # --- any thread -------------------------------------------------------------------------------
     def add_request(self, request: Request, sink: Sink) -> None:
@@ -198,13 +244,6 @@ class Engine:
             s.batch_sizes, s.step_seconds = [], []
         return snap
 
-    def clear_caches(self) -> None:
-        """Forget every cached prefix and vision feature (benchmarks measure the cold path with it).
-        Call it while no request runs: the engine thread reads the caches without a lock. Results
-        never depend on the caches, only the work done does."""
-        self.understanding.prefixes.clear()
-        self.understanding.vision.clear()
-
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="janus-engine", daemon=True)
@@ -218,9 +257,38 @@ class Engine:
             self._thread.join(timeout)
 
     def warm_up(self) -> None:
-        """Compile the decode steps before the first request (no-op unless `compile` is on CUDA)."""
-        self.runner.warm_up(self.understanding.cache, self.runner.embed_text)
-        self.runner.warm_up(self.generation.cache, self.runner.embed_image_tokens)
+        """CUDA: compile the flex decode attention for every batch bucket before requests arrive.
+
+        If it cannot be compiled on this torch/driver, log why and fall back to the per-row attention.
+        """
+        if self.kv.attention != "flex" or self.lm.device.type != "cuda":
+            return
+        import torch
+
+        from janus_core.kv_cache import DecodeBatch
+
+        started, rows = time.perf_counter(), 1
+        try:
+            while rows < 2 * 2 * self.config.max_batch_size:  # up to the bucket of the largest decode batch
+                batch = DecodeBatch.for_rows(self.kv, [[0]] * rows, [0] * rows)  # block 0 is free: scratch
+                ids = torch.zeros((rows, 1), dtype=torch.long)
+                self.runner.decode(batch, self.runner.embed_text(ids), torch.zeros(rows, dtype=torch.long))
+                rows *= 2
+            torch.cuda.synchronize(self.lm.device)
+            log.info("compiled the flex decode attention for batches up to %d rows in %.1f s", rows // 2,
+                     time.perf_counter() - started)
+        except Exception:
+            log.exception("flex decode attention failed to compile; using per-row attention instead")
+            self.kv.attention = "runs"
+
+    def clear_caches(self) -> None:
+        """Forget cached KV blocks and vision features (from any thread; the next step sees it).
+
+        Benchmarks measure the cold path with it; results never depend on the caches, only the work done does.
+        """
+        with self._lock:
+            self._clear = True
+            self._wakeup.notify()
 
     # --- engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -241,6 +309,10 @@ class Engine:
     def step(self) -> bool:
         """One engine iteration over every request; False when there was nothing to do."""
         self._intake()
+        if self._clear:
+            self._clear = False
+            self.pool.clear_cache()
+            self.understanding.vision.clear()
         plan = self.scheduler.schedule()
         if plan.empty:
             self._sync_counts()
@@ -287,10 +359,20 @@ class Engine:
 
     def _prepare(self, request: Request) -> Sequence:
         if isinstance(request, UnderstandRequest):
-            return self.understanding.prepare(request.request_id, request.images, request.prompt,
-                                              request.max_new_tokens, request.params, messages=request.messages)
-        return self.generation.prepare(request.request_id, request.prompt, request.n, request.cfg_weight,
-                                       request.params)
+            seq = self.understanding.prepare(request.request_id, request.images, request.prompt,
+                                             request.max_new_tokens, request.params, messages=request.messages)
+        else:
+            seq = self.generation.prepare(request.request_id, request.prompt, request.n, request.cfg_weight,
+                                          request.params)
+        manager = self.scheduler.kv
+        if not manager.fits(seq):
+            what = (f"{seq.width} image(s) of {seq.prompt_tokens} prompt + {seq.max_tokens} image tokens with CFG"
+                    if seq.kind == "generate" else
+                    f"a prompt of {seq.prompt_tokens} tokens plus max_new_tokens {seq.max_tokens}")
+            raise InvalidRequestError(
+                f"{what} need {manager.blocks_needed(seq) * BLOCK_SIZE} KV positions; the engine's KV pool holds "
+                f"{self.pool.num_blocks * BLOCK_SIZE} ({memory.format_size(self.kv.nbytes)})")
+        return seq
 
     def _prefill(self, seq: Sequence) -> None:
         if seq.kind == "understand":
@@ -300,14 +382,13 @@ class Engine:
 
     def _decode(self, kind: str, seqs: list[Sequence]) -> None:
         started = time.perf_counter()
-        width = self.scheduler.decode_width(kind)
         if kind == "understand":
-            tokens = self.understanding.decode(seqs, width)
+            tokens = self.understanding.decode(seqs)
             self._record_step(kind, len(seqs), time.perf_counter() - started)
             for seq, token in zip(seqs, tokens, strict=True):
                 self._on_tokens(seq, token)
         else:
-            codes = self.generation.decode(seqs, width)
+            codes = self.generation.decode(seqs)
             self._record_step(kind, len(seqs), time.perf_counter() - started)
             self._on_codes(seqs, codes)
 
@@ -389,7 +470,9 @@ class Engine:
             s.running = {kind: self.scheduler.num_running(kind) for kind in KINDS}
             s.vision_cache_hits, s.vision_cache_misses = c.vision_hits, c.vision_misses
             s.prefix_cache_hits, s.prefix_cache_misses = c.prefix_hits, c.prefix_misses
-            s.prefix_tokens_reused, s.preamble_hits = c.prefix_tokens_reused, c.preamble_hits
+            s.prefix_tokens_reused = c.prefix_tokens_reused
+            s.preemptions = self.scheduler.preemptions
+            s.kv_blocks_used, s.kv_blocks_cached = self.pool.num_used, self.pool.num_cached_free
 
     def _record_step(self, kind: str, batch: int, seconds: float) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from janus_core.compat import cache_arg
 from janus_core.errors import InvalidRequestError
 from janus_core.loading import LoadedModel
 from janus_core.processor import build_generation_ids, unconditional_ids
@@ -59,7 +60,7 @@ def stream_image_tokens(
                                   f"it exceeds the context length of {lm.max_context}")
     cache = DynamicCache(config=model.config.text_config)
     lm_core = model.model.language_model
-    hidden = lm_core(inputs_embeds=model.get_input_embeddings()(pair), past_key_values=cache,
+    hidden = lm_core(inputs_embeds=model.get_input_embeddings()(pair), **cache_arg(lm_core, cache),
                      use_cache=True).last_hidden_state[:, -1, :]  # (2, D)
     # Rows become [cond x n, uncond x n]; the prefill ran once for the pair.
     cache.batch_repeat_interleave(n)
@@ -77,7 +78,7 @@ def stream_image_tokens(
         nxt = torch.tensor(chosen, device=lm.device).repeat(2).unsqueeze(-1)  # (2n, 1)
         embeds = model.prepare_embeddings_for_image_generation(nxt)
         positions = torch.full((2 * n, 1), position, device=lm.device)
-        hidden = lm_core(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+        hidden = lm_core(inputs_embeds=embeds, **cache_arg(lm_core, cache), use_cache=True,
                          position_ids=positions).last_hidden_state[:, -1, :]
         position += 1
     return seed, tokens

@@ -1,115 +1,280 @@
-"""Static KV cache: per-layer key/value buffers allocated once and written in place.
+"""The paged KV cache: one pool of block-sized slots per layer, written and attended in place.
 
-Buffers are (L, R, H, S, D): layers, rows (one row per decoding sequence; a CFG image takes two),
-KV heads, max sequence length, head dim. Every row keeps its own tokens from position 0, so rows
-of different lengths share one batch without left padding: a decode step passes a per-row
-position and a mask over the keys each row has.
+`PagedKV` holds keys and values as (L, H, S, D): layers, KV heads, slots (num_blocks x block_size),
+head dim. Position p of a row lives in slot `table[p // bs] * bs + p % bs` of its block table
+(`janus_core.block_pool` decides which blocks). The layout keeps a run of consecutive slots a
+strided (H, T, D) view, so a row whose blocks are consecutive is attended without a copy.
 
-transformers' Llama attention calls `past_key_values.update(k, v, layer_idx)`; `PrefillView` and
-`DecodeView` answer that call by writing into the buffers and returning the keys/values to attend
-over. `CachedPrefix` is a copy of a prompt prefix (system prompt + images) kept for reuse.
-This module knows tensors and positions, not tokens, prompts or sampling.
+transformers' Llama layers look up their attention function by name; `janus_paged` (registered
+here) writes the new keys/values into their slots and attends over the row's slots, given a
+`PrefillBatch` or `DecodeBatch` through the layer's keyword arguments. Without one it is plain SDPA,
+so the same model still runs transformers' own paths (and its `generate`, the oracle).
+
+Decode attention has two implementations over the same pool, chosen per `PagedKV.attention`:
+- "runs" (CPU): per row, SDPA over each run of consecutive slots read in place (one call when the
+  row's blocks are consecutive, an exact softmax over the runs' scores when not). Exact in fp32.
+- "flex" (CUDA): one `flex_attention` call for the whole batch over the whole pool, with a
+  `BlockMask` built from the block tables, so the kernel visits each row's blocks where they lie
+  (torch itself, no extra dependency; compiled, with the batch padded to power-of-two buckets so a
+  handful of compilations serve every request mix).
+
+This module knows tensors, slots and positions; not tokens, prompts, blocks' owners or sampling.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "janus_paged"
+
+Run = tuple[int, int]  # slots [start, end) holding consecutive positions of one row
 
 
-class KVCache:
-    def __init__(self, *, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
+class PagedKV:
+    def __init__(self, *, layers: int, kv_heads: int, num_blocks: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (layers, rows, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, R, H, S, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, R, H, S, D)
+        shape = (layers, kv_heads, num_blocks * block_size, head_dim)
+        # Zeros, not garbage: a NaN in a slot nobody wrote must never reach a masked product.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, H, S, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, H, S, D)
+        self.block_size = block_size
+        self.attention = "flex" if self.k.is_cuda else "runs"
 
     @property
-    def rows(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+    def num_blocks(self) -> int:
+        return self.k.shape[2] // self.block_size
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def copy_rows(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy the first `length` positions of rows `src` into rows `dst` (e.g. one CFG pair to n images)."""
-        src_t = torch.tensor(src, device=self.k.device)
-        dst_t = torch.tensor(dst, device=self.k.device)
-        self.k[:, dst_t, :, :length] = self.k[:, src_t, :, :length]
-        self.v[:, dst_t, :, :length] = self.v[:, src_t, :, :length]
-
-    def read(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of positions [0, length) of one row: two (L, H, T, D) tensors."""
-        return self.k[:, row, :, :length].clone(), self.v[:, row, :, :length].clone()
-
-    def write(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write (L, H, T, D) keys/values at positions [0, T) of one row."""
-        length = k.shape[2]
-        self.k[:, row, :, :length] = k
-        self.v[:, row, :, :length] = v
+    def copy_slots(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy the keys/values of slots `src` into slots `dst` in every layer (a request's partial prompt block)."""
+        src_t = torch.tensor(list(src), device=self.k.device)
+        dst_t = torch.tensor(list(dst), device=self.k.device)
+        self.k[:, :, dst_t] = self.k[:, :, src_t]
+        self.v[:, :, dst_t] = self.v[:, :, src_t]
 
 
-class PrefillView:
-    """Cache adapter for one prefill: rows `rows` get new tokens at positions [start, start + T).
-
-    Attention runs over this prefill's rows only: the cached positions [0, start) of those rows
-    (a reused prefix) followed by the new keys.
-    """
-
-    def __init__(self, cache: KVCache, rows: list[int], start: int) -> None:
-        self.cache = cache
-        self.rows = torch.tensor(rows, device=cache.k.device)  # (B,)
-        self.start = start
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key, value: (B, H, T, D)
-        end = self.start + key.shape[2]
-        k_all, v_all = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (R, H, S, D)
-        k_all[self.rows, :, self.start:end] = key
-        v_all[self.rows, :, self.start:end] = value
-        if self.start == 0:
-            return key, value
-        return k_all[self.rows, :, :end], v_all[self.rows, :, :end]  # (B, H, start + T, D)
+def slots_of(table: Sequence[int], block_size: int, start: int, end: int) -> list[int]:
+    """Slots of positions [start, end) of a row with block table `table`."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-class DecodeView:
-    """Cache adapter for one decode step over rows [0, B): row b writes its key at `positions[b]`.
+def runs_of(table: Sequence[int], block_size: int, length: int) -> list[Run]:
+    """Positions [0, length) of a row as runs of consecutive slots (one run when its blocks are consecutive)."""
+    runs: list[Run] = []
+    for b in range((length + block_size - 1) // block_size):
+        start = table[b] * block_size
+        end = start + min(block_size, length - b * block_size)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
 
-    It returns views of the first `length` positions of those rows; the caller's mask hides the
-    positions a row has not reached.
-    """
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor, length: int) -> None:
-        self.cache = cache
-        self.positions = positions  # (B,) int64
-        self.index = torch.arange(positions.shape[0], device=positions.device)  # (B,)
-        self.length = length
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key, value: (B, H, 1, D)
-        batch = key.shape[0]
-        k_all, v_all = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (R, H, S, D)
-        k_all[self.index, :, self.positions] = key[:, :, 0]  # advanced indices first: (B, H, D)
-        v_all[self.index, :, self.positions] = value[:, :, 0]
-        return k_all[:batch, :, :self.length], v_all[:batch, :, :self.length]  # (B, H, length, D)
+def row_tables(rows: int, length: int, block_size: int) -> list[list[int]]:
+    """Consecutive blocks for `rows` rows of `length` positions (row r: blocks [r*n, (r+1)*n)); for benchmarks."""
+    n = -(-length // block_size)
+    return [list(range(r * n, (r + 1) * n)) for r in range(rows)]
 
 
 @dataclass
-class CachedPrefix:
-    k: torch.Tensor  # (L, H, T, D)
-    v: torch.Tensor  # (L, H, T, D)
+class PrefillBatch:
+    """B rows that each get T new tokens at positions [start, start + T)."""
 
-    @property
-    def length(self) -> int:
-        return self.k.shape[2]
+    kv: PagedKV
+    slots: torch.Tensor  # (B, T) int64: where the new tokens' keys/values go
+    prefix: torch.Tensor | None = None  # (B, start) int64: slots of the positions already cached
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+    @classmethod
+    def for_rows(cls, kv: PagedKV, tables: Sequence[Sequence[int]], start: int, end: int) -> PrefillBatch:
+        """Rows with block tables `tables` computing positions [start, end) over their cached [0, start)."""
+        def slots(a: int, b: int) -> torch.Tensor:
+            return torch.tensor([slots_of(t, kv.block_size, a, b) for t in tables], device=kv.k.device)
 
+        return cls(kv, slots(start, end), slots(0, start) if start else None)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        # q, k, v: (B, H, T, D) -> (B, H, T, D)
+        _write(self.kv, layer, self.slots.reshape(-1), k, v)
+        if self.prefix is None:  # from position 0: SDPA's own causal mask, as the reference computes it
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+        start, length = self.prefix.shape[1], q.shape[2]
+        pk, pv = (_gather(buf[layer], self.prefix) for buf in (self.kv.k, self.kv.v))  # (B, H, start, D)
+        keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        query_pos = start + torch.arange(length, device=q.device)
+        mask = torch.arange(start + length, device=q.device)[None, :] <= query_pos[:, None]  # (T, start + T)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+@dataclass
+class DecodeBatch:
+    """B rows that each get one new token; row b attends over the slot runs `runs[b]` (its new token's included)."""
+
+    kv: PagedKV
+    slots: torch.Tensor  # (B,) int64
+    runs: list[list[Run]]
+    flex: FlexBlocks | None = None
+
+    @classmethod
+    def for_rows(cls, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> DecodeBatch:
+        """Row b (block table `tables[b]`) feeds one token at `positions[b]`."""
+        bs = kv.block_size
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        if kv.attention == "flex":
+            return cls(kv, torch.tensor(slots, device=kv.k.device), [], FlexBlocks(kv, tables, positions))
+        runs = [runs_of(t, bs, p + 1) for t, p in zip(tables, positions, strict=True)]
+        return cls(kv, torch.tensor(slots, device=kv.k.device), runs)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        # q, k, v: (B, H, 1, D) -> (B, H, 1, D)
+        _write(self.kv, layer, self.slots, k, v)
+        if self.flex is not None:
+            return self.flex.attend(layer, q, scale)
+        k_all, v_all = self.kv.k[layer], self.kv.v[layer]  # (H, S, D)
+        out = []
+        for lo, hi, start, step, length in _strided_groups(self.runs):
+            if hi - lo == 1:
+                out.append(_attend_runs(q[lo], k_all, v_all, self.runs[lo], scale)[None])
+                continue
+            # Rows whose runs have one length and evenly spaced starts (images of requests admitted
+            # together) are one strided view of the pool: a single SDPA call for all of them.
+            size, stride = (hi - lo, k_all.shape[0], length, k_all.shape[2]), (step * k_all.shape[2], *k_all.stride())
+            keys = k_all.as_strided(size, stride, k_all.storage_offset() + start * k_all.shape[2])
+            values = v_all.as_strided(size, stride, v_all.storage_offset() + start * v_all.shape[2])
+            out.append(F.scaled_dot_product_attention(q[lo:hi], keys, values, scale=scale))
+        return torch.cat(out)
+
+
+def _strided_groups(runs: list[list[Run]]) -> list[tuple[int, int, int, int, int]]:
+    """Consecutive rows as (first, last + 1, start slot, slot step, length): single-run rows of one length
+    with evenly spaced starts share a group; every other row is a group of its own."""
+    groups: list[tuple[int, int, int, int, int]] = []
+    for b, row in enumerate(runs):
+        start, length = row[0][0], row[0][1] - row[0][0]
+        if groups and len(row) == 1:
+            lo, hi, first, step, size = groups[-1]
+            last = runs[hi - 1]
+            if hi == b and len(last) == 1 and size == length and (
+                    (hi - lo == 1 and start > first) or (hi - lo > 1 and start - last[0][0] == step)):
+                groups[-1] = (lo, b + 1, first, start - first if hi - lo == 1 else step, size)
+                continue
+        groups.append((b, b + 1, start, 0, length))
+    return groups
+
+
+class FlexBlocks:
+    """A decode batch's block tables as one `BlockMask` over the whole pool, for `flex_attention`.
+
+    Row b's query is query row b of batch element b; the keys are the pool's slots (one shared batch
+    element). The mask lists each row's physical blocks, so the kernel reads only those, and its
+    `mask_mod` maps a slot back to the row's position through a (rows, blocks) table of logical block
+    indices (a block shared by several rows has one entry per row). Rows are padded to a power of two.
+    """
+
+    def __init__(self, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> None:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        self.kv, self.rows = kv, len(tables)
+        bs, blocks, device = kv.block_size, kv.num_blocks, kv.k.device
+        padded = 1 << max(self.rows - 1, 0).bit_length()
+        width = max(len(t) for t in tables)
+        table = torch.tensor([[*t, *[t[0]] * (width - len(t))] for t in tables] + [[0] * width] * (padded - self.rows),
+                             device=device)  # (P, W): padding repeats a row's first block, rows after are empty
+        logical = torch.arange(width, device=device).expand(padded, width).clone()
+        logical[table == table[:, :1]] = 0  # the repeated first block keeps logical index 0
+        to_logical = torch.full((padded, blocks), -1, dtype=torch.int32, device=device)
+        to_logical.scatter_(1, table, logical.to(torch.int32))
+        position = torch.tensor([*positions, *[-1] * (padded - self.rows)], device=device)  # -1: sees nothing
+        counts = torch.tensor([-(-(p + 1) // bs) for p in positions] + [1] * (padded - self.rows),
+                              dtype=torch.int32, device=device)
+        indices = torch.zeros((padded, blocks), dtype=torch.int32, device=device)
+        indices[:, :width] = table.to(torch.int32)
+
+        def visible(b, h, q_idx, kv_idx):
+            block = to_logical[b, kv_idx // bs]
+            return (block >= 0) & (block * bs + kv_idx % bs <= position[b])
+
+        self.mask = BlockMask.from_kv_blocks(counts[:, None, None], indices[:, None, None, :], BLOCK_SIZE=(128, bs),
+                                             mask_mod=visible, seq_lengths=(1, blocks * bs))
+        self.padded = padded
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        # q: (B, H, 1, D) -> (B, H, 1, D)
+        if self.padded > self.rows:
+            q = torch.cat([q, q.new_zeros((self.padded - self.rows, *q.shape[1:]))])
+        out = _flex(q.is_cuda)(q, self.kv.k[layer][None], self.kv.v[layer][None], block_mask=self.mask, scale=scale)
+        return out[:self.rows]
+
+
+@functools.cache
+def _flex(compiled: bool):
+    """`flex_attention`, compiled where it runs for real (CUDA); eager elsewhere (tests on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled:
+        return torch.compile(flex_attention, dynamic=False)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
+
+
+def _write(kv: PagedKV, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    # k, v: (B, H, T, D) -> slots (B*T,) of (H, S, D)
+    heads = k.shape[1]
+    kv.k[layer][:, slots] = k.transpose(0, 1).reshape(heads, -1, k.shape[-1])
+    kv.v[layer][:, slots] = v.transpose(0, 1).reshape(heads, -1, v.shape[-1])
+
+
+def _gather(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    # buf (H, S, D), slots (B, T) -> (B, H, T, D)
+    batch, length = slots.shape
+    return buf[:, slots.reshape(-1)].reshape(buf.shape[0], batch, length, -1).transpose(0, 1)
+
+
+def _attend_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, runs: list[Run],
+                 scale: float) -> torch.Tensor:
+    """One row's attention (q: (H, 1, D)) over its runs of slots, reading each run in place."""
+    if len(runs) == 1:
+        start, end = runs[0]
+        return F.scaled_dot_product_attention(q[None], k_all[None, :, start:end], v_all[None, :, start:end],
+                                              scale=scale)[0]
+    # Several runs: an exact softmax over the scores of all runs, then the runs' weighted values summed.
+    scores = torch.cat([q.float() @ k_all[:, a:b].float().transpose(1, 2) for a, b in runs], dim=-1) * scale
+    probs = scores.softmax(dim=-1)  # (H, 1, T)
+    out, at = None, 0
+    for a, b in runs:
+        part = probs[..., at:at + b - a].to(v_all.dtype) @ v_all[:, a:b]  # (H, 1, D)
+        out = part if out is None else out + part
+        at += b - a
+    assert out is not None
+    return out
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs):
+    """transformers' attention-function signature; `janus_kv` in kwargs selects the paged path."""
+    batch = kwargs.pop("janus_kv", None)
+    if batch is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # the pool stores KV heads; the products need one per query head
+        raise NotImplementedError("grouped-query attention is not supported by the paged KV cache")
+    out = batch.attend(module.layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, paged_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)

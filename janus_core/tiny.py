@@ -154,14 +154,24 @@ def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     )
 
 
-def build_model(config: JanusConfig, seed: int) -> JanusForConditionalGeneration:
+# The LM's matrices (layers, heads, image-code embeddings) of a sharpened checkpoint are this many times
+# larger: its greedy text and codes then depend on every input token, take many distinct values and
+# sometimes stop at EOS, where the plain one repeats a few codes and never stops.
+SHARP_SCALE = 10.0
+_LM_PARTS = ("model.language_model.", "lm_head.", "model.generation_head.", "model.generation_embeddings.",
+             "model.generation_aligner.")
+
+
+def build_model(config: JanusConfig, seed: int, lm_scale: float = 1.0) -> JanusForConditionalGeneration:
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config)
     # transformers' init leaves some tensors at exact zeros/ones; small noise everywhere makes the
     # toy model's outputs depend on every weight, so a mis-mapped weight changes the tokens.
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             param.add_(torch.randn_like(param) * 0.02)
+            if lm_scale != 1.0 and param.dim() >= 2 and name.startswith(_LM_PARTS):
+                param.mul_(lm_scale)
     return model.eval()
 
 
@@ -179,8 +189,13 @@ def write_tiny_model(
     weights: Literal["safetensors", "bin"] | None = None,
     variant: Variant = "janus-pro",
     image_size: int = TINY_IMAGE_SIZE,
+    sharp: bool = False,
 ) -> Path:
-    """Write a tiny random Janus checkpoint with its tokenizer and processor files; returns the path."""
+    """Write a tiny random Janus checkpoint with its tokenizer and processor files; returns the path.
+
+    `sharp` scales the LM's weights by `SHARP_SCALE` (the oracle tests' checkpoint: outputs that use
+    every input, many distinct tokens, and answers that end at EOS).
+    """
     if variant not in ("janus-pro", "janus"):
         raise ValueError(f"unknown variant {variant!r}; use 'janus-pro' or 'janus'")
     if image_size < TINY_PATCH or image_size % TINY_PATCH:
@@ -189,7 +204,7 @@ def write_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer, image_size)
-    model = build_model(config, seed)
+    model = build_model(config, seed, SHARP_SCALE if sharp else 1.0)
     if fmt == "hf":
         _write_hf(out, model, tokenizer, shards, weights or "safetensors", chat_template(variant))
     elif fmt == "deepseek":

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from janus_core.compat import cache_arg
 from janus_core.detok import IncrementalDecoder
 from janus_core.errors import InvalidRequestError
 from janus_core.loading import LoadedModel
@@ -82,7 +83,7 @@ def stream_understanding(
     out: list[int] = []
     finish = "length"
     position = ids.shape[1]
-    hidden = lm_core(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = lm_core(inputs_embeds=embeds, **cache_arg(lm_core, cache), use_cache=True).last_hidden_state
     for _ in range(max_new_tokens):
         logits = head(hidden[:, -1, :]).float()[0]
         token = sample_row(logits, params, generator)
@@ -95,7 +96,7 @@ def stream_understanding(
             break
         step = lm.model.get_input_embeddings()(torch.tensor([[token]], device=lm.device))
         positions = torch.tensor([[position]], device=lm.device)
-        hidden = lm_core(inputs_embeds=step, past_key_values=cache, use_cache=True,
+        hidden = lm_core(inputs_embeds=step, **cache_arg(lm_core, cache), use_cache=True,
                          position_ids=positions).last_hidden_state
         position += 1
     return UnderstandResult(decoder.text, finish, len(inputs.input_ids), len(out), out, seed)

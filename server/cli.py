@@ -1,4 +1,4 @@
-"""The `janus-server` command: serve, api, worker, tiny-model. Every flag is also `JANUS_<FLAG>`."""
+"""The `janus-server` command: serve, api, worker, tiny-model, plan. Every flag is also `JANUS_<FLAG>`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--model", help="checkpoint directory or hub id (transformers or DeepSeek layout)")
         p.add_argument("--device", help="auto | cpu | cuda[:N]")
         p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-        p.add_argument("--max-batch-size", type=int, dest="max_batch_size")
+        p.add_argument("--max-batch-size", type=int, dest="max_batch_size",
+                       help="images + understanding sequences running at once (does not size memory)")
+        p.add_argument("--kv-cache-memory", dest="kv_cache_memory",
+                       help="KV block pool size, e.g. 6GiB (default: from the GPU; 2 GiB at most on CPU)")
+        p.add_argument("--gpu-memory-utilization", type=float, dest="gpu_memory_utilization",
+                       help="CUDA: share of the device for weights + activations + KV (default 0.90)")
         p.add_argument("--compile", action="store_true", default=None, help="compile the decode step (CUDA)")
         p.add_argument("--chat-format", dest="chat_format", choices=["janus-pro", "janus"],
                        help="prompt roles: janus-pro (<|User|>) or janus (Janus-1.3B's User:); "
@@ -57,7 +62,41 @@ def build_parser() -> argparse.ArgumentParser:
                       help="janus: Janus-1.3B's User:/Assistant: roles (hf layout: in its chat template)")
     tiny.add_argument("--image-size", type=int, default=64, dest="image_size",
                       help="64 (default: 16 image tokens, fast) or 384 (Janus-Pro's 576 tokens and 384x384 PNGs)")
+    tiny.add_argument("--sharp", action="store_true", help="larger LM weights: varied outputs that reach EOS")
+    plan = sub.add_parser("plan", help="what fits on a GPU: reads config.json only (no weights)")
+    plan.add_argument("--model", required=True, help="checkpoint directory or hub id in the local cache")
+    plan.add_argument("--gpu-memory", action="append", dest="gpu_memory",
+                      help="device size to plan for, e.g. 24GiB (repeatable; default 24, 40, 48 and 80 GiB)")
+    plan.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    plan.add_argument("--gpu-memory-utilization", type=float, default=0.90, dest="gpu_memory_utilization")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from janus_core import memory
+    from janus_core.errors import ModelLoadError
+
+    try:
+        sizes = [memory.parse_size(s) for s in args.gpu_memory] if args.gpu_memory else list(memory.PLAN_MEMORIES)
+        result = memory.plan(args.model, sizes, args.dtype, args.gpu_memory_utilization)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"janus-server plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.model} in {args.dtype}: weights {memory.format_size(result['weights_bytes'])}, "
+          f"KV {result['kv_bytes_per_token'] // 1024} KiB per token, {args.gpu_memory_utilization:.0%} of each device")
+    print(f"{'GPU memory':>10} {'KV pool':>10} {'KV tokens':>10} {'images':>7} {'1k-token seqs':>14}")
+    for p in result["plans"]:
+        print(f"{memory.format_size(p['memory_bytes']):>10} {memory.format_size(p['kv_cache_bytes']):>10} "
+              f"{p['kv_tokens']:>10} {p['concurrent_images']:>7} {p['concurrent_sequences']:>14}")
+    print("images: 40-token prompts with CFG (two rows each), one at a time per request; "
+          "sequences: 1,000 tokens of prompt and answer")
+    return 0
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -76,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant,
-                                   image_size=args.image_size)
+                                   image_size=args.image_size, sharp=args.sharp)
         except ValueError as exc:
             print(f"janus-server tiny-model: {exc}", file=sys.stderr)
             return 2
         print(f"wrote a tiny random {args.variant} checkpoint ({args.format} layout, seed {args.seed}, "
               f"{args.image_size}x{args.image_size} images) to {out}")
         return 0
+    if args.command == "plan":
+        return run_plan(args)
     settings = settings_from(args)
     from server.logs import configure_logging
 

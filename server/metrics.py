@@ -47,6 +47,14 @@ class Metrics:
                                     registry=r)
         self.gpu_memory = Gauge("janus_gpu_memory_used_bytes", "GPU memory allocated by the engine", ["worker"],
                                 registry=r)
+        self.kv_usage = Gauge("janus_kv_cache_usage_ratio", "Share of the KV block pool held by running requests",
+                              registry=r)
+        self.kv_blocks = Gauge("janus_kv_cache_blocks", "KV blocks by state: free, used (held), cached (free, "
+                               "reusable content)", ["state"], registry=r)
+        self.kv_capacity = Gauge("janus_kv_cache_capacity_tokens", "Token positions the KV block pool holds",
+                                 registry=r)
+        self.preemptions = Counter("janus_preemptions_total", "Sequences sent back to wait because the KV pool ran "
+                                   "dry (recomputed later, same output)", registry=r)
         self._last = EngineStats()
         self._last_queue: dict[str, int] = {}
 
@@ -64,6 +72,12 @@ class Metrics:
             self.batch_size.labels(kind).observe(size)
         for kind, seconds in stats.step_seconds:
             self.decode_step.labels(kind).observe(seconds)
+        self.kv_usage.set(stats.kv_usage_ratio)
+        plain_free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
+        for state, count in (("free", plain_free), ("used", stats.kv_blocks_used), ("cached", stats.kv_blocks_cached)):
+            self.kv_blocks.labels(state).set(count)
+        self.kv_capacity.set(stats.kv_capacity_tokens)
+        self.preemptions.inc(max(stats.preemptions - self._last.preemptions, 0))
         self._last = stats
 
     def observe_queue(self, counters: dict[str, int]) -> None:

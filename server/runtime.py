@@ -48,9 +48,10 @@ def load_engine(settings: Settings):
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
-                          vision_cache_bytes=settings.vision_cache_mb * 2**20,
-                          prefix_cache_bytes=settings.prefix_cache_mb * 2**20, compile=settings.compile,
-                          pack_cpu_linears=settings.cpu_packed_linears)
+                          kv_cache_memory=settings.kv_cache_bytes,
+                          gpu_memory_utilization=settings.gpu_memory_utilization,
+                          prefix_caching=settings.prefix_caching, vision_cache_bytes=settings.vision_cache_mb * 2**20,
+                          compile=settings.compile, pack_cpu_linears=settings.cpu_packed_linears)
     return lm, Engine(lm, config)
 
 

@@ -40,11 +40,13 @@ class Settings(BaseSettings):
     max_deliveries: int = 3
     claim_idle_timeout: float = 60.0
 
-    # batching
-    max_batch_size: int = 16  # images (generation) or sequences (understanding) per step
-    max_context: int | None = None  # understanding KV length per sequence; None: the model's, at most 4096
+    # batching and memory
+    max_batch_size: int = 16  # images + understanding sequences running at once; does not size memory
+    max_context: int | None = None  # understanding prompt + new tokens per sequence; None: the model's
+    kv_cache_memory: str | None = None  # KV block pool size, e.g. 6GiB; None: from the GPU, or 2 GiB on CPU
+    gpu_memory_utilization: float = 0.90  # CUDA: the share of the device weights + activations + KV may fill
+    prefix_caching: bool = True  # keep full KV blocks for later prompts with the same start
     vision_cache_mb: int = 256  # SigLIP features of recent images
-    prefix_cache_mb: int = 512  # KV of recent system-prompt + image prefixes
 
     # limits
     max_body_bytes: int = 32 * 1024 * 1024
@@ -79,6 +81,29 @@ class Settings(BaseSettings):
         if value < 1:
             raise ValueError(f"must be at least 1, got {value}")
         return value
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from janus_core.memory import parse_size
+
+            if parse_size(value) < 1:
+                raise ValueError(f"must be a positive size such as 6GiB, got {value!r}")
+        return value
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not (0.0 < value <= 1.0):
+            raise ValueError(f"must be in (0, 1], got {value}")
+        return value
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        from janus_core.memory import parse_size
+
+        return parse_size(self.kv_cache_memory) if self.kv_cache_memory is not None else None
 
     @property
     def auth_enabled(self) -> bool:

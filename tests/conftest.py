@@ -27,6 +27,14 @@ def tiny_ds_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sharp_dir(tmp_path_factory) -> Path:
+    """The sharpened tiny checkpoint: greedy outputs depend on every input and some answers end at EOS."""
+    from janus_core.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sharp"), "hf", seed=0, sharp=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(tiny_hf_dir):
     from janus_core.loading import load_model
 

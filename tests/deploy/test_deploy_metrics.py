@@ -30,6 +30,10 @@ EXPECTED = {
     "janus_redeliveries_total",
     "janus_dead_letters_total",
     "janus_gpu_memory_used_bytes",
+    "janus_kv_cache_usage_ratio",
+    "janus_kv_cache_blocks",
+    "janus_kv_cache_capacity_tokens",
+    "janus_preemptions_total",
 }
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])janus_[a-z0-9_]+")

@@ -112,3 +112,12 @@ def test_readme_points_outside_the_checkout():
     names = set(re.findall(r"[\w./-]*\b[\w-]+\.png\b", text))
     assert names and all(n.startswith("/tmp/") for n in names), names
     assert (REPO / "docs" / "playground.png").stat().st_size < 200_000  # the README's screenshot stays small
+
+
+def test_plan_example(tiny_hf_dir):
+    line = next(b for b in _blocks("bash") if "janus-server plan" in b).strip()
+    cmd = line.replace(".venv/bin/janus-server", f"{sys.executable} -m server.cli")
+    result = subprocess.run(["bash", "-ec", cmd.replace(".cache/tiny-model-384", str(tiny_hf_dir))],
+                            capture_output=True, text=True, timeout=120, cwd=README.parent)
+    assert result.returncode == 0, result.stderr
+    assert "1.0 GiB" in result.stdout and "images" in result.stdout

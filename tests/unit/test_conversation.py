@@ -120,8 +120,9 @@ def test_chat_format_detection_and_override(tmp_path, tiny_hf_dir):
 
 
 def test_conversations_differing_only_in_image_share_no_kv(tiny_hf_dir):
-    """The prefix cache keys cover image content: B (same tokens as A, another image) must not reuse
-    A's KV, and each answer equals transformers'. Turn 2 of A then does reuse A's image prefix."""
+    """The KV block keys cover image content: B (same tokens as A, another image) reuses nothing of A's
+    from the image on (only the system prompt before it), and each answer equals transformers'.
+    Turn 2 of A then reuses A's first turn up to where its made-up answer differs from the real one."""
     lm = load_model(str(tiny_hf_dir), "cpu")
     engine = Engine(lm, EngineConfig(max_batch_size=2))
     first = [Message("user", "Describe the image.", 1)]
@@ -129,19 +130,21 @@ def test_conversations_differing_only_in_image_share_no_kv(tiny_hf_dir):
     outs = run(engine, UnderstandRequest("a", "", [a], 10, GREEDY, messages=first))
     outs |= run(engine, UnderstandRequest("b", "", [b], 10, GREEDY, messages=first))
     stats = engine.stats()
-    assert stats.prefix_cache_hits == 0 and stats.prefix_cache_misses == 2
+    first_image = build_conversation_inputs(lm, first, [b]).input_ids.index(lm.special["image"])
+    assert stats.prefix_cache_misses == 1 and 0 < stats.prefix_tokens_reused <= first_image
     assert stats.vision_cache_misses == 2 and stats.vision_cache_hits == 0
     assert finished(outs, "a").token_ids == reference_answer(tiny_hf_dir, first, [a], 10)[0]
     assert finished(outs, "b").token_ids == reference_answer(tiny_hf_dir, first, [b], 10)[0]
     second = first + [Message("assistant", ANSWER), Message("user", "And the colour?")]
     outs = run(engine, UnderstandRequest("a2", "", [a], 10, GREEDY, messages=second))
-    assert engine.stats().prefix_cache_hits == 1
+    reused = engine.stats().prefix_tokens_reused - stats.prefix_tokens_reused
+    assert engine.stats().prefix_cache_hits == 2 and reused >= first_image + lm.num_image_tokens  # the image too
     turn2 = finished(outs, "a2").token_ids
     assert turn2 == reference_answer(tiny_hf_dir, second, [a], 10)[0]
     engine.clear_caches()
     outs = run(engine, UnderstandRequest("a3", "", [a], 10, GREEDY, messages=second))
     stats = engine.stats()
-    assert stats.prefix_cache_hits == 1 and stats.vision_cache_misses == 3  # cleared: all computed again
+    assert stats.prefix_cache_hits == 2 and stats.vision_cache_misses == 3  # cleared: all computed again
     assert finished(outs, "a3").token_ids == turn2
 
 

@@ -194,7 +194,7 @@ def test_requests_join_and_cancel_mid_flight(lm, images):
         else:
             ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens)
             assert sink.result(req.request_id).token_ids == ref.token_ids
-    assert engine.scheduler.pools["generate"].free == engine.scheduler.pools["generate"].size
+    assert engine.pool.num_used == 0  # every block came back
 
 
 def test_prefix_and_vision_caches_hit_without_changing_outputs(lm, images):
@@ -203,20 +203,38 @@ def test_prefix_and_vision_caches_hit_without_changing_outputs(lm, images):
     q2 = UnderstandRequest("q2", "What color is the car?", [images[0]], max_new_tokens=8)
     q3 = UnderstandRequest("q3", "Compare the two pictures.", [images[1], images[0]], max_new_tokens=8)
     sink = run(engine, [q1])
-    run(engine, [q2, q3], sink)
+    assert engine.stats().prefix_cache_misses == 1 and engine.stats().prefix_tokens_reused == 0
+    run(engine, [q2], sink)
+    after_q2 = engine.stats()
+    assert after_q2.prefix_cache_hits == 1
+    assert after_q2.prefix_tokens_reused > lm.num_image_tokens  # system prompt and q1's image, by reference
+    run(engine, [q3], sink)
     stats = engine.stats()
-    assert stats.prefix_cache_hits == 1 and stats.prefix_cache_misses == 2  # q2 reused q1's image prefix
-    assert stats.prefix_tokens_reused > lm.num_image_tokens
-    assert stats.vision_cache_hits == 1  # q3's second image was seen by q1
-    assert stats.preamble_hits == 1  # q3 (new image first) reused q1's system prompt
+    assert stats.prefix_cache_hits == 2  # q3 (a new image first) reused the system prompt's blocks only
+    assert 0 < stats.prefix_tokens_reused - after_q2.prefix_tokens_reused < after_q2.prefix_tokens_reused
+    assert stats.vision_cache_hits >= 1  # q3's second image was seen by q1
     for req in (q1, q2, q3):
         ref = understand(lm, req.images, req.prompt, max_new_tokens=req.max_new_tokens)
         assert sink.result(req.request_id).token_ids == ref.token_ids, req.request_id
-    cold = Engine(lm, EngineConfig(prefix_cache_bytes=0, vision_cache_bytes=0))
+    cold = Engine(lm, EngineConfig(prefix_caching=False, vision_cache_bytes=0))
     cold_sink = run(cold, [q1, q2])
     assert cold.stats().prefix_cache_hits == 0 and cold.stats().vision_cache_hits == 0
-    assert cold.stats().preamble_hits == 0
     assert cold_sink.result("q2").token_ids == sink.result("q2").token_ids
+
+
+def test_images_are_part_of_the_block_keys(lm, images):
+    """Two prompts that differ only in their image share the blocks before the image, none after."""
+    engine = Engine(lm)
+    a = UnderstandRequest("a", "What is in this image?", [images[0]], max_new_tokens=6)
+    b = UnderstandRequest("b", "What is in this image?", [images[1]], max_new_tokens=6)
+    sink = run(engine, [a])
+    run(engine, [b], sink)
+    ids = build_understanding_inputs(lm, b.images, b.prompt).input_ids
+    first_image = ids.index(lm.special["image"])
+    assert 0 < engine.stats().prefix_tokens_reused <= first_image
+    for req in (a, b):
+        assert sink.result(req.request_id).token_ids == understand(lm, req.images, req.prompt,
+                                                                   max_new_tokens=6).token_ids
 
 
 def test_shared_system_prompt_is_reused_by_text_only_and_new_image_requests(lm, tiny_hf, images):
@@ -228,7 +246,7 @@ def test_shared_system_prompt_is_reused_by_text_only_and_new_image_requests(lm, 
     sink = run(engine, first)
     run(engine, later, sink)
     stats = engine.stats()
-    assert stats.preamble_hits == 3 and stats.prefix_cache_hits == 0
+    assert stats.prefix_cache_hits == 3 and stats.prefix_cache_misses == 1
     assert stats.prefix_tokens_reused >= 3 * 16
     for req in first + later:
         assert sink.result(req.request_id).token_ids == transformers_text_tokens(tiny_hf, req), req.request_id

@@ -14,6 +14,7 @@ from janus_core import deepseek
 from janus_core.errors import ModelLoadError
 from janus_core.loading import load_model, read_weights
 from janus_core.tiny import write_tiny_model
+from tests.real_configs import janus_pro_config
 
 
 def _same_weights(a, b) -> bool:
@@ -172,21 +173,7 @@ def test_weight_renaming_round_trips(tiny_hf):
 
 def test_real_janus_pro_config_translates():
     """The shape of deepseek-ai/Janus-Pro-7B's config.json maps onto the real architecture."""
-    config = {
-        "model_type": "multi_modality",
-        "language_config": {"hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 16384,
-                            "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 30,
-                            "num_key_value_heads": 32, "vocab_size": 102400},
-        "vision_config": {"cls": "CLIPVisionTower", "params": {"image_size": 384, "model_name":
-                          "siglip_large_patch16_384", "select_feature": "same", "select_layer": -1}},
-        "aligner_config": {"cls": "MlpProjector", "params": {"depth": 2, "input_dim": 1024, "n_embed": 4096,
-                                                             "projector_type": "mlp_gelu"}},
-        "gen_vision_config": {"cls": "VQ-16", "params": {"image_token_size": 16384, "n_embed": 8}},
-        "gen_aligner_config": {"cls": "MlpProjector", "params": {"depth": 2, "input_dim": 8, "n_embed": 4096,
-                                                                 "projector_type": "mlp_gelu"}},
-        "gen_head_config": {"cls": "vision_head", "params": {"image_token_embed": 4096, "image_token_size": 16384,
-                                                             "n_embed": 4096}},
-    }
+    config = janus_pro_config("7b")
     cfg = deepseek.to_janus_config(config, image_token_id=100581, tie_word_embeddings=False)
     assert cfg.vision_config.hidden_size == 1024 and cfg.vision_config.num_hidden_layers == 24
     assert cfg.vision_config.num_image_tokens == 576
