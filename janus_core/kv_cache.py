@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +118,18 @@ class PrefillBatch:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
+@dataclass(frozen=True)
+class RowGroup:
+    """Decode rows [lo, hi) whose runs start at evenly spaced slots: one strided view of the pool holds them all."""
+
+    lo: int
+    hi: int
+    start: int  # first row's first slot
+    step: int  # slots from one row's start to the next's
+    length: int  # the longest row's positions; shorter rows mask the rest
+    mask: torch.Tensor | None  # (G, 1, 1, length) bool, None when every row is `length` long
+
+
 @dataclass
 class DecodeBatch:
     """B rows that each get one new token; row b attends over the slot runs `runs[b]` (its new token's included)."""
@@ -126,16 +138,18 @@ class DecodeBatch:
     slots: torch.Tensor  # (B,) int64
     runs: list[list[Run]]
     flex: FlexBlocks | None = None
+    groups: list[RowGroup] = field(default_factory=list)
 
     @classmethod
     def for_rows(cls, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> DecodeBatch:
         """Row b (block table `tables[b]`) feeds one token at `positions[b]`."""
         bs = kv.block_size
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)],
+                             device=kv.k.device)
         if kv.attention == "flex":
-            return cls(kv, torch.tensor(slots, device=kv.k.device), [], FlexBlocks(kv, tables, positions))
+            return cls(kv, slots, [], FlexBlocks(kv, tables, positions))
         runs = [runs_of(t, bs, p + 1) for t, p in zip(tables, positions, strict=True)]
-        return cls(kv, torch.tensor(slots, device=kv.k.device), runs)
+        return cls(kv, slots, runs, groups=row_groups(runs, kv.k.shape[2], kv.k.device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q, k, v: (B, H, 1, D) -> (B, H, 1, D)
@@ -144,33 +158,41 @@ class DecodeBatch:
             return self.flex.attend(layer, q, scale)
         k_all, v_all = self.kv.k[layer], self.kv.v[layer]  # (H, S, D)
         out = []
-        for lo, hi, start, step, length in _strided_groups(self.runs):
-            if hi - lo == 1:
-                out.append(_attend_runs(q[lo], k_all, v_all, self.runs[lo], scale)[None])
+        for g in self.groups:
+            if g.hi - g.lo == 1:
+                out.append(_attend_runs(q[g.lo], k_all, v_all, self.runs[g.lo], scale)[None])
                 continue
-            # Rows whose runs have one length and evenly spaced starts (images of requests admitted
-            # together) are one strided view of the pool: a single SDPA call for all of them.
-            size, stride = (hi - lo, k_all.shape[0], length, k_all.shape[2]), (step * k_all.shape[2], *k_all.stride())
-            keys = k_all.as_strided(size, stride, k_all.storage_offset() + start * k_all.shape[2])
-            values = v_all.as_strided(size, stride, v_all.storage_offset() + start * v_all.shape[2])
-            out.append(F.scaled_dot_product_attention(q[lo:hi], keys, values, scale=scale))
+            # Rows at evenly spaced slots (images admitted together) are one strided view of the pool:
+            # a single SDPA call for all of them instead of one per row (each call starts OpenMP's team).
+            heads, dim = k_all.shape[0], k_all.shape[2]
+            size, stride = (g.hi - g.lo, heads, g.length, dim), (g.step * dim, *k_all.stride())
+            keys = k_all.as_strided(size, stride, k_all.storage_offset() + g.start * dim)
+            values = v_all.as_strided(size, stride, v_all.storage_offset() + g.start * dim)
+            out.append(F.scaled_dot_product_attention(q[g.lo:g.hi], keys, values, attn_mask=g.mask, scale=scale))
         return torch.cat(out)
 
 
-def _strided_groups(runs: list[list[Run]]) -> list[tuple[int, int, int, int, int]]:
-    """Consecutive rows as (first, last + 1, start slot, slot step, length): single-run rows of one length
-    with evenly spaced starts share a group; every other row is a group of its own."""
-    groups: list[tuple[int, int, int, int, int]] = []
+def row_groups(runs: list[list[Run]], num_slots: int, device: torch.device) -> list[RowGroup]:
+    """Consecutive single-run rows with evenly spaced starts form a group (their views must fit the pool);
+    every other row is a group of its own."""
+    bounds: list[list[int]] = []  # [lo, hi, step] per group
     for b, row in enumerate(runs):
-        start, length = row[0][0], row[0][1] - row[0][0]
-        if groups and len(row) == 1:
-            lo, hi, first, step, size = groups[-1]
-            last = runs[hi - 1]
-            if hi == b and len(last) == 1 and size == length and (
-                    (hi - lo == 1 and start > first) or (hi - lo > 1 and start - last[0][0] == step)):
-                groups[-1] = (lo, b + 1, first, start - first if hi - lo == 1 else step, size)
+        if bounds and len(row) == 1 and len(runs[b - 1]) == 1 and bounds[-1][1] == b:
+            lo, hi, step = bounds[-1]
+            first, gap = runs[lo][0][0], row[0][0] - runs[b - 1][0][0]
+            longest = max(r[0][1] - r[0][0] for r in runs[lo:b + 1])
+            if gap > 0 and (hi - lo == 1 or gap == step) and first + (b - lo) * gap + longest <= num_slots:
+                bounds[-1] = [lo, b + 1, gap]
                 continue
-        groups.append((b, b + 1, start, 0, length))
+        bounds.append([b, b + 1, 0])
+    groups = []
+    for lo, hi, step in bounds:
+        lengths = [r[0][1] - r[0][0] for r in runs[lo:hi]] if hi - lo > 1 else [0]
+        longest, mask = max(lengths), None
+        if min(lengths) != longest:
+            visible = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (G, L)
+            mask = visible[:, None, None, :].to(device)
+        groups.append(RowGroup(lo, hi, runs[lo][0][0], step, longest, mask))
     return groups
 
 
