@@ -1,8 +1,8 @@
 """Job queues: the one interface frontends and workers share, with in-memory and Redis backends."""
 
-from server.queue.base import JobQueue, QueueFull, QueueUnavailable
+from server.queue.base import JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
 
-__all__ = ["JobQueue", "QueueFull", "QueueUnavailable", "create_queue"]
+__all__ = ["JobQueue", "QueueFull", "QueueMisconfigured", "QueueUnavailable", "create_queue"]
 
 
 def create_queue(url: str, **options) -> JobQueue:

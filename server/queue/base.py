@@ -24,7 +24,15 @@ class QueueFull(Exception):
 
 
 class QueueUnavailable(Exception):
-    """The queue backend cannot be reached right now."""
+    """The queue backend cannot be reached right now; `retry_after` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueMisconfigured(Exception):
+    """The backend refused us (credentials, TLS): no retry will help, so processes stop at start-up."""
 
 
 class JobQueue(abc.ABC):
@@ -50,8 +58,15 @@ class JobQueue(abc.ABC):
         """The backend is reachable."""
 
     @abc.abstractmethod
+    async def live_workers(self, max_age: float) -> set[str]:
+        """Ids of the workers that sent a heartbeat within `max_age` seconds."""
+
     async def workers_alive(self, max_age: float) -> bool:
         """Some worker sent a heartbeat within `max_age` seconds."""
+        return bool(await self.live_workers(max_age))
+
+    async def verify(self) -> None:  # noqa: B027 - optional hook
+        """Check at start-up what no retry can fix (credentials, TLS); raises `QueueMisconfigured`."""
 
     # --- worker side ---
     @abc.abstractmethod

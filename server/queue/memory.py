@@ -79,9 +79,9 @@ class MemoryQueue(JobQueue):
     async def ping(self) -> bool:
         return True
 
-    async def workers_alive(self, max_age: float) -> bool:
+    async def live_workers(self, max_age: float) -> set[str]:
         now = time.time()
-        return any(now - t <= max_age for t in self._heartbeats.values())
+        return {w for w, t in self._heartbeats.items() if now - t <= max_age}
 
     async def claim(self, worker_id: str, max_jobs: int, timeout: float) -> list[Job]:
         if not self._pending:

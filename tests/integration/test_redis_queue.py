@@ -45,8 +45,10 @@ async def make_queue(redis_server: redis_fixture.RedisServer) -> AsyncIterator[M
     made: list[RedisQueue] = []
 
     def make(**options: Any) -> RedisQueue:
-        settings = {"prefix": prefix, "claim_idle_timeout": 0.5, "poll_interval": 0.2,
-                    "reconnect_timeout": 2.0, "lost_grace": 1.0, **options}
+        # A silent worker's jobs move after 1 s; the idle-time backstop is far enough off (5 s) that a
+        # loaded machine's pauses between a live worker's heartbeats never reach it.
+        settings = {"prefix": prefix, "claim_idle_timeout": 5.0, "dead_worker_timeout": 1.0,
+                    "poll_interval": 0.2, "reconnect_timeout": 2.0, "lost_grace": 1.0, **options}
         queue = RedisQueue(redis_server.url, **settings)
         made.append(queue)
         return queue
@@ -146,6 +148,19 @@ async def test_two_consumers_share_jobs_without_duplicates(make_queue: MakeQueue
     assert await frontend.depth() == 0
 
 
+async def claim_within(queue: RedisQueue, worker_id: str, count: int, timeout: float) -> list[Job]:
+    """Claims by `worker_id` until `count` jobs came back or `timeout` passed (polling, for loaded machines)."""
+    jobs: list[Job] = []
+    give_up = time.monotonic() + timeout
+    while len(jobs) < count and time.monotonic() < give_up:
+        jobs += await queue.claim(worker_id, count - len(jobs), 0.2)
+    return jobs
+
+
+async def consumers(queue: RedisQueue) -> set[str]:
+    return {c["name"] for c in await queue.redis.xinfo_consumers(queue.stream, queue.group)}
+
+
 async def test_jobs_of_a_dead_worker_are_reclaimed_with_one_result_each(make_queue: MakeQueue) -> None:
     frontend, dead, live = make_queue(), make_queue(), make_queue()
     jobs = [understand_job(f"prompt {i}", stream=True) for i in range(3)]
@@ -153,13 +168,18 @@ async def test_jobs_of_a_dead_worker_are_reclaimed_with_one_result_each(make_que
         await frontend.submit(job)
     readers = [asyncio.create_task(collect(frontend, job.id)) for job in jobs]
 
+    await dead.heartbeat("dead")
     assert len(await dead.claim("dead", 8, 1.0)) == 3
-    await dead.publish(jobs[0].id, delta_event("Hel"))  # then it "dies": no ack, no heartbeat
-    assert await live.claim("live", 8, 0.1) == []  # not idle long enough to be taken over yet
-    await asyncio.sleep(0.6)
-    again = await live.claim("live", 8, 1.0)
+    await dead.publish(jobs[0].id, delta_event("Hel"))  # then it "dies": no ack, no more heartbeats
+    died = time.monotonic()
+    assert await live.claim("live", 8, 0.1) == []  # its heartbeat is fresh: its jobs stay put
+    again = await claim_within(live, "live", 3, 10.0)
+    waited = time.monotonic() - died
     assert sorted(job.id for job in again) == sorted(job.id for job in jobs)
+    # Taken over once the heartbeat was 1 s old, not after the 5 s idle backstop.
+    assert 0.9 <= waited < live.claim_idle_timeout, waited
     assert live.redeliveries == 3
+    assert "dead" not in await consumers(frontend)  # it held nothing more, so it left the group
     await live.publish(jobs[0].id, delta_event("Hel"))  # the new run starts the text over
     await live.publish(jobs[0].id, delta_event("lo"))
     for job in again:
@@ -179,22 +199,35 @@ async def test_jobs_of_a_dead_worker_are_reclaimed_with_one_result_each(make_que
     assert await frontend.depth() == 0
 
 
+async def test_a_worker_that_never_heartbeats_is_reclaimed_by_the_idle_backstop(make_queue: MakeQueue) -> None:
+    frontend = make_queue()
+    silent, live = make_queue(claim_idle_timeout=1.5), make_queue(claim_idle_timeout=1.5)
+    job = understand_job()
+    await frontend.submit(job)
+    [claimed] = await silent.claim("silent", 1, 1.0)
+    assert [j.id for j in await claim_within(live, "live", 1, 10.0)] == [claimed.id]
+    assert live.redeliveries == 1
+
+
 async def test_heartbeats_keep_a_live_workers_jobs_and_report_workers(make_queue: MakeQueue) -> None:
     frontend, busy, idle = make_queue(), make_queue(), make_queue()
     assert not await frontend.workers_alive(5.0)
     job = understand_job()
     await frontend.submit(job)
     assert len(await busy.claim("busy", 1, 1.0)) == 1
-    for _ in range(5):  # a long-running job outlives the idle timeout while heartbeats continue
+    started = time.monotonic()
+    # A long-running job outlives both the dead-worker timeout (1 s) and the idle backstop (5 s)
+    # while heartbeats continue.
+    while time.monotonic() - started < 6.0:
         await busy.heartbeat("busy", {"model": "tiny", "device": "cpu"})
-        await asyncio.sleep(0.2)
         assert await idle.claim("idle", 1, 0.0) == []
-    assert await frontend.workers_alive(5.0)
+        await asyncio.sleep(0.2)
+    assert await frontend.live_workers(5.0) == {"busy"}
     info = (await frontend.workers())["busy"]
     assert info["model"] == "tiny" and abs(info["last_seen"] - time.time()) < 5.0
-    await asyncio.sleep(0.6)  # heartbeats stop: the worker is stuck
-    assert not await frontend.workers_alive(0.5)
-    assert [j.id for j in await idle.claim("idle", 1, 1.0)] == [job.id]
+    # Heartbeats stop (the worker is stuck or dead): it reads as gone, and its job moves on.
+    assert [j.id for j in await claim_within(idle, "idle", 1, 10.0)] == [job.id]
+    assert not await frontend.workers_alive(1.0)
 
 
 async def test_poison_job_goes_to_the_dead_letter_stream(make_queue: MakeQueue) -> None:
@@ -301,42 +334,53 @@ async def test_idempotency_key_returns_the_first_job(make_queue: MakeQueue) -> N
 
 async def test_survives_a_redis_crash_and_restart(make_queue: MakeQueue,
                                                   redis_server: redis_fixture.RedisServer) -> None:
-    queue = make_queue(reconnect_timeout=1.5, lost_grace=0.5)
-    assert await queue.claim("w", 1, 0.0) == []  # the consumer group exists before the crash
-
-    # 1. Redis stays down longer than reconnect_timeout: everything fails fast, nothing hangs.
+    frontend, other_frontend, worker = make_queue(), make_queue(lost_grace=0.5), make_queue()
+    assert await worker.claim("w", 1, 0.0) == []  # the consumer group exists before the crash
     job = understand_job(timeout=20.0)
-    await queue.submit(job)
-    reader = asyncio.create_task(collect(queue, job.id))
-    await asyncio.sleep(0.3)
-    redis_server.kill()
-    started = time.monotonic()
-    assert not await queue.ping()
-    with pytest.raises(QueueUnavailable):
-        await queue.submit(understand_job())
-    with pytest.raises(QueueUnavailable):
-        await queue.claim("w", 1, 0.1)
-    [event] = await reader
-    assert event["code"] == UNAVAILABLE and time.monotonic() - started < 5.0
+    await frontend.submit(job)
+    reader = asyncio.create_task(collect(frontend, job.id, timeout=20.0))
+    # Another frontend following the same job cannot submit it again (it never had the payload).
+    onlooker = asyncio.create_task(collect(other_frontend, job.id, timeout=20.0))
 
-    # 2. A quick restart loses the (unpersisted) job: its follower is told so instead of waiting.
+    # 1. Redis is down: new work is refused at once (the breaker remembers), nothing hangs, and the
+    #    follower of a job this frontend holds keeps waiting for Redis instead of giving up.
+    redis_server.kill()
+    assert not await frontend.ping()
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailable):
+        await frontend.submit(understand_job())
+    first_refusal = time.monotonic() - started
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailable) as refused:
+        await frontend.submit(understand_job())
+    assert first_refusal < 1.0 and time.monotonic() - started < 0.1, first_refusal
+    assert refused.value.retry_after > 0
+    with pytest.raises(QueueUnavailable):
+        await worker.claim("w", 1, 0.1)
+    await asyncio.sleep(2.5)  # longer than reconnect_timeout
+    assert not reader.done()
+
+    # 2. Redis comes back empty: the job is submitted again under its id and answered once.
     redis_server.start()
-    assert await queue.ping()
+    [claimed] = await claim_within(worker, "w", 1, 10.0)  # the consumer group is made again
+    assert claimed.id == job.id and claimed.params == job.params
+    await worker.finish(claimed.id, understand_result("back", "stop", 1, 1))
+    events = await reader
+    assert [e["type"] for e in events] == ["result"] and events[0]["text"] == "back"
+    assert frontend.resubmissions == 1
+    onlooker_events = await onlooker
+    assert onlooker_events[-1]["type"] == "result" or onlooker_events[-1]["code"] == UNAVAILABLE
+
+    # 3. A job nobody here holds, lost in a restart: its follower is told so instead of waiting.
     lost = understand_job(timeout=20.0)
-    await queue.submit(lost)
-    reader = asyncio.create_task(collect(queue, lost.id))
+    await other_frontend.submit(lost)
+    lost_reader = asyncio.create_task(collect(frontend, lost.id))
     await asyncio.sleep(0.3)
     redis_server.restart()
     started = time.monotonic()
-    [event] = await reader
+    [event] = await lost_reader
     assert event["code"] == UNAVAILABLE and time.monotonic() - started < 5.0
-
-    # 3. The queue works again: the consumer group is recreated on the next claim.
-    job = understand_job()
-    await queue.submit(job)
-    [claimed] = await queue.claim("w", 1, 2.0)
-    await queue.finish(claimed.id, understand_result("back", "stop", 1, 1))
-    assert (await collect(queue, job.id))[-1]["text"] == "back"
+    await other_frontend.cancel(lost.id)
 
 
 async def test_raw_client_sees_the_documented_key_layout(make_queue: MakeQueue,
