@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,8 +29,10 @@ from server.http_common import (
     HTTPError,
     check_api_key,
     decode_image_payload,
+    error_body,
     error_response,
     job_error,
+    sse_response,
     stream_job,
     wait_for_result,
 )
@@ -38,6 +40,7 @@ from server.jobs import GenerateParams, UnderstandParams
 from server.logs import request_id_var
 from server.messages import read_messages
 from server.metrics import Metrics
+from server.openai_routes import add_openai_routes
 from server.queue import QueueFull, QueueUnavailable
 from server.schemas import GenerateBody, UnderstandBody
 from server.service import BadRequest, Service, ServiceUnavailable
@@ -78,8 +81,6 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
     _install_error_handlers(app)
     _add_operational_routes(app)
     _add_native_routes(app)
-    from server.openai_routes import add_openai_routes
-
     add_openai_routes(app)
     if settings.playground:
         from server.playground import add_playground_routes
@@ -215,16 +216,19 @@ def _add_operational_routes(app: FastAPI) -> None:
 
     @app.get("/ready", tags=["ops"])
     async def ready(request: Request):
-        ok, reason = await request.app.state.service.readiness()
-        if ok:
-            return {"status": "ready"}
-        return error_response(503, reason, "not_ready", {"Retry-After": "5"})
+        state = await request.app.state.service.ready_state()
+        if state.ready:
+            return state.body()
+        return JSONResponse({**error_body("not_ready", state.reason), **state.body()}, status_code=503,
+                            headers={"Retry-After": "5"})
 
     @app.get("/metrics", tags=["ops"])
     async def metrics(request: Request) -> Response:
         m: Metrics = request.app.state.metrics
+        queue = request.app.state.service.queue
+        m.observe_queue(queue.counters())
         with contextlib.suppress(Exception):  # the scrape must still answer when the queue is down
-            m.queue_depth.set(await request.app.state.service.queue.depth())
+            m.queue_depth.set(await queue.depth())
         return Response(m.render(), media_type=m.content_type)
 
     @app.get("/v1/models", tags=["openai"])
@@ -265,7 +269,7 @@ def _add_native_routes(app: FastAPI) -> None:
         ticket = await service.submit_understand(params, stream=body.stream, require_image=messages is None,
                                                  idempotency_key=request.headers.get("idempotency-key"))
         if body.stream:
-            return _sse_response(stream_job(service, ticket, _understand_sse))
+            return sse_response(stream_job(service, ticket, _understand_sse))
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
@@ -280,7 +284,7 @@ def _add_native_routes(app: FastAPI) -> None:
         ticket = await service.submit_generate(params, stream=body.stream,
                                                idempotency_key=request.headers.get("idempotency-key"))
         if body.stream:
-            return _sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)))
+            return sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)))
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
@@ -366,11 +370,6 @@ def _validate(model, raw: Any):
         return model.model_validate(raw)
     except ValidationError as exc:
         raise HTTPError(422, _describe_validation(exc.errors())) from exc
-
-
-def _sse_response(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _understand_sse(event: dict[str, Any]) -> list[Any]:

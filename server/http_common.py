@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import jobs as J
 from server.service import BadRequest, Service, Ticket
@@ -112,6 +112,12 @@ async def wait_for_result(service: Service, ticket: Ticket, request: Request) ->
     finally:
         if not task.done():
             task.cancel()
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def sse(data: Any) -> bytes:

@@ -45,6 +45,10 @@ class Metrics:
                                     registry=r)
         self.dead_letters = Counter("janus_dead_letters_total", "Jobs moved to the dead-letter stream",
                                     registry=r)
+        self.resubmissions = Counter("janus_resubmissions_total",
+                                     "Jobs a frontend submitted again after Redis lost them", registry=r)
+        self.worker_restarts = Counter("janus_worker_restarts_total",
+                                       "Local worker processes restarted after they exited", registry=r)
         self.gpu_memory = Gauge("janus_gpu_memory_used_bytes", "GPU memory allocated by the engine", ["worker"],
                                 registry=r)
         self.kv_usage = Gauge("janus_kv_cache_usage_ratio", "Share of the KV block pool held by running requests",
@@ -82,7 +86,8 @@ class Metrics:
 
     def observe_queue(self, counters: dict[str, int]) -> None:
         """Fold a queue backend's cumulative counters (redeliveries, dead letters) into the counters."""
-        for name, counter in (("redeliveries", self.redeliveries), ("dead_letters", self.dead_letters)):
+        for name, counter in (("redeliveries", self.redeliveries), ("dead_letters", self.dead_letters),
+                              ("resubmissions", self.resubmissions)):
             now = counters.get(name, 0)
             counter.inc(max(now - self._last_queue.get(name, 0), 0))
         self._last_queue = dict(counters)

@@ -18,6 +18,7 @@ from server.http_common import (
     HTTPError,
     check_api_key,
     job_error,
+    sse_response,
     stream_job,
     wait_for_result,
 )
@@ -44,8 +45,6 @@ def add_openai_routes(app: FastAPI) -> None:
         created = int(time.time())
         chunk_id = f"chatcmpl-{ticket.job_id}"
         if body.stream:
-            from server.app import _sse_response
-
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             first = {"sent": False}
 
@@ -63,7 +62,7 @@ def add_openai_routes(app: FastAPI) -> None:
                                     "model": model, "choices": [], "usage": _usage(event)})
                 return out
 
-            return _sse_response(stream_job(service, ticket, render))
+            return sse_response(stream_job(service, ticket, render))
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -18,17 +16,34 @@ import uvicorn
 
 from server.app import ModelInfo, create_app
 from server.metrics import Metrics
-from server.queue import JobQueue, create_queue
+from server.queue import JobQueue, QueueMisconfigured, create_queue
 from server.service import Service
 from server.settings import Settings
+from server.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def make_queue(settings: Settings) -> JobQueue:
+    password = settings.queue_password.get_secret_value() if settings.queue_password else None
     return create_queue(settings.queue, max_depth=settings.max_queue_depth, result_ttl=settings.result_ttl,
-                        max_deliveries=settings.max_deliveries, claim_idle_timeout=settings.claim_idle_timeout)
+                        max_deliveries=settings.max_deliveries, claim_idle_timeout=settings.claim_idle_timeout,
+                        dead_worker_timeout=settings.dead_worker_timeout, password=password,
+                        tls_ca_certs=settings.queue_tls_ca)
+
+
+async def open_queue(settings: Settings) -> JobQueue:
+    """The queue, checked once: wrong credentials or a failed TLS handshake stop the process here."""
+    queue = make_queue(settings)
+    try:
+        await queue.verify()
+    except QueueMisconfigured as exc:
+        await queue.close()
+        log.error("cannot use the job queue: %s", exc)
+        print(f"janus-server: cannot use the job queue: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return queue
 
 
 def model_info(settings: Settings) -> ModelInfo:
@@ -109,8 +124,13 @@ async def run_worker(settings: Settings, queue: JobQueue, metrics: Metrics, stop
 async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_workers_here: bool = False) -> int:
     """REST + gRPC frontends; with a local worker (the in-process queue) the model runs here too."""
     metrics = Metrics()
-    queue = make_queue(settings)
-    service = Service(settings, queue)
+    queue = await open_queue(settings)
+    supervisor = None
+    if spawn_workers_here and not with_local_worker and settings.model:
+        supervisor = WorkerSupervisor(settings, metrics)
+        service = Service(settings, queue, expected_workers=supervisor.expected, local_workers=supervisor.worker_ids)
+    else:
+        service = Service(settings, queue, expected_workers=1 if with_local_worker else None)
     info = model_info(settings)
     app = create_app(settings, service, metrics, info)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
@@ -138,7 +158,10 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
                 server.should_exit = True
 
         worker_task.add_done_callback(worker_done)
-    procs = spawn_workers(settings) if spawn_workers_here and not with_local_worker else []
+    supervising = None
+    if supervisor is not None:
+        supervisor.start()
+        supervising = asyncio.create_task(supervisor.run())
     # uvicorn re-raises SIGTERM/SIGINT under the handlers it found once it has shut down; with the
     # default ones that kills the process before the `finally` below stops workers and gRPC.
     loop = asyncio.get_running_loop()
@@ -151,7 +174,9 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
-        stop_workers(procs)
+        if supervisor is not None and supervising is not None:
+            supervising.cancel()  # no restarts from here on
+            await asyncio.to_thread(supervisor.stop)
         if grpc_server is not None:
             from server.grpc_service import stop_grpc_server
 
@@ -160,37 +185,13 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     return exit_code
 
 
-def spawn_workers(settings: Settings) -> list[subprocess.Popen]:
-    """`serve --queue redis://... --workers N`: N worker processes on this machine."""
-    if settings.queue in ("", "memory", "memory://") or not settings.model:
-        return []
-    procs = []
-    for i in range(settings.workers):
-        env = dict(os.environ, JANUS_METRICS_PORT=str(settings.metrics_port + i))
-        cmd = [sys.executable, "-m", "server.cli", "worker", "--queue", settings.queue, "--model", settings.model,
-               "--device", settings.device, "--dtype", settings.dtype]
-        procs.append(subprocess.Popen(cmd, env=env))
-    return procs
-
-
-def stop_workers(procs: list[subprocess.Popen], timeout: float = 60.0) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 async def serve_worker(settings: Settings) -> int:
     """A worker process: one engine, metrics and health on `metrics_port`, graceful drain on SIGTERM."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
 
     metrics = Metrics()
-    queue = make_queue(settings)
+    queue = await open_queue(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,10 +137,31 @@ class Ticket:
     deadline: float  # absolute, epoch seconds
 
 
+@dataclass(frozen=True)
+class ReadyState:
+    """What /ready reports: ready while the queue answers and at least one worker is live."""
+
+    ready: bool
+    reason: str
+    live_workers: int = 0
+    expected_workers: int | None = None  # None: workers run elsewhere and their number is not known here
+
+    def body(self) -> dict[str, Any]:
+        status = "ready" if self.ready else "not_ready"
+        if self.ready and self.expected_workers is not None and self.live_workers < self.expected_workers:
+            status = "degraded"
+        return {"status": status, "workers": {"live": self.live_workers, "expected": self.expected_workers}}
+
+
 class Service:
-    def __init__(self, settings: Settings, queue: JobQueue) -> None:
+    def __init__(self, settings: Settings, queue: JobQueue, *, expected_workers: int | None = None,
+                 local_workers: Callable[[], set[str]] | None = None) -> None:
+        """`local_workers`: the ids of the worker processes this process supervises; only those count
+        as live (a killed one stops counting at once, not when its heartbeat ages out)."""
         self.settings = settings
         self.queue = queue
+        self.expected_workers = expected_workers
+        self.local_workers = local_workers
 
     def deadline(self, client_timeout: float | None = None) -> float:
         timeout = self.settings.request_timeout
@@ -195,12 +216,22 @@ class Service:
         await self.queue.cancel(job_id)
 
     async def readiness(self) -> tuple[bool, str]:
+        state = await self.ready_state()
+        return state.ready, state.reason
+
+    async def ready_state(self) -> ReadyState:
+        expected = self.expected_workers
         try:
             if not await self.queue.ping():
-                return False, "queue is not reachable"
+                return ReadyState(False, "queue is not reachable", 0, expected)
+            live = await self.queue.live_workers(self.settings.heartbeat_max_age)
         except Exception as exc:  # any backend failure means not ready
-            return False, f"queue is not reachable: {exc}"
-        if not await self.queue.workers_alive(self.settings.heartbeat_max_age):
-            return False, "no worker has sent a heartbeat recently (model still loading?)"
-        return True, "ready"
+            return ReadyState(False, f"queue is not reachable: {exc}", 0, expected)
+        if self.local_workers is not None:
+            live &= self.local_workers()
+        if not live:
+            of = f" (0 of {expected} expected)" if expected else ""
+            return ReadyState(False, f"no live worker{of}: none has sent a heartbeat recently "
+                                     "(model still loading, or workers down)", 0, expected)
+        return ReadyState(True, "ready", len(live), expected)
 

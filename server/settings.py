@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CsvList = Annotated[list[str], NoDecode]
@@ -35,10 +35,18 @@ class Settings(BaseSettings):
     max_queue_depth: int = 256
     request_timeout: float = 300.0  # seconds; becomes each job's deadline
     heartbeat_interval: float = 2.0
-    heartbeat_max_age: float = 15.0
+    heartbeat_max_age: float = 15.0  # /ready: a worker counts as live within this many seconds
+    # A worker whose heartbeat is older than this has its jobs taken over at once (0: three
+    # heartbeat intervals, at least 1 s); claim_idle_timeout stays as the backstop.
+    heartbeat_timeout: float = 0.0
     result_ttl: float = 600.0
     max_deliveries: int = 3
     claim_idle_timeout: float = 60.0
+
+    # Redis credentials and TLS: the password may also sit in the URL (redis://:PASSWORD@host or an
+    # ACL user, redis://USER:PASSWORD@host); rediss:// URLs verify the server against queue_tls_ca.
+    queue_password: SecretStr | None = None
+    queue_tls_ca: str | None = None
 
     # batching and memory
     max_batch_size: int = 16  # images + understanding sequences running at once; does not size memory
@@ -104,6 +112,10 @@ class Settings(BaseSettings):
         from janus_core.memory import parse_size
 
         return parse_size(self.kv_cache_memory) if self.kv_cache_memory is not None else None
+
+    @property
+    def dead_worker_timeout(self) -> float:
+        return self.heartbeat_timeout or max(3 * self.heartbeat_interval, 1.0)
 
     @property
     def auth_enabled(self) -> bool:

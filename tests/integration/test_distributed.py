@@ -52,6 +52,7 @@ IMAGE = b64(IMAGE_PNG)
 SLOW = {"prompt": "Describe every detail", "images": [IMAGE], "max_new_tokens": 880, "stream": True}
 REQUEST_TIMEOUT = 60.0  # the cluster API's deadline for every job
 MAX_DELIVERIES = 3
+HEARTBEAT_TIMEOUT = 2.0  # a worker silent this long has its jobs taken over
 SLACK = 5.0  # how late past its deadline an answer may come
 ENV = {
     "JANUS_HOST": "127.0.0.1",
@@ -59,6 +60,7 @@ ENV = {
     "JANUS_MAX_DELIVERIES": str(MAX_DELIVERIES),
     "JANUS_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
     "JANUS_HEARTBEAT_INTERVAL": "0.2",
+    "JANUS_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
     "OMP_NUM_THREADS": "1",  # two workers share two cores
 }
 # A second frontend on the same queue: room for 2 jobs and a 2 s deadline.
@@ -558,35 +560,96 @@ def free_port_pair() -> int:
         return port
 
 
-async def test_serve_with_redis_spawns_two_heartbeating_workers(redis_server: redis_fixture.RedisServer,
-                                                                tiny_hf_dir: Path, tmp_path: Path) -> None:
+async def ready_body(http: httpx.AsyncClient, url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        r = await http.get(url + "/ready", timeout=5.0)
+    except httpx.HTTPError:
+        return 0, {}
+    return r.status_code, r.json()
+
+
+async def test_serve_replaces_a_worker_killed_under_load_and_loses_nothing(
+        redis_server: redis_fixture.RedisServer, tiny_hf_dir: Path, tmp_path: Path, oracle: Oracle) -> None:
     queue_url = redis_server.url.rsplit("/", 1)[0] + "/1"  # its own database: apart from the cluster
     base = free_port_pair()
     args = ["serve", "--queue", queue_url, "--model", str(tiny_hf_dir), "--workers", "2",
             "--metrics-port", str(base)]
-    serve = await asyncio.to_thread(start_server, args, tmp_path, ENV, ready_timeout=90)
-    pids: list[int] = []
+    # The idle backstop is out of reach (60 s): only the heartbeat path can hand the jobs over fast.
+    env = {**ENV, "JANUS_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT), "JANUS_CLAIM_IDLE_TIMEOUT": "60"}
+    serve = await asyncio.to_thread(start_server, args, tmp_path, env, ready_timeout=90)
+    expected = oracle.understand(SLOW["prompt"], SLOW["max_new_tokens"])
+    pids: set[int] = set()
+    queue = RedisQueue(queue_url)
     try:
         async with http_client() as http:
-            ids = []
-            for port in (base, base + 1):
-                url = f"http://127.0.0.1:{port}"
-                await asyncio.to_thread(wait_http_ok, url + "/ready", serve.proc, serve.log_path)
-                ids += [lab["worker"] for n, lab, _ in await scrape(http, url)
-                        if n == "janus_worker_heartbeat_timestamp_seconds"]
-            assert len(set(ids)) == 2, ids
-            pids = [int(worker_id.rsplit("-", 1)[1]) for worker_id in ids]
-            for worker_id in ids:
-                await asyncio.to_thread(wait_for_heartbeat, queue_url, worker_id)
-            reply = await post(http, serve.url, mixed_call(1))
-            assert reply.status == 200, reply.body
+            async def full() -> bool:
+                status, body = await ready_body(http, serve.url)
+                return status == 200 and body["workers"] == {"live": 2, "expected": 2}
+
+            await eventually(full, 60, "both workers to count as live")
+            assert (await ready_body(http, serve.url))[1]["status"] == "ready"
+            first_ids = set((await queue.workers()).keys())
+            pids = {int(worker_id.rsplit("-", 1)[1]) for worker_id in first_ids}
+            assert len(pids) == 2
+
+            logs = [SseLog() for _ in range(4)]
+            streams = [asyncio.ensure_future(timed(post_stream(http, serve.url + "/v1/understand", SLOW, log)))
+                       for log in logs]
+            calls = [mixed_call(i) for i in range(12)]
+            posts = [asyncio.ensure_future(post(http, serve.url, c)) for c in calls]
+
+            async def all_running() -> bool:
+                return all(log.deltas for log in logs)
+
+            await eventually(all_running, 30, "every slow job to stream its first tokens")
+            held = await held_by(queue)
+            victim_id = max(held, key=lambda w: len(held[w]))
+            os.kill(int(victim_id.rsplit("-", 1)[1]), signal.SIGKILL)
+            killed = time.monotonic()
+
+            async def degraded() -> bool:
+                status, body = await ready_body(http, serve.url)
+                return status == 200 and body["status"] == "degraded" and body["workers"]["live"] == 1
+
+            await eventually(degraded, 10, "/ready to report one live worker of two")
+            replies = await asyncio.wait_for(asyncio.gather(*posts), REQUEST_TIMEOUT + SLACK)
+            slow_seconds = await asyncio.wait_for(asyncio.gather(*streams), REQUEST_TIMEOUT + SLACK)
+            for reply in replies:
+                assert reply.status == 200, reply.body
+                oracle.check(reply.call, reply.body)
+            for log in logs:
+                assert_one_result(log, expected)
+            finished = time.monotonic() - killed
+            await eventually(full, 60, "the replacement worker to count as live")
+            replaced = time.monotonic() - killed
+            pids |= {int(worker_id.rsplit("-", 1)[1]) for worker_id in (await queue.workers())}
+
+            async def left_group() -> bool:
+                names = {c["name"] for c in await queue.redis.xinfo_consumers(queue.stream, queue.group)}
+                return victim_id not in names
+
+            await eventually(left_group, 10, "the dead worker's consumer to leave the group")
+            samples = await scrape(http, serve.url)
+            assert total(samples, "janus_worker_restarts_total") == 1
+        # Far under the 60 s idle backstop: the jobs moved once the heartbeat was 2 s old.
+        print(f"kill -9 under load: slowest stream {max(slow_seconds):.1f} s, all answered "
+              f"{finished:.1f} s after the kill, replacement live after {replaced:.1f} s")
+        assert finished < 30, finished
+        assert "killed by SIGKILL" in serve.log()
         assert serve.stop() == 0, serve.log()[-3000:]
-        assert not [pid for pid in pids if _alive(pid)]  # serve stopped its workers
+        assert not [pid for pid in pids if _alive(pid)]  # serve stopped (and reaped) its workers
     finally:
+        await queue.close()
         serve.stop(signal.SIGKILL)
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def timed(awaitable: Awaitable[Any]) -> float:
+    started = time.monotonic()
+    await awaitable
+    return time.monotonic() - started
 
 
 def _alive(pid: int) -> bool:
