@@ -85,3 +85,31 @@ def wait_until_ready(server: ServerProcess, timeout: float) -> None:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample from `url`/metrics. A sample that is not exported fails the test: reading it as 0
+    would let a test that waits for "0 running" pass without anything having run or stopped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name}{labels} is not exported by {url}")
+
+
+def tokens_after_stop(url: str, tokens_before: float, kind: str = "understand", timeout: float = 30.0) -> float:
+    """Waits until no `kind` job runs and the token counter has settled; the tokens produced since."""
+    deadline = time.time() + timeout
+    while metric(url, "janus_running_requests", kind=kind) > 0:
+        assert time.time() < deadline, f"a {kind} job still runs after {timeout}s"
+        time.sleep(0.1)
+    last = metric(url, "janus_generated_tokens_total")
+    while True:  # counters are folded in at each worker heartbeat
+        time.sleep(0.5)
+        now = metric(url, "janus_generated_tokens_total")
+        if now == last or time.time() > deadline:
+            return now - tokens_before
+        last = now
