@@ -29,6 +29,8 @@ EXPECTED = {
     "janus_worker_heartbeat_timestamp_seconds",
     "janus_redeliveries_total",
     "janus_dead_letters_total",
+    "janus_resubmissions_total",
+    "janus_worker_restarts_total",
     "janus_gpu_memory_used_bytes",
     "janus_kv_cache_usage_ratio",
     "janus_kv_cache_blocks",
