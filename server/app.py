@@ -41,8 +41,9 @@ from server.logs import request_id_var
 from server.messages import read_messages
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
+from server.openapi import install_openapi
 from server.queue import QueueFull, QueueUnavailable
-from server.schemas import GenerateBody, UnderstandBody
+from server.schemas import GenerateBody, UnderstandBody, form_int
 from server.service import BadRequest, Service, ServiceUnavailable
 from server.settings import Settings
 
@@ -86,6 +87,8 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
         from server.playground import add_playground_routes
 
         add_playground_routes(app)
+    info = app.state.model_info
+    install_openapi(app, settings, lambda: f"{info.image_size}x{info.image_size}")
     return app
 
 
@@ -190,7 +193,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)  # e.g. 405's Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -247,15 +250,8 @@ def _auth(request: Request) -> None:
 
 
 def _add_native_routes(app: FastAPI) -> None:
-    @app.post("/v1/understand", tags=["janus"], openapi_extra={
-        "requestBody": {"content": {
-            "application/json": {"schema": inline_schema(UnderstandBody)},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["prompt", "image"], "properties": {
-                "prompt": {"type": "string"}, "image": {"type": "array", "items": {"type": "string",
-                                                                                     "format": "binary"}},
-                "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number"},
-                "top_p": {"type": "number"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"}}}},
-        }, "required": True}})
+    # Its two request bodies (JSON, multipart) are documented by server.openapi.
+    @app.post("/v1/understand", tags=["janus"])
     async def understand(request: Request):
         _auth(request)
         settings: Settings = request.app.state.settings
@@ -263,7 +259,9 @@ def _add_native_routes(app: FastAPI) -> None:
         messages = None
         if body.messages is not None:
             messages, images = await read_messages(body.messages, settings)
-        params = UnderstandParams(body.prompt or "", images, body.max_new_tokens, body.temperature, body.top_p,
+        max_new_tokens = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(
+            body.max_new_tokens, settings.max_new_tokens)  # the default, within this server's limit
+        params = UnderstandParams(body.prompt or "", images, max_new_tokens, body.temperature, body.top_p,
                                   body.seed, messages=messages)
         service: Service = request.app.state.service
         ticket = await service.submit_understand(params, stream=body.stream, require_image=messages is None,
@@ -331,14 +329,17 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[Underst
     if not images:
         raise HTTPError(400, "multipart request has no 'image' file")
     raw: dict[str, Any] = {"prompt": fields.pop("prompt", ""), "images": ["-"] * len(images)}
-    for key, cast in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("seed", int)):
+    for key, cast in (("max_new_tokens", form_int), ("temperature", float), ("top_p", float), ("seed", form_int)):
         if key in fields:
             try:
                 raw[key] = cast(fields.pop(key))
             except ValueError as exc:
-                raise HTTPError(422, f"{key}: not a valid {cast.__name__}") from exc
+                raise HTTPError(422, f"{key}: not a valid {'integer' if cast is form_int else 'number'}") from exc
     if "stream" in fields:
-        raw["stream"] = fields.pop("stream").lower() in ("1", "true", "yes")
+        flag = fields.pop("stream").strip().lower()
+        if flag not in ("true", "false"):
+            raise HTTPError(422, "stream: must be true or false")
+        raw["stream"] = flag == "true"
     if fields:
         raise HTTPError(422, f"unknown form field(s): {', '.join(sorted(fields))}")
     return _validate(UnderstandBody, raw), images

@@ -37,7 +37,11 @@ def add_openai_routes(app: FastAPI) -> None:
         model = check_model(request, body.model)
         stop = _refuse_unsupported(body)
         messages, images = await read_messages(body.messages, settings)
-        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        for name in ("max_tokens", "max_completion_tokens"):  # both are checked, whichever is used
+            given = getattr(body, name)
+            if given is not None and given > settings.max_new_tokens:
+                raise BadRequest(f"{name} must be at most {settings.max_new_tokens}, got {given}")
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, settings.max_new_tokens)
         params = UnderstandParams("", images, max_tokens, body.temperature, body.top_p, body.seed,
                                   messages=messages, stop=stop)
         service: Service = request.app.state.service

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+NON_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"  # server.service's test for a non-blank prompt
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer; so do we (strict mode would refuse it). Other types
+    pass through unchanged and are refused by strict validation as before."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def form_int(text: str) -> int:
+    """An integer from a multipart form field ("3", "3.0", "3e0"); ValueError otherwise."""
+    try:
+        number = Decimal(text.strip())
+    except InvalidOperation as exc:
+        raise ValueError(text) from exc
+    if not number.is_finite() or number != number.to_integral_value():
+        raise ValueError(text)
+    return int(number)
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
@@ -52,10 +77,10 @@ class UnderstandBody(_Strict):
     images: list[str] | None = Field(None, min_length=1, description="Images as base64 or data: URLs.")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, description="A whole conversation instead of prompt + images; images as image_url parts.")
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: Int = Field(256, ge=1, description="At most the server's limit (the default is capped to it).")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
 
     @model_validator(mode="after")
@@ -70,11 +95,11 @@ class UnderstandBody(_Strict):
 
 class GenerateBody(_Strict):
     prompt: str = Field(min_length=1)
-    n: int = Field(1, ge=1, description="Images to generate (at most the server's max_n).")
+    n: Int = Field(1, ge=1, description="Images to generate (at most the server's max_n).")
     cfg_weight: float = Field(5.0, ge=0.0, le=100.0)
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
 
 
@@ -88,7 +113,7 @@ class ImagesGenerationsBody(BaseModel):
     n: int = Field(1, ge=1)
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0, description="CFG weight (vllm-omni's name).")
     cfg_weight: float | None = Field(None, ge=0.0, le=100.0, description="CFG weight; default 5.0.")
     temperature: float | None = Field(None, ge=0.0, le=100.0, description="Default 1.0; 0 means greedy.")
@@ -115,7 +140,7 @@ class ChatCompletionsBody(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation ends before any of them.")

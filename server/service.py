@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from server.jobs import (
 )
 from server.logs import request_id_var
 from server.queue import JobQueue
+from server.schemas import NON_BLANK
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,16 @@ def _check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
         raise BadRequest(str(exc)) from exc
 
 
+# A prompt needs a non-blank character: the class means the same in Python and in the ECMA dialect
+# of JSON Schema patterns, so the OpenAPI document (server.schemas.NON_BLANK) says exactly this.
+_NON_BLANK = re.compile(NON_BLANK)
+
+
 def _check_prompt(settings: Settings, prompt: str) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or not _NON_BLANK.search(prompt):
         raise BadRequest("prompt must be a non-empty string")
     if len(prompt) > settings.max_prompt_chars:
-        raise BadRequest(f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}", 413)
+        raise BadRequest(f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
 
 
 def conversation(messages: list[dict[str, Any]]) -> list[Message]:

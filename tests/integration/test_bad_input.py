@@ -49,7 +49,7 @@ UNDERSTAND_CASES = [
     ("remote url", {"prompt": "q", "images": ["https://example.com/a.png"]}, 400, "URL"),
     ("no images", {"prompt": "q", "images": []}, 422, "images"),
     ("too many images", {"prompt": "q", "images": [GOOD] * 5}, 400, "at most 4"),
-    ("huge prompt", {"prompt": "x" * 100_000, "images": [GOOD]}, 413, "prompt"),
+    ("huge prompt", {"prompt": "x" * 100_000, "images": [GOOD]}, 400, "prompt"),
     ("empty prompt", {"prompt": "", "images": [GOOD]}, 422, "prompt"),
     ("reserved token in prompt", {"prompt": "<image_placeholder> hi", "images": [GOOD]}, 400, "reserved token"),
     ("negative temperature", {"prompt": "q", "images": [GOOD], "temperature": -1}, 422, "temperature"),
@@ -72,7 +72,7 @@ GENERATE_CASES = [
     ("float n", {"prompt": "a", "n": 1.5}, 422, "n"),
     ("unknown field", {"prompt": "a", "steps": 50}, 422, "steps"),
     ("missing prompt", {"n": 1}, 422, "prompt"),
-    ("huge prompt", {"prompt": "y" * 100_000}, 413, "prompt"),
+    ("huge prompt", {"prompt": "y" * 100_000}, 400, "prompt"),
     ("seed too big", {"prompt": "a", "seed": 2**64}, 422, "seed"),
 ]
 
