@@ -42,7 +42,7 @@ from server.messages import read_messages
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
 from server.openapi import install_openapi
-from server.queue import QueueFull, QueueUnavailable
+from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
 from server.schemas import GenerateBody, UnderstandBody, form_int
 from server.service import BadRequest, Service, ServiceUnavailable
 from server.settings import Settings
@@ -179,7 +179,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueUnavailable)
     async def _down(_: Request, exc: QueueUnavailable):
-        return error_response(503, f"the job queue is unavailable: {exc}", "unavailable", {"Retry-After": "2"})
+        retry = str(max(int(exc.retry_after), 1))
+        return error_response(503, f"the job queue is unavailable: {exc}", "unavailable", {"Retry-After": retry})
+
+    @app.exception_handler(QueueMisconfigured)
+    async def _refused(_: Request, exc: QueueMisconfigured):  # e.g. the Redis password changed under us
+        return error_response(503, f"the job queue refused this server: {exc}", "unavailable", {"Retry-After": "5"})
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(_: Request, exc: ServiceUnavailable):

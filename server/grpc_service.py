@@ -28,7 +28,7 @@ from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_pngs
 from server.metrics import Metrics
-from server.queue import QueueFull, QueueUnavailable
+from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
 from server.service import BadRequest, Service, ServiceUnavailable, Ticket
 from server.settings import Settings
 
@@ -81,7 +81,9 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
     if isinstance(exc, ServiceUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc), _retry_after(exc.retry_after)
     if isinstance(exc, QueueUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"the job queue is unavailable: {exc}", _retry_after(2.0)
+        return grpc.StatusCode.UNAVAILABLE, f"the job queue is unavailable: {exc}", _retry_after(exc.retry_after)
+    if isinstance(exc, QueueMisconfigured):  # e.g. the Redis password changed under a running server
+        return grpc.StatusCode.UNAVAILABLE, f"the job queue refused this server: {exc}", _retry_after(5.0)
     if isinstance(exc, JobFailed):
         return _JOB_STATUS.get(exc.code, grpc.StatusCode.INTERNAL), str(exc), ()
     return grpc.StatusCode.INTERNAL, "internal error", ()
