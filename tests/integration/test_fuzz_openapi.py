@@ -41,7 +41,7 @@ def schemathesis(url: str, *args: str, hooks: bool) -> None:
     if hooks:
         env["SCHEMATHESIS_HOOKS"] = "tests.integration.schemathesis_hooks"
     cli = Path(sys.executable).with_name("schemathesis")
-    done = subprocess.run([str(cli), "run", url + "/openapi.json", "--checks", "all", "--max-examples", "5",
+    done = subprocess.run([str(cli), "run", url + "/openapi.json", "--checks", "all", "--max-examples", "3",
                            "--seed", "16", "--request-timeout", "60", "--no-color", "--output-sanitize", "false",
                            *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=540, check=False)
