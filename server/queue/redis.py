@@ -57,7 +57,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _FORGET_WORKER_AFTER = 3600.0  # seconds without a heartbeat before a worker leaves the registry
-_SUBMIT_BUDGET = 0.5  # seconds a new request may spend retrying before it is told Redis is down
+_SUBMIT_BUDGET = 2.0  # seconds a new request may retry (less once the breaker opens: then it stops)
 
 
 @dataclass
@@ -325,7 +325,8 @@ class RedisQueue(JobQueue):
         """Run `call`, retrying with backoff while Redis is unreachable, for `reconnect_timeout` s.
 
         `fail_fast` (a new request, a probe): while the breaker is open, raise at once; else retry
-        for at most `_SUBMIT_BUDGET` s, so a client learns of an outage in well under a second.
+        until it opens (Redis failing for `open_after` s with no success) or for `_SUBMIT_BUDGET`
+        s, so a client learns of an outage in well under a second.
         """
         if fail_fast and not self.breaker.allow():
             raise QueueUnavailable(f"Redis is unreachable ({doing}; down for {self.breaker.down_for():.1f}s)",
@@ -341,7 +342,7 @@ class RedisQueue(JobQueue):
                 if problem is not None:  # a wrong password or certificate: retrying will not help
                     raise QueueMisconfigured(problem) from exc
                 self.breaker.failure()
-                if time.monotonic() + delay > give_up:
+                if time.monotonic() + delay > give_up or (fail_fast and self.breaker.is_open):
                     raise QueueUnavailable(f"Redis is unreachable ({doing}): {describe(exc)}",
                                            retry_after=self.retry_after) from exc
             else:

@@ -55,19 +55,22 @@ def test_exit_descriptions() -> None:
     assert sup.describe_exit(-signal.SIGTERM) == "killed by SIGTERM"
 
 
-def test_breaker_opens_probes_and_closes() -> None:
+def test_breaker_opens_after_sustained_failure_probes_and_closes() -> None:
     now = [100.0]
-    breaker = CircuitBreaker(probe_interval=0.5, clock=lambda: now[0])
+    breaker = CircuitBreaker(probe_interval=0.5, open_after=0.5, clock=lambda: now[0])
     assert breaker.allow() and not breaker.is_open
     breaker.failure()
-    assert breaker.is_open and not breaker.allow()  # fail fast until the probe is due
-    now[0] += 0.6
-    assert breaker.allow()  # one probe ...
-    assert not breaker.allow()  # ... and only one
-    breaker.failure()
     now[0] += 0.2
-    assert breaker.down_for() == pytest.approx(0.8)
-    now[0] += 0.4
+    assert not breaker.is_open and breaker.allow()  # one failure is not an outage yet
+    breaker.success()  # ... and a success in between starts the count again
+    breaker.failure()
+    now[0] += 0.6
+    assert breaker.is_open
+    assert breaker.allow()  # one probe ...
+    assert not breaker.allow()  # ... and only one per interval
+    breaker.failure()
+    assert breaker.down_for() == pytest.approx(0.6)
+    now[0] += 0.5
     assert breaker.allow()
     breaker.success()
     assert not breaker.is_open and breaker.allow() and breaker.down_for() == 0.0
