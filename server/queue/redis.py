@@ -348,7 +348,7 @@ class RedisQueue(JobQueue):
                 self.breaker.success()
                 return result
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.1 if fail_fast else 1.0)  # fail_fast: notice the breaker opening soon
 
     async def _publish(self, key: str, fields: dict[str, Any]) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -523,13 +523,16 @@ async def test_redis_restart_mid_load_loses_no_request(cluster: Cluster, oracle:
     cluster.ensure_workers(2)
     slow = Call("/v1/understand", {k: v for k, v in SLOW.items() if k != "stream"})
     calls = [slow] * 4 + [mixed_call(i) for i in range(36)]
+    answered_before = len(await queue.redis.keys(queue.key("result", "*")))
     async with http_client() as http:
         replies = asyncio.ensure_future(asyncio.gather(*(post(http, cluster.api.url, c) for c in calls)))
 
-        async def loaded() -> bool:
-            return await queue.depth() >= 8
+        async def all_accepted() -> bool:  # queued, running or answered: none still being submitted
+            answered = len(await queue.redis.keys(queue.key("result", "*"))) - answered_before
+            return await queue.depth() + answered >= len(calls)
 
-        await eventually(loaded, 10, "jobs queued and running")
+        await eventually(all_accepted, 30, "every request to be accepted")
+        assert await queue.depth() >= 4  # the slow jobs (at least) are still running
         await asyncio.to_thread(cluster.redis.kill)  # kill -9: no save, and no persistence configured
         # While Redis is down a new request is refused at once, not after the reconnect timeout.
         refusals = [await post(http, cluster.api.url, mixed_call(0)) for _ in range(3)]
