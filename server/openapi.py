@@ -38,6 +38,7 @@ ERROR_SCHEMA = {
 MEANINGS = {
     400: "Invalid input (the message names the field): bad JSON, an image that does not decode, a limit.",
     401: "Missing or wrong API key (`Authorization: Bearer KEY`).",
+    404: "The `model` named is not the one this server serves.",
     413: "Body, image or prompt larger than the server's limit.",
     415: "A content type this route does not read.",
     422: "The body does not match the schema (wrong type, unknown field, out of range).",
@@ -179,13 +180,17 @@ def _add_understand_bodies(doc: dict[str, Any], settings: Settings) -> None:
     }}
 
 
-def _streams(operation: dict[str, Any], schemas: dict[str, Any]) -> bool:
+def _has_field(operation: dict[str, Any], schemas: dict[str, Any], field: str) -> bool:
     for media in operation.get("requestBody", {}).get("content", {}).values():
         ref = media.get("schema", {}).get("$ref", "")
         body = schemas.get(ref.rsplit("/", 1)[-1], media.get("schema", {}))
-        if "stream" in body.get("properties", {}):
+        if field in body.get("properties", {}):
             return True
     return False
+
+
+def _streams(operation: dict[str, Any], schemas: dict[str, Any]) -> bool:
+    return _has_field(operation, schemas, "stream")
 
 
 def _document_responses(path: str, method: str, operation: dict[str, Any], schemas: dict[str, Any],
@@ -194,6 +199,8 @@ def _document_responses(path: str, method: str, operation: dict[str, Any], schem
     statuses = set(EXTRA_ERRORS.get((method, path), ()))
     if method == "post":
         statuses |= set(POST_ERRORS)
+        if _has_field(operation, schemas, "model"):
+            statuses.add(404)
     if path.startswith("/v1/") and settings.auth_enabled:
         statuses.add(401)
         operation["security"] = [{"bearer": []}]

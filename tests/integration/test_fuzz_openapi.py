@@ -7,7 +7,7 @@ Two runs of the real CLI (its pytest plugin does not load under this pytest):
   so the understanding success path is fuzzed too;
 - without it, so undecodable images must be refused with a documented 4xx (the check that
   schema-valid data is accepted is left out: no schema can say "a decodable image").
-One check is left out for /v1/understand, with the reason where it is.
+Two checks are left out for the conversation routes, with the reasons where they are.
 """
 
 from __future__ import annotations
@@ -67,16 +67,22 @@ def test_every_route_is_documented(fuzz_server):
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+CONVERSATIONS = "^/v1/(understand|chat/completions)$"
+
+
 def test_schemathesis_with_real_images_finds_nothing(fuzz_server):
-    schemathesis(fuzz_server.url, "--exclude-path", "/v1/understand", hooks=True)
-    # Multipart form fields are text on the wire, so a negative case that only changes a field's JSON
-    # type ("16" for 16) reaches the server unchanged and is rightly accepted: the check that
-    # schema-invalid data is refused cannot be judged through a form. Everything else is checked.
-    schemathesis(fuzz_server.url, "--include-path", "/v1/understand", "--exclude-checks",
-                 "negative_data_rejection", hooks=True)
+    schemathesis(fuzz_server.url, "--exclude-path-regex", CONVERSATIONS, hooks=True)
+    # The two routes that take conversations are fuzzed with real images too, with every check but two:
+    # - schema-valid data accepted: a conversation's rules (system turns first, the last turn from the
+    #   user, images only in user turns and at most max_images in all) are beyond JSON Schema; each
+    #   broken rule is a 400 whose message names it;
+    # - schema-invalid data refused: multipart form fields are text on the wire, so a negative case
+    #   that only changes a field's JSON type ("16" for 16) reaches the server unchanged.
+    schemathesis(fuzz_server.url, "--include-path-regex", CONVERSATIONS, "--exclude-checks",
+                 "positive_data_acceptance,negative_data_rejection", hooks=True)
 
 
 def test_schemathesis_with_fuzzed_images_finds_nothing(fuzz_server):
     # Only the routes that take images; undecodable ones must get a documented 4xx, never a 5xx.
     schemathesis(fuzz_server.url, "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
-                 "--include-path-regex", "^/v1/(understand|chat/completions)$", hooks=False)
+                 "--include-path-regex", CONVERSATIONS, hooks=False)
