@@ -340,7 +340,8 @@ class RedisQueue(JobQueue):
                 problem = config_problem(exc)
                 if problem is not None:  # a wrong password or certificate: retrying will not help
                     raise QueueMisconfigured(problem) from exc
-                self.breaker.failure()
+                if "Too many connections" not in str(exc):  # our own pool is busy, Redis is not down
+                    self.breaker.failure()
                 if time.monotonic() + delay > give_up or (fail_fast and self.breaker.is_open):
                     raise QueueUnavailable(f"Redis is unreachable ({doing}): {describe(exc)}",
                                            retry_after=self.retry_after) from exc
