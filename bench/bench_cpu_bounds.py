@@ -102,14 +102,18 @@ def decode_attention(shape: str, repeats: int, rows: int = 8, length: int = 708)
                    head_dim=head_dim, dtype=torch.float32, device=torch.device("cpu"))
     pool.k.normal_()
     pool.v.normal_()
-    paged = DecodeBatch.for_rows(pool, tables, positions.tolist())
+    # Evenly spaced rows are one strided SDPA call; the same rows in reverse order are one call each.
+    together = DecodeBatch.for_rows(pool, tables, positions.tolist())
+    apart = DecodeBatch.for_rows(pool, tables[::-1], positions.tolist()[::-1])
+    assert len(together.groups) == 1 and len(apart.groups) == rows
     new_k, new_v = torch.randn(rows, heads, 1, head_dim), torch.randn(rows, heads, 1, head_dim)
 
-    def paged_rows():
-        return [paged.attend(i, q, new_k, new_v, head_dim ** -0.5) for i in range(s.lm_layers)]
+    def paged(batch: DecodeBatch):
+        return lambda: [batch.attend(i, q, new_k, new_v, head_dim ** -0.5) for i in range(s.lm_layers)]
 
     got = interleaved({"bool mask": sdpa(visible), "float mask": sdpa(additive), "no mask": sdpa(None),
-                       "matmuls": matmuls, "paged rows": paged_rows}, repeats)
+                       "matmuls": matmuls, "paged group": paged(together), "paged per row": paged(apart)},
+                      repeats)
     kv_bytes = 2 * s.lm_layers * rows * heads * length * head_dim * 4
     print(f"\n## decode attention, {rows} rows x {length} positions x {s.lm_layers} layers "
           f"({kv_bytes / 1e6:.0f} MB of fp32 KV per step)")

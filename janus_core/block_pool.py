@@ -62,6 +62,7 @@ class BlockPool:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._plain: set[int] = set(range(num_blocks))  # free, no key: handed out first
+        self._reserved: set[int] = set()  # plain free blocks kept after a row for it to grow into, if possible
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # free with a key, oldest first
         self._by_key: dict[bytes, int] = {}
         self.evictions = 0
@@ -85,34 +86,48 @@ class BlockPool:
         return self.num_blocks - self.num_free
 
     # --- allocation -------------------------------------------------------------------------------
-    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
+    def allocate(self, n: int, after: int | None = None, reserve: int = 0) -> list[int] | None:
         """`n` blocks with one reference each, or None (nothing taken) when fewer are free.
 
         Consecutive ids where possible (a row whose blocks are consecutive is attended in one piece):
-        right after block `after` when those are free, else the first run of `n` free ids.
+        right after block `after` when those are free (a row growing into the room kept for it), else the
+        first run of `n` free ids. `reserve` more blocks after the run are kept free for the same row to
+        grow into (`reserved`); others take them only when nothing else is free, before cached blocks.
         """
+        self.reserved: list[int] = []
         if n > self.num_free:
             return None
         if n == 0:
             return []
-        chosen = self._consecutive(n, after)
+        chosen = None
+        if after is not None and all(after + 1 + k in self._plain for k in range(n)):
+            chosen = list(range(after + 1, after + 1 + n))
+        if chosen is None and reserve:
+            run = self._first_run(n + reserve)
+            if run is not None:
+                chosen, self.reserved = run[:n], run[n:]
+                self._reserved.update(self.reserved)
         if chosen is None:
-            chosen = sorted(self._plain)[:n]
-            chosen += self._evict(n - len(chosen))
+            chosen = self._first_run(n)
+        if chosen is None:
+            unreserved = sorted(self._plain - self._reserved)[:n]
+            spare = sorted(self._reserved)[:n - len(unreserved)]
+            chosen = unreserved + spare + self._evict(n - len(unreserved) - len(spare))
         for i in chosen:
             self._plain.discard(i)
+            self._reserved.discard(i)
             self.blocks[i].ref_count = 1
         return chosen
 
-    def _consecutive(self, n: int, after: int | None) -> list[int] | None:
-        if after is not None and all(after + 1 + k in self._plain for k in range(n)):
-            return list(range(after + 1, after + 1 + n))
-        if len(self._plain) < n:
+    def _first_run(self, n: int) -> list[int] | None:
+        """The lowest run of `n` consecutive free, unreserved ids."""
+        free = self._plain - self._reserved
+        if len(free) < n:
             return None
         if n == 1:
-            return [min(self._plain)]
+            return [min(free)]
         run: list[int] = []
-        for i in sorted(self._plain):
+        for i in sorted(free):
             run = [*run, i] if run and i == run[-1] + 1 else [i]
             if len(run) == n:
                 return run
@@ -128,6 +143,10 @@ class BlockPool:
             self.evictions += 1
             taken.append(i)
         return taken
+
+    def unreserve(self, block_ids: Sequence[int]) -> None:
+        """Give up the room kept for a row (it finished or was preempted)."""
+        self._reserved.difference_update(block_ids)
 
     def share(self, block_ids: Sequence[int], times: int = 1) -> None:
         """Add `times` references to blocks already held (a request's prompt shared by its images)."""

@@ -44,6 +44,7 @@ from janus_core.stops import StopMatcher
 from janus_core.understanding import UnderstandResult
 
 log = logging.getLogger(__name__)
+ROOM_TO_GROW = 64  # blocks (1,024 tokens) kept after an understanding prompt for its answer, CPU attention only
 
 @dataclass
 class UnderstandRequest:
@@ -186,7 +187,8 @@ class Engine:
         if cfg.attention != "auto":
             self.kv.attention = cfg.attention
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
-        manager = KVManager(self.pool, prefix_caching=cfg.prefix_caching)
+        manager = KVManager(self.pool, prefix_caching=cfg.prefix_caching,
+                            room_to_grow=ROOM_TO_GROW if self.kv.attention == "runs" else 0)
         self.understanding = UnderstandingBatch(
             lm, self.runner, self.kv, manager, vision_cache_bytes=cfg.vision_cache_bytes,
             max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens, max_context=context)

@@ -119,15 +119,23 @@ class PrefillBatch:
 
 
 @dataclass(frozen=True)
+class RowPart:
+    """Run j of every row of a group: starts evenly spaced (`step` 0: the same run, e.g. a shared prompt)."""
+
+    start: int  # the first row's first slot of this run
+    step: int
+    length: int  # the longest row's run; shorter ones are masked
+    mask: torch.Tensor | None  # (G, 1, 1, length) bool, None when every row's run is `length` long
+
+
+@dataclass(frozen=True)
 class RowGroup:
-    """Decode rows [lo, hi) whose runs start at evenly spaced slots: one strided view of the pool holds them all."""
+    """Decode rows [lo, hi) with the same number of runs, each run at evenly spaced slots across the rows:
+    one strided view of the pool per run holds them all."""
 
     lo: int
     hi: int
-    start: int  # first row's first slot
-    step: int  # slots from one row's start to the next's
-    length: int  # the longest row's positions; shorter rows mask the rest
-    mask: torch.Tensor | None  # (G, 1, 1, length) bool, None when every row is `length` long
+    parts: list[RowPart]
 
 
 @dataclass
@@ -159,40 +167,68 @@ class DecodeBatch:
         k_all, v_all = self.kv.k[layer], self.kv.v[layer]  # (H, S, D)
         out = []
         for g in self.groups:
-            if g.hi - g.lo == 1:
-                out.append(_attend_runs(q[g.lo], k_all, v_all, self.runs[g.lo], scale)[None])
-                continue
-            # Rows at evenly spaced slots (images admitted together) are one strided view of the pool:
-            # a single SDPA call for all of them instead of one per row (each call starts OpenMP's team).
-            heads, dim = k_all.shape[0], k_all.shape[2]
-            size, stride = (g.hi - g.lo, heads, g.length, dim), (g.step * dim, *k_all.stride())
-            keys = k_all.as_strided(size, stride, k_all.storage_offset() + g.start * dim)
-            values = v_all.as_strided(size, stride, v_all.storage_offset() + g.start * dim)
-            out.append(F.scaled_dot_product_attention(q[g.lo:g.hi], keys, values, attn_mask=g.mask, scale=scale))
+            # Rows at evenly spaced slots (images admitted together; answers with room to grow after a
+            # shared system prompt) are read through strided views of the pool: one call per run for all of
+            # them instead of one per row (each call starts OpenMP's team).
+            views = [(_strided(k_all, g, p), _strided(v_all, g, p), p.mask) for p in g.parts]
+            if len(views) == 1:
+                keys, values, mask = views[0]
+                out.append(F.scaled_dot_product_attention(q[g.lo:g.hi], keys, values, attn_mask=mask, scale=scale))
+            elif q.device.type == "cpu":
+                out.append(_merge_parts(q[g.lo:g.hi], views, scale))
+            else:
+                out += [_attend_runs(q[b], k_all, v_all, self.runs[b], scale)[None] for b in range(g.lo, g.hi)]
         return torch.cat(out)
 
 
+def _strided(buf: torch.Tensor, group: RowGroup, part: RowPart) -> torch.Tensor:
+    """(G, H, length, D) view of `buf` (H, S, D): row i of the group starts at slot start + i * step."""
+    heads, dim = buf.shape[0], buf.shape[2]
+    return buf.as_strided((group.hi - group.lo, heads, part.length, dim), (part.step * dim, *buf.stride()),
+                          buf.storage_offset() + part.start * dim)
+
+
+def _merge_parts(q: torch.Tensor, views: list, scale: float) -> torch.Tensor:
+    """Attention over several runs per row from each run's attention and log-sum-exp: the exact softmax."""
+    outs, lses = [], []
+    for keys, values, mask in views:
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, attn_mask=additive,
+                                                                             scale=scale)
+        outs.append(o.float())
+        lses.append(lse.float())  # (G, H, 1)
+    total = torch.logsumexp(torch.stack(lses), dim=0)
+    merged = sum(o * torch.exp(lse - total)[..., None] for o, lse in zip(outs, lses, strict=True))
+    return merged.to(q.dtype)
+
+
 def row_groups(runs: list[list[Run]], num_slots: int, device: torch.device) -> list[RowGroup]:
-    """Consecutive single-run rows with evenly spaced starts form a group (their views must fit the pool);
-    every other row is a group of its own."""
-    bounds: list[list[int]] = []  # [lo, hi, step] per group
+    """Consecutive rows with as many runs each and every run evenly spaced across them form a group (their
+    views must fit the pool); every other row is a group of its own."""
+    bounds: list[list] = []  # [lo, hi, steps] per group
     for b, row in enumerate(runs):
-        if bounds and len(row) == 1 and len(runs[b - 1]) == 1 and bounds[-1][1] == b:
-            lo, hi, step = bounds[-1]
-            first, gap = runs[lo][0][0], row[0][0] - runs[b - 1][0][0]
-            longest = max(r[0][1] - r[0][0] for r in runs[lo:b + 1])
-            if gap > 0 and (hi - lo == 1 or gap == step) and first + (b - lo) * gap + longest <= num_slots:
-                bounds[-1] = [lo, b + 1, gap]
+        if bounds and bounds[-1][1] == b and len(row) == len(runs[b - 1]):
+            lo, hi, steps = bounds[-1]
+            gaps = [r[0] - p[0] for r, p in zip(row, runs[b - 1], strict=True)]
+            fits = all(runs[lo][j][0] + (b - lo) * gaps[j] + max(r[j][1] - r[j][0] for r in runs[lo:b + 1])
+                       <= num_slots for j in range(len(row)))
+            if min(gaps) >= 0 and max(gaps) > 0 and (hi - lo == 1 or gaps == steps) and fits:
+                bounds[-1] = [lo, b + 1, gaps]
                 continue
-        bounds.append([b, b + 1, 0])
+        bounds.append([b, b + 1, [0] * len(row)])
     groups = []
-    for lo, hi, step in bounds:
-        lengths = [r[0][1] - r[0][0] for r in runs[lo:hi]] if hi - lo > 1 else [0]
-        longest, mask = max(lengths), None
-        if min(lengths) != longest:
-            visible = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (G, L)
-            mask = visible[:, None, None, :].to(device)
-        groups.append(RowGroup(lo, hi, runs[lo][0][0], step, longest, mask))
+    for lo, hi, steps in bounds:
+        parts = []
+        for j, step in enumerate(steps):
+            lengths = [r[j][1] - r[j][0] for r in runs[lo:hi]]
+            longest, mask = max(lengths), None
+            if min(lengths) != longest:
+                visible = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (G, L)
+                mask = visible[:, None, None, :].to(device)
+            parts.append(RowPart(runs[lo][j][0], step, longest, mask))
+        groups.append(RowGroup(lo, hi, parts))
     return groups
 
 

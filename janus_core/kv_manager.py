@@ -24,9 +24,12 @@ if TYPE_CHECKING:
 
 
 class KVManager:
-    def __init__(self, pool: BlockPool, *, prefix_caching: bool = True) -> None:
+    def __init__(self, pool: BlockPool, *, prefix_caching: bool = True, room_to_grow: int = 0) -> None:
         self.pool = pool
         self.prefix_caching = prefix_caching
+        # Blocks kept free after an understanding row's prompt for its answer (at most this many), so the row
+        # stays in one piece: the CPU attention reads a row, or rows at even spacing, in one call.
+        self.room_to_grow = room_to_grow
         self.bs = pool.block_size
 
     # --- how much -------------------------------------------------------------------------------
@@ -55,9 +58,10 @@ class KVManager:
         if new + self.pool.cost(cached) > self.pool.num_free:
             return False
         self.pool.take(cached)
-        fresh = self.pool.allocate(new, after=cached[-1] if cached else None)
+        room = min(blocks_for(seq.row_len, self.bs) - blocks_for(length, self.bs), self.room_to_grow)
+        fresh = self.pool.allocate(new, after=cached[-1] if cached else None, reserve=room)
         assert fresh is not None
-        seq.tables = [cached + fresh]
+        seq.tables, seq.reserved = [cached + fresh], self.pool.reserved
         seq.cached_tokens = len(cached) * self.bs
         return True
 
@@ -91,12 +95,14 @@ class KVManager:
         if blocks is None:
             return False
         table += blocks
+        seq.reserved = [b for b in seq.reserved if b not in blocks]
         return True
 
     def release(self, seq: Sequence) -> None:
         for table in seq.tables:  # tail first: a cached chain loses its least useful blocks first
             self.pool.release(table[::-1])
-        seq.tables = []
+        self.pool.unreserve(seq.reserved)
+        seq.tables, seq.reserved = [], []
 
     def register(self, seq: Sequence) -> None:
         """Put the row's full blocks that have keys into the content cache (understanding rows only)."""

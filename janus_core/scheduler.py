@@ -47,6 +47,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     cache_keys: list[bytes] = field(default_factory=list)  # chained keys of the row's full blocks so far
     tables: list[list[int]] = field(default_factory=list)  # block table per row, while admitted
+    reserved: list[int] = field(default_factory=list)  # free blocks kept after the row for it to grow into
     cached_tokens: int = 0  # positions found in the content cache at the last admission
     registered: int = 0  # leading blocks of the row already offered to the content cache
     preemptions: int = 0

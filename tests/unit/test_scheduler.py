@@ -228,3 +228,23 @@ def test_byte_lru_evicts_least_recent_and_counts():
     assert "b" not in lru and lru.get("c") == "C" and lru.get("b") is None
     assert (lru.hits, lru.misses, lru.evictions, lru.bytes) == (2, 1, 1, 8)
     assert not lru.put("huge", "H", 11) and len(lru) == 2
+
+
+def test_room_to_grow_is_kept_for_a_row_and_given_up_under_pressure():
+    sched = Scheduler(KVManager(BlockPool(10, BS), room_to_grow=3), max_running=8, max_prefill_tokens=1000)
+    a = understand("a", prompt=4, max_tokens=12)  # 1 block now, 4 at most: 3 kept free after it
+    sched.add(a)
+    sched.schedule()
+    assert a.tables == [[0]] and a.reserved == [1, 2, 3]
+    b = understand("b", prompt=4, max_tokens=2)
+    sched.add(b)
+    sched.schedule()
+    assert b.tables == [[4]]  # b is placed after a's room
+    for _ in range(5):
+        sched.update(a, 5)
+        sched.schedule()
+    assert a.tables == [[0, 1, 2]] and a.reserved == [3]  # a grew into its room: still one run
+    c = Sequence("c", "generate", prompt_tokens=8, max_tokens=5, width=1)  # 6 blocks: 5 free + a's last one
+    sched.add(c)
+    sched.schedule()
+    assert c.status is Status.RUNNING and sched.kv.pool.num_free == 0  # the room went when nothing else was free
