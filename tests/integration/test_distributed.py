@@ -551,8 +551,12 @@ async def test_redis_restart_mid_load_loses_no_request(cluster: Cluster, oracle:
         for reply in done:
             oracle.check(reply.call, reply.body)
         assert max(r.seconds for r in done) < REQUEST_TIMEOUT
-        resubmitted = total(await scrape(http, cluster.api.url), "janus_resubmissions_total")
-        assert resubmitted > 0
+        # Jobs that a worker was running when Redis went are answered by that worker into the new Redis;
+        # queued ones are submitted again by the API. Which of the two happens depends on how many jobs the
+        # workers had claimed at the kill, so only the counter's presence is checked; every answer is, above.
+        samples = await scrape(http, cluster.api.url)
+        assert "janus_resubmissions_total" in {name for name, _, _ in samples}
+        resubmitted = total(samples, "janus_resubmissions_total")
 
         await asyncio.to_thread(wait_until_ready, cluster.api, 30)  # workers heartbeat into the new Redis
         after = [mixed_call(i) for i in range(8)]
