@@ -298,10 +298,10 @@ def test_drop_and_paste_add_images_and_refuse_other_files(page, tmp_path):
 
 
 def test_stop_cancels_a_streaming_answer(page, page_server, tmp_path):
+    # Text only, so that nearly the whole context (1024) is left to decode: the tiny model streams
+    # hundreds of tokens a second, and the click must land while the answer is still streaming.
     stops_before = page_server.log().count("stopped job")
-    page.find_element("id", "chat-files").send_keys(_png_file(tmp_path / "green.png", (64, 64)))
-    wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
-    _set(page, "chat-max-tokens", "300")
+    _set(page, "chat-max-tokens", "900")
     _set(page, "chat-input", "Describe every detail.")
     _el(page, "#chat-send").click()
     answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
@@ -309,7 +309,7 @@ def test_stop_cancels_a_streaming_answer(page, page_server, tmp_path):
     _el(page, "#chat-stop").click()
     wait_for(lambda: answer.get_attribute("data-state") != "streaming", 10, "the page to stop")
     assert answer.get_attribute("data-state") == "stopped", answer.text
-    assert int(answer.get_attribute("data-updates")) < 300
+    assert int(answer.get_attribute("data-updates")) < 900
     assert page.execute_script("return chat.messages.map(m => m.role)") == ["user", "assistant"]  # partial kept
     wait_for(lambda: page_server.log().count("stopped job") > stops_before, 30, "the worker to stop the job")
     wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="understand"\} (\S+)$', 0) == 0, 30,
