@@ -5,9 +5,9 @@ request's block tables. The full prompt blocks of each side are held once and sh
 by all n images; the pair is prefilled once into image 0's rows and the partial last prompt block
 copied into each other image's first own block. Each step feeds every image's last code at its own
 position (requests that joined later are at earlier positions), applies the guidance
-`uncond + cfg_weight * (cond - uncond)` per image, and samples with that image's own generator
-(seed + i, as `generation.image_seeds`), so the draws do not depend on the rest of the batch.
-Finished requests are VQ-decoded together.
+`uncond + cfg_weight * (cond - uncond)` per image, and samples all images in one pass, each from its
+own counter-based stream (seed + i, as `generation.image_seeds`), so the draws do not depend on the
+rest of the batch. Finished requests are VQ-decoded one image at a time (byte-reproducible pixels).
 
 This module knows the generation prompt format, CFG and image codes; the scheduler decides who
 runs and which blocks each row holds, the runner does the tensor work, and PNG encoding is left to
@@ -26,9 +26,10 @@ from janus_core.generation import check_generation, decode_images, image_seeds
 from janus_core.kv_cache import DecodeBatch, PagedKV, PrefillBatch, slots_of
 from janus_core.loading import LoadedModel
 from janus_core.processor import build_generation_ids, unconditional_ids
-from janus_core.runner import ModelRunner, sample_rows
-from janus_core.sampling import SamplingParams, make_generator, new_seed
+from janus_core.runner import ModelRunner
+from janus_core.sampling import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
 from janus_core.scheduler import Sequence
+from janus_core.step_rows import DecodeRows, RowValues
 
 
 @dataclass(eq=False)
@@ -38,7 +39,7 @@ class GenerationState:
     cfg_weight: float
     params: SamplingParams
     seed: int
-    generators: list[torch.Generator | None]  # one per image; None when greedy
+    uniforms: torch.Tensor  # (n, num_image_tokens) float64: image i's draws (stream seed + i); (n, 1) if greedy
     tokens: torch.Tensor  # (n, num_image_tokens) int64 on CPU, filled step by step
     steps: int = 0  # codes sampled so far per image
 
@@ -46,16 +47,14 @@ class GenerationState:
     def prompt_len(self) -> int:
         return self.pair.shape[1]
 
-    @property
-    def last(self) -> list[int]:
-        return self.tokens[:, self.steps - 1].tolist()
-
 
 class GenerationBatch:
     def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, *, max_images: int,
                  max_prompt_tokens: int) -> None:
         self.lm, self.runner, self.kv = lm, runner, kv
         self.max_images, self.max_prompt_tokens = max_images, max_prompt_tokens
+        self.rows = DecodeRows(max_images, lm.num_image_tokens, lm.device)  # one sampling row per image
+        self._tables: list[list[int]] = []  # the rows' block tables, fixed from admission
 
     def prepare(self, request_id: str, prompt: str, n: int, cfg_weight: float,
                 params: SamplingParams) -> Sequence:
@@ -72,10 +71,10 @@ class GenerationBatch:
             raise InvalidRequestError(f"prompt is {len(cond)} tokens; with {self.lm.num_image_tokens} image tokens "
                                       f"it exceeds the generation context length of {self.lm.max_context}")
         seed = params.seed if params.seed is not None else new_seed()
-        generators = [None if params.greedy else make_generator(s, self.lm.device) for s in image_seeds(seed, n)]
+        steps = 1 if params.greedy else self.lm.num_image_tokens
         state = GenerationState(
             pair=torch.tensor([cond, unconditional_ids(self.lm, cond)]), n=n, cfg_weight=cfg_weight,
-            params=params, seed=seed, generators=generators,
+            params=params, seed=seed, uniforms=torch.stack([stream_uniforms(s, steps) for s in image_seeds(seed, n)]),
             tokens=torch.zeros((n, self.lm.num_image_tokens), dtype=torch.long),
         )
         return Sequence(request_id, "generate", prompt_tokens=len(cond), max_tokens=self.lm.num_image_tokens,
@@ -94,44 +93,56 @@ class GenerationBatch:
             self.kv.copy_slots(src, dst)
         logits = self.runner.image_logits(hidden)  # (2, V)
         guided = logits[1:] + state.cfg_weight * (logits[:1] - logits[1:])  # (1, V)
-        return self._record(state, sample_rows(guided.expand(state.n, -1), [state.params] * state.n,
-                                               state.generators))
+        rows = RowSampling.of([state.params] * state.n, state.uniforms[:, 0], guided.device)
+        return self.record([seq], sample(guided.expand(state.n, -1), rows).tolist())[0]
 
-    def decode(self, seqs: list[Sequence]) -> list[list[int]]:
-        """One step for every running request's rows; returns the new code of each image."""
-        tables, positions, codes, weights = [], [], [], []
-        for seq in seqs:
-            state: GenerationState = seq.data
-            tables += seq.tables
-            positions += [state.prompt_len + state.steps - 1] * len(seq.tables)
-            codes += torch.tensor(state.last).repeat_interleave(2).tolist()
-            weights += [state.cfg_weight] * state.n
-        batch = DecodeBatch.for_rows(self.kv, tables, positions)
-        ids = torch.tensor(codes)[:, None]  # (R, 1)
-        hidden = self.runner.decode(batch, self.runner.embed_image_tokens(ids), torch.tensor(positions))  # (R, D)
+    def launch(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Queue one step for every running request's rows; returns the new code of each image (I,) on the device.
+
+        The inputs come from the preallocated rows (`janus_core.step_rows`): rebuilt only when requests
+        joined or left; the codes chosen are written back there on the device.
+        """
+        rows = self.rows
+        if rows.sync(seqs, lambda seq: seq.data.n, self._values):
+            self._tables = [t for seq in seqs for t in seq.tables]
+        images = rows.count
+        positions = np.repeat(rows.host_position[:images], 2).tolist()  # rows [c0, u0, c1, u1, ...]
+        batch = DecodeBatch.for_rows(self.kv, self._tables, positions)
+        ids = rows.last[:images].repeat_interleave(2)[:, None]  # (R, 1)
+        hidden = self.runner.decode(batch, self.runner.embed_image_tokens(ids),
+                                    rows.position[:images].repeat_interleave(2))  # (R, D)
         logits = self.runner.image_logits(hidden)  # (R, V)
         cond, uncond = logits[0::2], logits[1::2]  # (I, V) each
-        weight = torch.tensor(weights, device=logits.device, dtype=logits.dtype)[:, None]  # (I, 1)
-        guided = uncond + weight * (cond - uncond)  # (I, V)
-        params = [seq.data.params for seq in seqs for _ in range(seq.data.n)]
-        generators = [g for seq in seqs for g in seq.data.generators]
-        chosen = sample_rows(guided, params, generators)
-        out, at = [], 0
-        for seq in seqs:
-            out.append(self._record(seq.data, chosen[at:at + seq.data.n]))
-            at += seq.data.n
-        return out
+        guided = uncond + rows.cfg_weight[:images, None] * (cond - uncond)  # (I, V)
+        chosen = sample(guided, rows.sampling())
+        rows.advance(chosen)
+        return chosen
+
+    def reset_rows(self) -> None:
+        """Forget the row state (after a failed step): the next `launch` writes every row afresh."""
+        self.rows.seqs, self.rows.widths, self.rows.count = [], [], 0
 
     @staticmethod
-    def _record(state: GenerationState, codes: list[int]) -> list[int]:
-        state.tokens[:, state.steps] = torch.tensor(codes)
-        state.steps += 1
-        return codes
+    def _values(seq: Sequence) -> RowValues:
+        state: GenerationState = seq.data
+        p = state.params
+        return RowValues(last=state.tokens[:, state.steps - 1], position=state.prompt_len + state.steps - 1,
+                         step=state.steps, temperature=p.temperature, top_p=p.top_p, greedy=p.greedy,
+                         uniforms=state.uniforms, cfg_weight=state.cfg_weight)
+
+    @staticmethod
+    def record(seqs: list[Sequence], codes: list[int]) -> list[list[int]]:
+        """Store one step's codes (all images of `seqs`, in order) in the requests; returns them per request."""
+        out, at = [], 0
+        for seq in seqs:
+            state: GenerationState = seq.data
+            mine = codes[at:at + state.n]
+            state.tokens[:, state.steps] = torch.tensor(mine)
+            state.steps += 1
+            out.append(mine)
+            at += state.n
+        return out
 
     def decode_pixels(self, seqs: list[Sequence]) -> list[np.ndarray]:
-        """VQ-decode the finished requests together; one (n, H, W, 3) uint8 array per request."""
-        if not seqs:
-            return []
-        pixels = decode_images(self.lm, torch.cat([seq.data.tokens for seq in seqs]))
-        counts = np.cumsum([seq.data.n for seq in seqs])[:-1]
-        return list(np.split(pixels, counts))
+        """VQ-decode the finished requests (image by image: `decode_images`); one (n, H, W, 3) uint8 array each."""
+        return [decode_images(self.lm, seq.data.tokens) for seq in seqs]

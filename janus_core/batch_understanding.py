@@ -31,9 +31,10 @@ from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
 from janus_core.lru import ByteLRU
 from janus_core.processor import build_conversation_inputs, build_understanding_inputs
-from janus_core.runner import ModelRunner, sample_rows
-from janus_core.sampling import SamplingParams, make_generator, new_seed
+from janus_core.runner import ModelRunner
+from janus_core.sampling import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
 from janus_core.scheduler import Sequence as Seq
+from janus_core.step_rows import DecodeRows, RowValues
 from janus_core.understanding import check_limits
 from janus_core.vision_cache import image_key
 
@@ -48,7 +49,7 @@ class UnderstandingState:
     spans: list[Span]
     params: SamplingParams
     seed: int | None
-    generator: torch.Generator | None
+    uniforms: torch.Tensor  # (1, max_new_tokens) float64: the stream of `seed`; (1, 1) if greedy
     decoder: IncrementalDecoder
     out: list[int] = field(default_factory=list)
 
@@ -83,11 +84,13 @@ def image_spans(ids: Sequence[int], image_token: int, keys: Sequence[str]) -> li
 
 class UnderstandingBatch:
     def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, manager: KVManager, *,
-                 vision_cache_bytes: int, max_images: int, max_new_tokens: int, max_context: int) -> None:
+                 vision_cache_bytes: int, max_images: int, max_new_tokens: int, max_context: int,
+                 max_running: int) -> None:
         self.lm, self.runner, self.kv, self.manager = lm, runner, kv, manager
         self.vision: ByteLRU[torch.Tensor] = ByteLRU(vision_cache_bytes)  # image key -> features (N, D)
         self.max_images, self.max_new_tokens, self.max_context = max_images, max_new_tokens, max_context
         self.counters = CacheCounters()
+        self.rows = DecodeRows(max_running, max_new_tokens, lm.device)
 
     def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
                 params: SamplingParams, *, messages: Sequence[Message] | None = None) -> Seq:
@@ -108,7 +111,7 @@ class UnderstandingBatch:
         seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
         state = UnderstandingState(
             ids=inputs.input_ids, pixels=inputs.pixel_values, image_keys=keys, spans=spans, params=params, seed=seed,
-            generator=make_generator(seed, self.lm.device) if seed is not None and not params.greedy else None,
+            uniforms=stream_uniforms(seed if seed is not None else 0, 1 if params.greedy else max_new_tokens)[None],
             decoder=IncrementalDecoder(self.lm.tokenizer),
         )
         return Seq(request_id, "understand", prompt_tokens=len(inputs.input_ids), max_tokens=max_new_tokens,
@@ -138,7 +141,9 @@ class UnderstandingBatch:
         batch = PrefillBatch.for_rows(self.kv, seq.tables, start, len(tokens))
         hidden = self.runner.prefill(batch, self._embed(state, start, len(tokens)), start)
         self._extend_keys(seq, len(tokens))
-        return sample_rows(self.runner.text_logits(hidden), [state.params], [state.generator])[0]
+        rows = RowSampling.of([state.params], state.uniforms[:, min(len(state.out), state.uniforms.shape[1] - 1)],
+                              hidden.device)
+        return int(sample(self.runner.text_logits(hidden), rows)[0])
 
     def _embed(self, state: UnderstandingState, start: int, end: int) -> torch.Tensor:
         """Embeddings of positions [start, end): text, with SigLIP features over the images' placeholders."""
@@ -183,13 +188,30 @@ class UnderstandingBatch:
         state.out.append(token)
         return state.decoder.push(token)
 
-    def decode(self, seqs: list[Seq]) -> list[int]:
-        """One token for every running request: each feeds its last token at its next position."""
-        positions = [len(s.data.ids) + len(s.data.out) - 1 for s in seqs]
+    def launch(self, seqs: list[Seq]) -> torch.Tensor:
+        """Queue one token for every running request (each feeds its last token at its next position);
+        returns the chosen tokens (B,) on the device. Inputs come from the preallocated rows."""
+        rows = self.rows
+        rows.sync(seqs, lambda seq: 1, self._values)
+        count = rows.count
+        positions = rows.host_position[:count].tolist()
         batch = DecodeBatch.for_rows(self.kv, [s.tables[0] for s in seqs], positions)
-        ids = torch.tensor([[s.data.out[-1]] for s in seqs])  # (B, 1)
-        hidden = self.runner.decode(batch, self.runner.embed_text(ids), torch.tensor(positions))  # (B, D)
+        hidden = self.runner.decode(batch, self.runner.embed_text(rows.last[:count, None]),
+                                    rows.position[:count])  # (B, D)
         for seq, p in zip(seqs, positions, strict=True):
             self._extend_keys(seq, p + 1)
-        logits = self.runner.text_logits(hidden)  # (B, V)
-        return sample_rows(logits, [s.data.params for s in seqs], [s.data.generator for s in seqs])
+        chosen = sample(self.runner.text_logits(hidden), rows.sampling())
+        rows.advance(chosen)
+        return chosen
+
+    def reset_rows(self) -> None:
+        """Forget the row state (after a failed step): the next `launch` writes every row afresh."""
+        self.rows.seqs, self.rows.widths, self.rows.count = [], [], 0
+
+    @staticmethod
+    def _values(seq: Seq) -> RowValues:
+        state: UnderstandingState = seq.data
+        p = state.params
+        return RowValues(last=torch.tensor([state.out[-1]]), position=len(state.ids) + len(state.out) - 1,
+                         step=len(state.out), temperature=p.temperature, top_p=p.top_p, greedy=p.greedy,
+                         uniforms=state.uniforms)

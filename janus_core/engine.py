@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 from janus_core import memory
@@ -191,7 +192,8 @@ class Engine:
                             room_to_grow=ROOM_TO_GROW if self.kv.attention == "runs" else 0)
         self.understanding = UnderstandingBatch(
             lm, self.runner, self.kv, manager, vision_cache_bytes=cfg.vision_cache_bytes,
-            max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens, max_context=context)
+            max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens, max_context=context,
+            max_running=cfg.max_batch_size)
         self.generation = GenerationBatch(lm, self.runner, self.kv, max_images=cfg.max_batch_size,
                                           max_prompt_tokens=cfg.max_generation_prompt)
         self.scheduler = Scheduler(manager, max_running=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens)
@@ -323,12 +325,59 @@ class Engine:
             self._fail(seq, "cancelled", "the request was cancelled")
         for seq in plan.prefill:
             self._guard(self._prefill, [seq], seq)
+        launched = []
         for kind in KINDS:
             running = [s for s in plan.decode[kind] if s.status is Status.RUNNING]
             if running:
-                self._guard(self._decode, running, kind, running)
+                started = time.perf_counter()
+                chosen = self._launch(kind, running)
+                if chosen is not None:
+                    launched.append((kind, running, chosen, time.perf_counter() - started))
+        if launched:
+            try:
+                self._collect(launched)
+            except Exception as exc:  # the rows' device state is suspect now: rebuild it next step
+                self.understanding.reset_rows()
+                self.generation.reset_rows()
+                self._failed([s for _, seqs, _, _ in launched for s in seqs], exc)
         self._sync_counts()
         return True
+
+    def _launch(self, kind: str, seqs: list[Sequence]):
+        """Queue one decode step of `kind` on the device; its chosen tokens stay there until `_collect`."""
+        batch = self.understanding if kind == "understand" else self.generation
+        try:
+            return batch.launch(seqs)
+        except Exception as exc:
+            batch.reset_rows()
+            self._failed(seqs, exc)
+            return None
+
+    def _collect(self, launched: list) -> None:
+        """One copy of every token this step chose, then the bookkeeping. While the device still runs the
+        step (CUDA queues it), new requests are validated and tokenized: their host work overlaps it."""
+        started = time.perf_counter()
+        chosen = torch.cat([c for _, _, c, _ in launched])
+        if chosen.is_cuda:
+            host = chosen.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._intake()
+            done.synchronize()
+        else:
+            host = chosen
+        tokens = host.tolist()
+        waited = time.perf_counter() - started
+        at = 0
+        for kind, seqs, _, seconds in launched:
+            rows = len(seqs) if kind == "understand" else sum(s.data.n for s in seqs)
+            mine, at = tokens[at:at + rows], at + rows
+            self._record_step(kind, len(seqs), seconds + waited)
+            if kind == "understand":
+                for seq, token in zip(seqs, mine, strict=True):
+                    self._on_tokens(seq, token)
+            else:
+                self._on_codes(seqs, self.generation.record(seqs, mine))
 
     def _intake(self) -> None:
         """Move new requests into the scheduler (validated and tokenized) and pass on cancellations."""
@@ -382,18 +431,6 @@ class Engine:
         else:
             self._on_codes([seq], [self.generation.prefill(seq)])
 
-    def _decode(self, kind: str, seqs: list[Sequence]) -> None:
-        started = time.perf_counter()
-        if kind == "understand":
-            tokens = self.understanding.decode(seqs)
-            self._record_step(kind, len(seqs), time.perf_counter() - started)
-            for seq, token in zip(seqs, tokens, strict=True):
-                self._on_tokens(seq, token)
-        else:
-            codes = self.generation.decode(seqs)
-            self._record_step(kind, len(seqs), time.perf_counter() - started)
-            self._on_codes(seqs, codes)
-
     # --- update from output -----------------------------------------------------------------------
     def _on_tokens(self, seq: Sequence, token: int) -> None:
         state: UnderstandingState = seq.data
@@ -442,11 +479,14 @@ class Engine:
         try:
             fn(*args)
         except Exception as exc:
-            log.exception("step failed for %s", [s.request_id for s in seqs])
-            for seq in seqs:
-                self.scheduler.fail(seq)
-                if seq in self._sinks:
-                    self._fail(seq, "internal", f"{type(exc).__name__}: {exc}")
+            self._failed(seqs, exc)
+
+    def _failed(self, seqs: list[Sequence], exc: Exception) -> None:
+        log.error("step failed for %s", [s.request_id for s in seqs], exc_info=exc)
+        for seq in seqs:
+            self.scheduler.fail(seq)
+            if seq in self._sinks:
+                self._fail(seq, "internal", f"{type(exc).__name__}: {exc}")
 
     def _succeed(self, seq: Sequence, result: UnderstandResult | GenerateResult) -> None:
         self._count(failed=False)

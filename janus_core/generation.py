@@ -21,7 +21,7 @@ from janus_core.compat import cache_arg
 from janus_core.errors import InvalidRequestError
 from janus_core.loading import LoadedModel
 from janus_core.processor import build_generation_ids, unconditional_ids
-from janus_core.sampling import SamplingParams, make_generator, new_seed, sample_row
+from janus_core.sampling import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
 
 
 @dataclass
@@ -39,7 +39,7 @@ def check_generation(n: int, cfg_weight: float) -> None:
 
 
 def image_seeds(seed: int, n: int) -> list[int]:
-    """Image i of a request samples from its own generator, so batching never changes its draws."""
+    """Image i of a request draws from the random stream of seed + i, so batching never changes its draws."""
     return [(seed + i) % 2**63 for i in range(n)]
 
 
@@ -51,7 +51,7 @@ def stream_image_tokens(
     params = params or SamplingParams(temperature=1.0)
     check_generation(n, cfg_weight)
     seed = params.seed if params.seed is not None else new_seed()
-    generators = [make_generator(s, lm.device) for s in image_seeds(seed, n)]
+    uniforms = torch.stack([stream_uniforms(s, lm.num_image_tokens) for s in image_seeds(seed, n)])  # (n, N)
     model = lm.model
     cond = build_generation_ids(lm, prompt)
     pair = torch.tensor([cond, unconditional_ids(lm, cond)], device=lm.device)  # (2, T)
@@ -70,7 +70,7 @@ def stream_image_tokens(
     for step in range(lm.num_image_tokens):
         logits = model.model.generation_head(hidden).float()  # (2n, V)
         guided = logits[n:] + cfg_weight * (logits[:n] - logits[n:])
-        chosen = [sample_row(guided[i], params, generators[i]) for i in range(n)]
+        chosen = sample(guided, RowSampling.of([params] * n, uniforms[:, step], lm.device)).tolist()
         tokens[:, step] = torch.tensor(chosen)
         yield step + 1
         if step + 1 == lm.num_image_tokens:
@@ -86,8 +86,17 @@ def stream_image_tokens(
 
 @torch.inference_mode()
 def decode_images(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
-    """VQ-decode image tokens (n, N) into uint8 pixels (n, H, W, 3), post-processed as the reference does."""
-    decoded = lm.model.decode_image_tokens(tokens.to(lm.device)).float().cpu()  # (n, H, W, 3) in [-1, 1]
+    """VQ-decode image tokens (n, N) into uint8 pixels (n, H, W, 3), post-processed as the reference does.
+
+    One image per decoder call: a convolution's rounding can depend on the batch it runs in, and an
+    image's pixels must depend on its codes only (a seed gives the same PNG bytes alone, as image i of
+    a request, and beside other requests). The decoder is well under 1% of a request's time.
+    """
+    return np.concatenate([_decode(lm, tokens[i:i + 1]) for i in range(tokens.shape[0])])
+
+
+def _decode(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
+    decoded = lm.model.decode_image_tokens(tokens.to(lm.device)).float().cpu()  # (1, H, W, 3) in [-1, 1]
     # Channels first: the PIL backend of the image processor normalises channel-first arrays only.
     planes = list(decoded.permute(0, 3, 1, 2).numpy())
     pil = lm.processor.postprocess(planes, return_tensors="PIL.Image.Image",

@@ -207,19 +207,26 @@ def _merge_parts(q: torch.Tensor, views: list, scale: float) -> torch.Tensor:
 def row_groups(runs: list[list[Run]], num_slots: int, device: torch.device) -> list[RowGroup]:
     """Consecutive rows with as many runs each and every run evenly spaced across them form a group (their
     views must fit the pool); every other row is a group of its own."""
-    bounds: list[list] = []  # [lo, hi, steps] per group
+    if all(len(row) == 1 for row in runs):
+        return _single_run_groups([row[0] for row in runs], num_slots, device)
+    return _general_groups(runs, num_slots, device)
+
+
+def _general_groups(runs: list[list[Run]], num_slots: int, device: torch.device) -> list[RowGroup]:
+    bounds: list[list] = []  # [lo, hi, steps, longest run j so far] per group
     for b, row in enumerate(runs):
+        lengths = [end - start for start, end in row]
         if bounds and bounds[-1][1] == b and len(row) == len(runs[b - 1]):
-            lo, hi, steps = bounds[-1]
+            lo, hi, steps, longest = bounds[-1]
             gaps = [r[0] - p[0] for r, p in zip(row, runs[b - 1], strict=True)]
-            fits = all(runs[lo][j][0] + (b - lo) * gaps[j] + max(r[j][1] - r[j][0] for r in runs[lo:b + 1])
-                       <= num_slots for j in range(len(row)))
+            longer = [max(a, c) for a, c in zip(longest, lengths, strict=True)]
+            fits = all(runs[lo][j][0] + (b - lo) * gaps[j] + longer[j] <= num_slots for j in range(len(row)))
             if min(gaps) >= 0 and max(gaps) > 0 and (hi - lo == 1 or gaps == steps) and fits:
-                bounds[-1] = [lo, b + 1, gaps]
+                bounds[-1] = [lo, b + 1, gaps, longer]
                 continue
-        bounds.append([b, b + 1, [0] * len(row)])
+        bounds.append([b, b + 1, [0] * len(row), lengths])
     groups = []
-    for lo, hi, steps in bounds:
+    for lo, hi, steps, _ in bounds:
         parts = []
         for j, step in enumerate(steps):
             lengths = [r[j][1] - r[j][0] for r in runs[lo:hi]]
@@ -229,6 +236,29 @@ def row_groups(runs: list[list[Run]], num_slots: int, device: torch.device) -> l
                 mask = visible[:, None, None, :].to(device)
             parts.append(RowPart(runs[lo][j][0], step, longest, mask))
         groups.append(RowGroup(lo, hi, parts))
+    return groups
+
+
+def _single_run_groups(runs: list[Run], num_slots: int, device: torch.device) -> list[RowGroup]:
+    """`row_groups` when every row is one run (consecutive blocks): the same grouping, in scalar arithmetic."""
+    groups: list[RowGroup] = []
+    lo, step, longest = 0, 0, runs[0][1] - runs[0][0]
+    for b in range(1, len(runs) + 1):
+        if b < len(runs):
+            start, end = runs[b]
+            gap = start - runs[b - 1][0]
+            longer = max(longest, end - start)
+            if gap > 0 and (b - lo == 1 or gap == step) and runs[lo][0] + (b - lo) * gap + longer <= num_slots:
+                step, longest = gap, longer
+                continue
+        lengths = [end - start for start, end in runs[lo:b]]
+        mask = None
+        if min(lengths) != longest:
+            visible = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (G, L)
+            mask = visible[:, None, None, :].to(device)
+        groups.append(RowGroup(lo, b, [RowPart(runs[lo][0], step if b - lo > 1 else 0, longest, mask)]))
+        if b < len(runs):
+            lo, step, longest = b, 0, runs[b][1] - runs[b][0]
     return groups
 
 

@@ -2,7 +2,7 @@
 
 It embeds tokens (text or image codes), runs the Llama layers of transformers' model with our
 attention function (`janus_core.kv_cache`: keys and values written into and read from the block
-pool in place) selected for the LM, applies the text or image head, and samples. Rows of different
+pool in place) selected for the LM, applies the text or image head. Rows of different
 lengths share a decode step: each row has its own position and its own blocks, so nothing is padded.
 On CPU in fp32 the runner swaps the model's linear layers for oneDNN-packed ones
 (`janus_core.packed_linear`), in place, unless told not to.
@@ -13,14 +13,12 @@ The runner knows tensors, slots and positions; not requests, prompts, text or sc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 
 from janus_core.kv_cache import ATTENTION, DecodeBatch, PagedKV, PrefillBatch
 from janus_core.loading import LoadedModel
 from janus_core.packed_linear import pack_linears, packing_supported
-from janus_core.sampling import SamplingParams, sample_row
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +106,3 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak)
 
-
-def sample_rows(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> list[int]:
-    """One token per row of `logits` (B, V), each with its own parameters and generator."""
-    greedy = torch.argmax(logits, dim=-1).tolist()  # one batched call covers every greedy row
-    return [greedy[i] if p.greedy else sample_row(logits[i], p, generators[i]) for i, p in enumerate(params)]

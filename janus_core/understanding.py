@@ -19,7 +19,7 @@ from janus_core.detok import IncrementalDecoder
 from janus_core.errors import InvalidRequestError
 from janus_core.loading import LoadedModel
 from janus_core.processor import build_understanding_inputs
-from janus_core.sampling import SamplingParams, make_generator, new_seed, sample_row
+from janus_core.sampling import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
 
 
 @dataclass
@@ -72,7 +72,7 @@ def stream_understanding(
     inputs = build_understanding_inputs(lm, images, prompt)
     check_limits(lm, len(inputs.input_ids), max_new_tokens)
     seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
-    generator = make_generator(seed, lm.device) if seed is not None and not params.greedy else None
+    uniforms = stream_uniforms(seed if seed is not None else 0, max_new_tokens)
 
     ids = torch.tensor([inputs.input_ids], device=lm.device)
     embeds = embed_prompt(lm, ids, inputs.pixel_values)
@@ -86,7 +86,7 @@ def stream_understanding(
     hidden = lm_core(inputs_embeds=embeds, **cache_arg(lm_core, cache), use_cache=True).last_hidden_state
     for _ in range(max_new_tokens):
         logits = head(hidden[:, -1, :]).float()[0]
-        token = sample_row(logits, params, generator)
+        token = int(sample(logits[None], RowSampling.of([params], uniforms[len(out):len(out) + 1], lm.device))[0])
         if token == eos:
             finish = "stop"
             break

@@ -145,6 +145,36 @@ def test_concurrent_mixed_requests(server, image_b64):
     assert seeds == [i for i in range(24) if i % 2]
 
 
+def test_seeded_results_are_identical_to_the_byte(server, image_b64):
+    """A seed gives the same PNG bytes alone, as image 0 of n=3 and beside other requests; and the same
+    sampled text alone and in a crowd."""
+    gen = {"prompt": "a lighthouse at dusk", "seed": 7}
+    und = {"prompt": "Describe it.", "images": [image_b64], "max_new_tokens": 16, "temperature": 1.0, "seed": 5}
+
+    def png(body: dict) -> list[bytes]:
+        r = httpx.post(server.url + "/v1/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return [base64.b64decode(image["b64_png"]) for image in r.json()["images"]]
+
+    def text(body: dict) -> str:
+        r = httpx.post(server.url + "/v1/understand", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["text"]
+
+    alone, alone_text = png(gen)[0], text(und)
+    three = png({**gen, "n": 3})
+    assert three[0] == alone and len(set(three)) == 3
+    others = [lambda i=i: png({"prompt": f"crowd {i}", "n": 2, "seed": 100 + i}) for i in range(3)]
+    others += [lambda i=i: text({**und, "prompt": f"Other {i}", "seed": i}) for i in range(3)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(f) for f in others[:3]]
+        mine = pool.submit(png, gen), pool.submit(text, und)
+        futures += [pool.submit(f) for f in others[3:]]
+        assert mine[0].result()[0] == alone
+        assert mine[1].result() == alone_text
+        assert all(f.result() for f in futures)
+
+
 def test_metrics_move(server, image_b64):
     def scrape() -> str:
         return httpx.get(server.url + "/metrics").text

@@ -1,0 +1,130 @@
+"""The per-row state of one kind's decode step, in preallocated tensors on the model's device.
+
+A decode step reads, for each sampling row (an understanding sequence, or one image of a generation
+request): the token it feeds, its position, its sampling parameters, the uniforms of its random
+stream and its step counter (and, for images, the CFG weight). These live in fixed-size tensors
+that change only when the set of running sequences does: survivors are gathered to the front in
+the new order with one index_select per tensor, joiners' rows written once from the host. Between
+membership changes a step touches them only on the device: `advance` writes the chosen tokens in
+and moves positions and counters on, so the next step's inputs exist before the host has seen the
+tokens. The host keeps a mirror of the positions for the KV layout (slots, block runs).
+
+This module knows rows, not requests: `RowValues` is what a batch module says about a joining one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from janus_core.sampling import RowSampling
+
+
+@dataclass
+class RowValues:
+    """A joining sequence's rows (w of them), as host tensors."""
+
+    last: torch.Tensor  # (w,) int64: the token each row feeds next
+    position: int  # the position it is fed at (the same for every row of a sequence)
+    step: int  # how many tokens each row has sampled: the index of its next uniform
+    temperature: float
+    top_p: float
+    greedy: bool
+    uniforms: torch.Tensor  # (w, T) float64, T <= horizon: the rows' streams from step 0
+    cfg_weight: float = 0.0
+
+
+class DecodeRows:
+    def __init__(self, capacity: int, horizon: int, device: torch.device) -> None:
+        self.capacity, self.horizon, self.device = capacity, horizon, device
+        self.seqs: list = []
+        self.widths: list[int] = []
+        self.count = 0
+        long = dict(dtype=torch.long, device=device)
+        self.last = torch.zeros(capacity, **long)
+        self.position = torch.zeros(capacity, **long)
+        self.step = torch.zeros(capacity, **long)
+        self.temperature = torch.ones(capacity, device=device)
+        self.top_p = torch.ones(capacity, device=device)
+        self.greedy = torch.ones(capacity, dtype=torch.bool, device=device)
+        self.cfg_weight = torch.zeros(capacity, device=device)
+        self.uniforms = torch.full((capacity, horizon), 0.5, dtype=torch.float64, device=device)
+        # Host mirrors: positions for the KV layout, and which rows sort (top-p) or sample at all.
+        self.host_position = np.zeros(capacity, dtype=np.int64)
+        self.host_top_p = np.ones(capacity, dtype=np.float32)
+        self.host_greedy = np.ones(capacity, dtype=bool)
+        self._top_p_rows: torch.Tensor | None = None
+        self._all_greedy = True
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.last, self.position, self.step, self.temperature, self.top_p, self.greedy, self.cfg_weight,
+                self.uniforms]
+
+    def sync(self, seqs: list, width, values) -> bool:
+        """Make the rows those of `seqs` in that order (`width(seq)` rows each); `values(seq)` gives a
+        joining sequence's `RowValues`. Returns whether anything changed."""
+        if seqs == self.seqs:
+            return False
+        old: dict = {}
+        at = 0
+        for seq, w in zip(self.seqs, self.widths, strict=True):
+            old[seq] = at
+            at += w
+        widths = [width(seq) for seq in seqs]
+        total = sum(widths)
+        if total > self.capacity:
+            raise ValueError(f"{total} decode rows exceed the engine's {self.capacity}")
+        source, joined, at = [], [], 0
+        for seq, w in zip(seqs, widths, strict=True):
+            if seq in old:
+                source += range(old[seq], old[seq] + w)
+            else:
+                joined.append((at, seq))
+                source += [0] * w
+            at += w
+        if total and any(i != j for i, j in enumerate(source)):
+            index = torch.tensor(source, device=self.device)
+            for t in self._tensors():
+                t[:total] = t.index_select(0, index)
+            for mirror in (self.host_position, self.host_top_p, self.host_greedy):
+                mirror[:total] = mirror[source]
+        for at, seq in joined:
+            self._write(at, values(seq))
+        self.seqs, self.widths, self.count = list(seqs), widths, total
+        rows = np.flatnonzero((self.host_top_p[:total] < 1.0) & ~self.host_greedy[:total])
+        self._top_p_rows = torch.from_numpy(rows).to(self.device) if len(rows) else None
+        self._all_greedy = bool(self.host_greedy[:total].all())
+        return True
+
+    def _write(self, at: int, v: RowValues) -> None:
+        w = len(v.last)
+        rows = slice(at, at + w)
+        self.last[rows] = v.last.to(self.device)
+        self.position[rows] = v.position
+        self.step[rows] = v.step
+        self.temperature[rows] = 1.0 if v.greedy else v.temperature
+        self.top_p[rows] = v.top_p
+        self.greedy[rows] = v.greedy
+        self.cfg_weight[rows] = v.cfg_weight
+        span = min(v.uniforms.shape[1], self.horizon)
+        self.uniforms[rows, :span] = v.uniforms[:, :span].to(self.device)
+        self.host_position[rows], self.host_top_p[rows], self.host_greedy[rows] = v.position, v.top_p, v.greedy
+
+    def sampling(self) -> RowSampling:
+        """This step's sampling view of the rows: each row's uniform at its own step counter."""
+        n = self.count
+        step = self.step[:n].clamp(max=self.horizon - 1)[:, None]
+        rows = self._top_p_rows
+        return RowSampling(temperature=self.temperature[:n], greedy=self.greedy[:n],
+                           uniform=self.uniforms[:n].gather(1, step)[:, 0], top_p_rows=rows,
+                           top_p=None if rows is None else self.top_p[rows], all_greedy=self._all_greedy)
+
+    def advance(self, chosen: torch.Tensor) -> None:
+        """After a step: every row feeds the token it chose, one position and one step further on."""
+        n = self.count
+        self.last[:n] = chosen
+        self.position[:n] += 1
+        self.step[:n] += 1
+        self.host_position[:n] += 1
