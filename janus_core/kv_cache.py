@@ -1,6 +1,6 @@
 """The paged KV cache: one pool of block-sized slots per layer, written and attended in place.
 
-`PagedKV` holds keys and values as (L, H, S, D): layers, KV heads, slots (num_blocks x block_size),
+`PagedKV` holds keys and values per layer as (H, S, D): KV heads, slots (num_blocks x block_size),
 head dim. Position p of a row lives in slot `table[p // bs] * bs + p % bs` of its block table
 (`janus_core.block_pool` decides which blocks). The layout keeps a run of consecutive slots a
 strided (H, T, D) view, so a row whose blocks are consecutive is attended without a copy.
@@ -42,27 +42,31 @@ Run = tuple[int, int]  # slots [start, end) holding consecutive positions of one
 class PagedKV:
     def __init__(self, *, layers: int, kv_heads: int, num_blocks: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (layers, kv_heads, num_blocks * block_size, head_dim)
+        shape = (kv_heads, num_blocks * block_size, head_dim)
+        # One allocation per layer, not views into one (L, ...) tensor: a view at a storage offset is
+        # misread by inductor's CPU flex-attention kernel (torch 2.13), and nothing needs them contiguous.
         # Zeros, not garbage: a NaN in a slot nobody wrote must never reach a masked product.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, H, S, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, H, S, D)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]  # L x (H, S, D)
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]  # L x (H, S, D)
         self.block_size = block_size
-        self.attention = "flex" if self.k.is_cuda else "runs"
+        self.num_slots = num_blocks * block_size
+        self.device = torch.device(device)
+        self.attention = "flex" if self.device.type == "cuda" else "runs"
 
     @property
     def num_blocks(self) -> int:
-        return self.k.shape[2] // self.block_size
+        return self.num_slots // self.block_size
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * sum(t.numel() * t.element_size() for t in self.k)
 
     def copy_slots(self, src: Sequence[int], dst: Sequence[int]) -> None:
         """Copy the keys/values of slots `src` into slots `dst` in every layer (a request's partial prompt block)."""
-        src_t = torch.tensor(list(src), device=self.k.device)
-        dst_t = torch.tensor(list(dst), device=self.k.device)
-        self.k[:, :, dst_t] = self.k[:, :, src_t]
-        self.v[:, :, dst_t] = self.v[:, :, src_t]
+        src_t = torch.tensor(list(src), device=self.device)
+        dst_t = torch.tensor(list(dst), device=self.device)
+        for buf in (*self.k, *self.v):
+            buf[:, dst_t] = buf[:, src_t]
 
 
 def slots_of(table: Sequence[int], block_size: int, start: int, end: int) -> list[int]:
@@ -101,7 +105,7 @@ class PrefillBatch:
     def for_rows(cls, kv: PagedKV, tables: Sequence[Sequence[int]], start: int, end: int) -> PrefillBatch:
         """Rows with block tables `tables` computing positions [start, end) over their cached [0, start)."""
         def slots(a: int, b: int) -> torch.Tensor:
-            return torch.tensor([slots_of(t, kv.block_size, a, b) for t in tables], device=kv.k.device)
+            return torch.tensor([slots_of(t, kv.block_size, a, b) for t in tables], device=kv.device)
 
         return cls(kv, slots(start, end), slots(0, start) if start else None)
 
@@ -153,11 +157,11 @@ class DecodeBatch:
         """Row b (block table `tables[b]`) feeds one token at `positions[b]`."""
         bs = kv.block_size
         slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)],
-                             device=kv.k.device)
+                             device=kv.device)
         if kv.attention == "flex":
             return cls(kv, slots, [], FlexBlocks(kv, tables, positions))
         runs = [runs_of(t, bs, p + 1) for t, p in zip(tables, positions, strict=True)]
-        return cls(kv, slots, runs, groups=row_groups(runs, kv.k.shape[2], kv.k.device))
+        return cls(kv, slots, runs, groups=row_groups(runs, kv.num_slots, kv.device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q, k, v: (B, H, 1, D) -> (B, H, 1, D)
@@ -275,7 +279,7 @@ class FlexBlocks:
         from torch.nn.attention.flex_attention import BlockMask
 
         self.kv, self.rows = kv, len(tables)
-        bs, blocks, device = kv.block_size, kv.num_blocks, kv.k.device
+        bs, blocks, device = kv.block_size, kv.num_blocks, kv.device
         padded = 1 << max(self.rows - 1, 0).bit_length()
         width = max(len(t) for t in tables)
         table = torch.tensor([[*t, *[t[0]] * (width - len(t))] for t in tables] + [[0] * width] * (padded - self.rows),

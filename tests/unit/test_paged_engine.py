@@ -183,8 +183,8 @@ def test_grouped_attention_over_shared_and_own_runs_equals_row_by_row():
 
     kv = PagedKV(layers=1, kv_heads=4, num_blocks=40, block_size=16, head_dim=8, dtype=torch.float32,
                  device=torch.device("cpu"))
-    kv.k.normal_()
-    kv.v.normal_()
+    for buf in (*kv.k, *kv.v):
+        buf.normal_()
     tables = [[0, 1, 5 + 4 * b, 6 + 4 * b, 7 + 4 * b] for b in range(4)]  # two shared blocks, then each row's own
     positions = [70, 75, 66, 79]
     batch = DecodeBatch.for_rows(kv, tables, positions)
