@@ -19,6 +19,7 @@ encoding.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -118,6 +119,7 @@ class EngineConfig:
     attention: str = "auto"  # decode attention over the pool: "runs", "flex", or auto (flex on CUDA)
     vision_cache_bytes: int = 256 * 2**20
     compile: bool = False  # reserved for a CUDA-graph decode step; the paged step runs eager (flex is compiled)
+    overlap: bool | None = None  # stream step t's outputs while the device runs step t+1; None: on CUDA only
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.packed_linear)
 
     def __post_init__(self) -> None:
@@ -207,6 +209,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._clear = False
+        self._overlap = cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda"
+        self._pending: list[tuple[Sequence, Callable[[], None]]] = []  # held back while the device runs
 
     def _pool_bytes(self, per_token: int, context: int) -> int:
         """The KV pool's size: explicit, a share of the CUDA device, or the CPU default."""
@@ -319,6 +323,7 @@ class Engine:
             self.understanding.vision.clear()
         plan = self.scheduler.schedule()
         if plan.empty:
+            self._flush()
             self._sync_counts()
             return False
         for seq in plan.cancelled:
@@ -333,6 +338,7 @@ class Engine:
                 chosen = self._launch(kind, running)
                 if chosen is not None:
                     launched.append((kind, running, chosen, time.perf_counter() - started))
+        self._flush()  # the previous step's streaming, while the device runs this one (CUDA)
         if launched:
             try:
                 self._collect(launched)
@@ -340,6 +346,8 @@ class Engine:
                 self.understanding.reset_rows()
                 self.generation.reset_rows()
                 self._failed([s for _, seqs, _, _ in launched for s in seqs], exc)
+        if not self.scheduler.has_work():  # no next step to overlap with: answer now
+            self._flush()
         self._sync_counts()
         return True
 
@@ -433,8 +441,15 @@ class Engine:
 
     # --- update from output -----------------------------------------------------------------------
     def _on_tokens(self, seq: Sequence, token: int) -> None:
-        state: UnderstandingState = seq.data
         done = self.scheduler.update(seq, token)
+        if self._overlap and seq not in self._stops:  # whether it goes on depends on the token id alone
+            self._pending.append((seq, lambda: self._stream_token(seq, token, done)))
+        else:
+            self._stream_token(seq, token, done)
+
+    def _stream_token(self, seq: Sequence, token: int, done: bool) -> None:
+        """Detokenize and stream one token; answer the request when it was its last."""
+        state: UnderstandingState = seq.data
         stops = self._stops.get(seq)
         if seq.finish_reason != "stop":
             delta = self.understanding.push(seq, token)
@@ -457,14 +472,30 @@ class Engine:
             self._succeed(seq, result)
 
     def _on_codes(self, seqs: list[Sequence], codes: list[list[int]]) -> None:
-        finished = []
         total = self.lm.num_image_tokens
         for seq, step_codes in zip(seqs, codes, strict=True):
-            if self.scheduler.update(seq, step_codes[0]):
-                finished.append(seq)
-            self._emit(self._sinks[seq], ProgressOutput(seq.request_id, seq.data.steps, total))
-        if finished:
-            self._guard(self._finish_images, finished, finished)
+            done = self.scheduler.update(seq, step_codes[0])
+            progress = ProgressOutput(seq.request_id, seq.data.steps, total)
+            if self._overlap:
+                self._pending.append((seq, lambda seq=seq, p=progress: self._emit(self._sinks[seq], p)))
+            else:
+                self._emit(self._sinks[seq], progress)
+            if done:
+                finish = functools.partial(self._guard, self._finish_images, [seq], [seq])
+                if self._overlap:
+                    self._pending.append((seq, finish))
+                else:
+                    finish()
+
+    def _flush(self, seq: Sequence | None = None) -> None:
+        """Run the streaming and answers held back for overlap: all of them, or those of `seq`."""
+        if not self._pending:
+            return
+        mine = [item for item in self._pending if seq is None or item[0] is seq]
+        self._pending = [item for item in self._pending if seq is not None and item[0] is not seq]
+        for owner, fn in mine:
+            if owner in self._sinks:
+                self._guard(fn, [owner])
 
     def _finish_images(self, seqs: list[Sequence]) -> None:
         for seq, pixels in zip(seqs, self.generation.decode_pixels(seqs), strict=True):
@@ -493,6 +524,7 @@ class Engine:
         self._emit(self._sinks.pop(seq), FinishedOutput(seq.request_id, result))
 
     def _fail(self, seq: Sequence, reason: str, message: str) -> None:
+        self._flush(seq)  # what it streamed before the failure reaches its client first
         self._stops.pop(seq, None)
         self._count(failed=True)
         self._emit(self._sinks.pop(seq), FailedOutput(seq.request_id, reason, message))

@@ -35,3 +35,12 @@ def test_random_tokens_stream_a_prefix_of_the_text(tokenizer) -> None:
         streamed = "".join(decoder.push(i) for i in ids)
         assert decoder.text == tokenizer.decode(ids, skip_special_tokens=True)
         assert decoder.text.startswith(streamed)
+
+
+def test_the_backend_shortcut_decodes_as_transformers_does(tokenizer) -> None:
+    decoder = IncrementalDecoder(tokenizer)
+    assert decoder._backend is not None  # the tiny tokenizer takes the shortcut, like Janus' own
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 12))]
+        assert decoder._decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)

@@ -293,3 +293,33 @@ def test_engine_thread_serves_concurrent_requests(lm, images):
     stats = engine.stats()
     assert stats.finished == 4 and stats.failed == 1 and stats.images_generated == 3
     assert {kind for kind, _ in stats.batch_sizes} == {"understand", "generate"}
+
+
+def test_overlapped_streaming_changes_nothing_but_when(lm, images):
+    """With overlap (the CUDA default), a step's tokens are streamed while the next step runs: every
+    request gets the same outputs in the same order, cancellations and stop strings included."""
+    def outputs(overlap: bool) -> dict:
+        engine = Engine(lm, EngineConfig(max_batch_size=8, overlap=overlap))
+        sink = Collector()
+        reqs = [*gen_mix(), *understand_mix(images),
+                UnderstandRequest("u-stop", "hello world", [], max_new_tokens=20, stop=["\x00never"])]
+        sink.expected = len(reqs) + 1
+        for req in reqs:
+            engine.add_request(req, sink)
+        for _ in range(3):
+            engine.step()
+        engine.add_request(UnderstandRequest("u-late", "a late question", [images[0]], max_new_tokens=6), sink)
+        engine.cancel("g-long")
+        engine.run_until_idle()
+        assert sink.done.is_set()
+        def summary(o):
+            result = getattr(o, "result", None)
+            answer = getattr(result, "text", None) or (result.tokens.tolist() if result is not None else None)
+            fields = (getattr(o, name, None) for name in ("token_id", "delta", "step"))
+            return type(o).__name__, *fields, answer
+
+        return {rid: [summary(o) for o in outs] for rid, outs in sink.outputs.items()}
+
+    plain, overlapped = outputs(False), outputs(True)
+    assert overlapped == plain
+    assert plain["g-long"][-1][0] == "FailedOutput" and plain["u-late"][-1][0] == "FinishedOutput"
