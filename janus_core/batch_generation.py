@@ -23,7 +23,7 @@ import torch
 
 from janus_core.errors import InvalidRequestError
 from janus_core.generation import check_generation, decode_images, image_seeds
-from janus_core.kv_cache import DecodeBatch, PagedKV, PrefillBatch, slots_of
+from janus_core.kv_cache import PagedKV, PrefillBatch, slots_of
 from janus_core.loading import LoadedModel
 from janus_core.processor import build_generation_ids, unconditional_ids
 from janus_core.runner import ModelRunner
@@ -107,11 +107,9 @@ class GenerationBatch:
             self._tables = [t for seq in seqs for t in seq.tables]
         images = rows.count
         positions = np.repeat(rows.host_position[:images], 2).tolist()  # rows [c0, u0, c1, u1, ...]
-        batch = DecodeBatch.for_rows(self.kv, self._tables, positions)
-        ids = rows.last[:images].repeat_interleave(2)[:, None]  # (R, 1)
-        hidden = self.runner.decode(batch, self.runner.embed_image_tokens(ids),
-                                    rows.position[:images].repeat_interleave(2))  # (R, D)
-        logits = self.runner.image_logits(hidden)  # (R, V)
+        logits = self.runner.decode_logits(self.kv, "image", self._tables, positions,
+                                           rows.last[:images].repeat_interleave(2),
+                                           rows.position[:images].repeat_interleave(2))  # (R, V)
         cond, uncond = logits[0::2], logits[1::2]  # (I, V) each
         guided = uncond + rows.cfg_weight[:images, None] * (cond - uncond)  # (I, V)
         chosen = sample(guided, rows.sampling())

@@ -26,7 +26,7 @@ from janus_core.block_pool import chain_keys
 from janus_core.conversation import Message
 from janus_core.detok import IncrementalDecoder
 from janus_core.errors import InvalidRequestError
-from janus_core.kv_cache import DecodeBatch, PagedKV, PrefillBatch
+from janus_core.kv_cache import PagedKV, PrefillBatch
 from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
 from janus_core.lru import ByteLRU
@@ -195,12 +195,11 @@ class UnderstandingBatch:
         rows.sync(seqs, lambda seq: 1, self._values)
         count = rows.count
         positions = rows.host_position[:count].tolist()
-        batch = DecodeBatch.for_rows(self.kv, [s.tables[0] for s in seqs], positions)
-        hidden = self.runner.decode(batch, self.runner.embed_text(rows.last[:count, None]),
-                                    rows.position[:count])  # (B, D)
+        logits = self.runner.decode_logits(self.kv, "text", [s.tables[0] for s in seqs], positions,
+                                           rows.last[:count], rows.position[:count])  # (B, V)
         for seq, p in zip(seqs, positions, strict=True):
             self._extend_keys(seq, p + 1)
-        chosen = sample(self.runner.text_logits(hidden), rows.sampling())
+        chosen = sample(logits, rows.sampling())
         rows.advance(chosen)
         return chosen
 

@@ -118,7 +118,8 @@ class EngineConfig:
     prefix_caching: bool = True  # keep full KV blocks for reuse by later prompts with the same start
     attention: str = "auto"  # decode attention over the pool: "runs", "flex", or auto (flex on CUDA)
     vision_cache_bytes: int = 256 * 2**20
-    compile: bool = False  # reserved for a CUDA-graph decode step; the paged step runs eager (flex is compiled)
+    compile: bool = False  # decode steps over flex attention as compiled static functions, one per batch bucket
+    compile_backend: str = "inductor"  # torch.compile's backend for them ("eager": trace only, for tests)
     overlap: bool | None = None  # stream step t's outputs while the device runs step t+1; None: on CUDA only
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.packed_linear)
 
@@ -177,7 +178,8 @@ class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None) -> None:
         self.lm = lm
         self.config = cfg = config or EngineConfig()
-        self.runner = ModelRunner(lm, compile=cfg.compile, pack_cpu_linears=cfg.pack_cpu_linears)
+        self.runner = ModelRunner(lm, compile=cfg.compile, pack_cpu_linears=cfg.pack_cpu_linears,
+                                  compile_backend=cfg.compile_backend)
         context = min(cfg.max_context or lm.max_context, lm.max_context)
         per_token = memory.kv_bytes_per_token(lm.model.config.text_config, lm.dtype)
         self.capacity = memory.capacity(self._pool_bytes(per_token, context), per_token, lm.num_image_tokens)
@@ -189,6 +191,10 @@ class Engine:
         self.kv = self.runner.new_kv(num_blocks, BLOCK_SIZE)
         if cfg.attention != "auto":
             self.kv.attention = cfg.attention
+        if cfg.compile and self.kv.attention == "flex" and num_blocks > 1:
+            # The compiled step pads its batch to a bucket; the padding rows write into the last block.
+            num_blocks -= 1
+            self.runner.scratch_slot = num_blocks * BLOCK_SIZE
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
         manager = KVManager(self.pool, prefix_caching=cfg.prefix_caching,
                             room_to_grow=ROOM_TO_GROW if self.kv.attention == "runs" else 0)
@@ -265,9 +271,11 @@ class Engine:
             self._thread.join(timeout)
 
     def warm_up(self) -> None:
-        """CUDA: compile the flex decode attention for every batch bucket before requests arrive.
+        """CUDA: compile the flex decode attention (or, with `compile`, the static decode step of each head)
+        for every batch bucket before requests arrive.
 
-        If it cannot be compiled on this torch/driver, log why and fall back to the per-row attention.
+        If it cannot be compiled on this torch/driver, log why and fall back: the eager step, or the
+        per-row attention.
         """
         if self.kv.attention != "flex" or self.lm.device.type != "cuda":
             return
@@ -278,16 +286,25 @@ class Engine:
         started, rows = time.perf_counter(), 1
         try:
             while rows < 2 * 2 * self.config.max_batch_size:  # up to the bucket of the largest decode batch
-                batch = DecodeBatch.for_rows(self.kv, [[0]] * rows, [0] * rows)  # block 0 is free: scratch
-                ids = torch.zeros((rows, 1), dtype=torch.long)
-                self.runner.decode(batch, self.runner.embed_text(ids), torch.zeros(rows, dtype=torch.long))
+                ids, positions = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+                if self.runner.compile:  # block 0 is free: scratch for the warm-up
+                    for head in ("text", "image") if rows <= self.config.max_batch_size else ("image",):
+                        self.runner.decode_logits(self.kv, head, [[0]] * rows, [0] * rows, ids, positions)
+                else:
+                    batch = DecodeBatch.for_rows(self.kv, [[0]] * rows, [0] * rows)
+                    self.runner.decode(batch, self.runner.embed_text(ids[:, None]), positions)
                 rows *= 2
             torch.cuda.synchronize(self.lm.device)
-            log.info("compiled the flex decode attention for batches up to %d rows in %.1f s", rows // 2,
+            log.info("compiled the %s for batches up to %d rows in %.1f s",
+                     "static decode step" if self.runner.compile else "flex decode attention", rows // 2,
                      time.perf_counter() - started)
         except Exception:
-            log.exception("flex decode attention failed to compile; using per-row attention instead")
-            self.kv.attention = "runs"
+            if self.runner.compile:
+                log.exception("the static decode step failed to compile; decoding eager instead")
+                self.runner.compile = False
+            else:
+                log.exception("flex decode attention failed to compile; using per-row attention instead")
+                self.kv.attention = "runs"
 
     def clear_caches(self) -> None:
         """Forget cached KV blocks and vision features (from any thread; the next step sees it).

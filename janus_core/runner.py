@@ -2,8 +2,10 @@
 
 It embeds tokens (text or image codes), runs the Llama layers of transformers' model with our
 attention function (`janus_core.kv_cache`: keys and values written into and read from the block
-pool in place) selected for the LM, applies the text or image head. Rows of different
-lengths share a decode step: each row has its own position and its own blocks, so nothing is padded.
+pool in place) selected for the LM, and applies the text or image head. Rows of different lengths
+share a decode step: each row has its own position and its own blocks, so nothing is padded; with
+`compile`, decode steps over flex attention run as one compiled static function per power-of-two
+bucket of rows (`janus_core.static_step`), padded to the bucket.
 On CPU in fp32 the runner swaps the model's linear layers for oneDNN-packed ones
 (`janus_core.packed_linear`), in place, unless told not to.
 
@@ -13,19 +15,25 @@ The runner knows tensors, slots and positions; not requests, prompts, text or sc
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
 from janus_core.kv_cache import ATTENTION, DecodeBatch, PagedKV, PrefillBatch
 from janus_core.loading import LoadedModel
 from janus_core.packed_linear import pack_linears, packing_supported
+from janus_core.static_step import StaticDecode, bucket, tables_to_tensors
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, *, compile: bool = False, pack_cpu_linears: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, *, compile: bool = False, pack_cpu_linears: bool = True,
+                 compile_backend: str = "inductor") -> None:
         self.lm = lm
+        self.compile, self.compile_backend = compile, compile_backend
+        self._static: dict[str, object] = {}  # head -> the compiled static decode step
+        self.scratch_slot: int | None = None  # set by the owner of the pool when compiling: padding rows write there
         if pack_cpu_linears and packing_supported(lm.device, lm.dtype):
             log.info("packed %d linear layers for oneDNN", pack_linears(lm.model))
         self.model = lm.model
@@ -35,8 +43,6 @@ class ModelRunner:
             raise ValueError("the paged KV cache needs as many KV heads as attention heads "
                              f"({text.num_key_value_heads} vs {text.num_attention_heads})")
         text._attn_implementation = ATTENTION  # plain SDPA unless a call brings its paged batch
-        if compile:
-            log.warning("compile=True: the paged decode step runs eager (no compiled paged attention yet)")
 
     # --- cache ------------------------------------------------------------------------------------
     def new_kv(self, num_blocks: int, block_size: int) -> PagedKV:
@@ -87,6 +93,28 @@ class ModelRunner:
     def decode(self, batch: DecodeBatch, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step: row b feeds `embeds[b]` (1, D) at `positions[b]`; returns hidden (B, D)."""
         return self._layers(embeds, positions.to(embeds.device)[:, None], batch)[:, -1, :]
+
+    @torch.inference_mode()
+    def decode_logits(self, kv: PagedKV, head: str, tables: Sequence[Sequence[int]], positions: list[int],
+                      ids: torch.Tensor, position_t: torch.Tensor) -> torch.Tensor:
+        """One decode step to the `head` ("text" or "image") logits (R, V): row r feeds `ids[r]` at
+        `positions[r]` (the same on the device: `position_t`) with block table `tables[r]`.
+
+        With `compile` and flex attention: the static step (`janus_core.static_step`), compiled once per
+        power-of-two bucket of rows and padded to it; otherwise the eager paged step.
+        """
+        if not self.compile or kv.attention != "flex" or self.scratch_slot is None:
+            embed = self.embed_text if head == "text" else self.embed_image_tokens
+            hidden = self.decode(DecodeBatch.for_rows(kv, tables, positions), embed(ids[:, None]), position_t)
+            return self.text_logits(hidden) if head == "text" else self.image_logits(hidden)
+        step = self._static.get(head)
+        if step is None:
+            step = self._static[head] = torch.compile(StaticDecode(self, kv, head).step, fullgraph=True,
+                                                      dynamic=False, backend=self.compile_backend)
+        rows = len(tables)
+        padded = bucket(rows)
+        args = tables_to_tensors(kv, tables, positions, padded, self.scratch_slot)
+        return step(torch.cat([ids, ids.new_zeros(padded - rows)]), **args)[:rows]
 
     @torch.inference_mode()
     def profile_peak(self, tokens: int, rows: int) -> int:

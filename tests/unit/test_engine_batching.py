@@ -323,3 +323,22 @@ def test_overlapped_streaming_changes_nothing_but_when(lm, images):
     plain, overlapped = outputs(False), outputs(True)
     assert overlapped == plain
     assert plain["g-long"][-1][0] == "FailedOutput" and plain["u-late"][-1][0] == "FinishedOutput"
+
+
+def test_compiled_static_step_in_the_engine_equals_eager(lm, images):
+    """`compile` routes decode steps through the static step (traced whole by dynamo, fullgraph, here
+    with the eager backend: inductor's own compile is tests/unit/test_compiled_step.py), padded to
+    buckets with a scratch block: the same tokens as the eager engine, greedy and seeded."""
+    reqs = [*gen_mix(), *understand_mix(images)]
+    eager = run(Engine(lm, EngineConfig(max_batch_size=8)), reqs)
+    compiled_engine = Engine(lm, EngineConfig(max_batch_size=8, attention="flex", compile=True,
+                                              compile_backend="eager"))
+    assert compiled_engine.runner.scratch_slot == compiled_engine.pool.num_blocks * compiled_engine.kv.block_size
+    compiled = run(compiled_engine, reqs)
+    assert set(compiled_engine.runner._static) == {"text", "image"}
+    for req in reqs:
+        a, b = eager.result(req.request_id), compiled.result(req.request_id)
+        if isinstance(req, GenerateRequest):
+            assert torch.equal(a.tokens, b.tokens), req.request_id
+        else:
+            assert a.token_ids == b.token_ids, req.request_id
