@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from janus_core.kv_cache import PagedKV, _write
 
@@ -52,10 +51,12 @@ def tables_to_tensors(kv: PagedKV, tables: Sequence[Sequence[int]], positions: S
 class _Attention:
     """The `janus_kv` object the layers see inside the step: write this step's keys, attend with flex."""
 
-    def __init__(self, kv: PagedKV, slots: torch.Tensor, mask: BlockMask) -> None:
+    def __init__(self, kv: PagedKV, slots: torch.Tensor, mask) -> None:
         self.kv, self.slots, self.mask = kv, slots, mask
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
         _write(self.kv, layer, self.slots, k, v)
         return flex_attention(q, self.kv.k[layer][None], self.kv.v[layer][None], block_mask=self.mask, scale=scale)
 
@@ -70,6 +71,8 @@ class StaticDecode:
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_counts: torch.Tensor,
              block_indices: torch.Tensor, to_logical: torch.Tensor) -> torch.Tensor:
         # ids, positions, slots: (P,); block_counts (P, 1, 1), block_indices (P, 1, 1, NB), to_logical (P, NB)
+        from torch.nn.attention.flex_attention import BlockMask  # torch >= 2.5; imported where it is used
+
         bs = self.kv.block_size
 
         def visible(b, h, q_idx, kv_idx):

@@ -2,10 +2,11 @@
 
 Each function returns table rows (`Row`) and raises on failure; the caller isolates sections.
 Timing: an engine is stepped on this thread (`StepTimer`), each step's wall time recorded, and the
-runner's `decode` (the forward pass: Llama layers and final norm) timed on its own between device
-syncs, so `host_ms` = median step - median forward is everything a step spends outside the forward
-(embedding, heads, guidance, sampling, scheduling, bookkeeping). Roofline per step = (the weight
-bytes the step reads + the KV bytes its rows attend over) / measured copy bandwidth.
+runner's `decode` (the forward pass: Llama layers and final norm; with --compile the compiled step,
+embedding and head included) timed on its own between device syncs, so `host_ms` = median step -
+median forward is everything a step spends outside the forward (embedding, heads, guidance,
+sampling, scheduling, bookkeeping). Roofline per step = (the weight bytes the step reads + the KV
+bytes its rows attend over) / measured copy bandwidth.
 
 This module knows the engine's request types and the references; not the command line or the table.
 """
@@ -180,7 +181,9 @@ class StepTimer:
         self.device = engine.lm.device
         self.steps: list[float] = []
         self.forwards: list[float] = []
-        forward = getattr(engine.runner, "decode", None)
+        # The compiled step is one function from token ids to logits: timed whole, embedding and head included.
+        name = "decode_logits" if getattr(engine.runner, "compile", False) else "decode"
+        forward = getattr(engine.runner, name, None)
         if forward is None:  # a runner without one decode entry point: steps are timed, forwards are not
             return
 
@@ -192,7 +195,7 @@ class StepTimer:
             self.forwards.append(time.perf_counter() - started)
             return out
 
-        engine.runner.decode = timed_forward  # this engine's runner only; the batches call it through there
+        setattr(engine.runner, name, timed_forward)  # this engine's runner only; the batches call it through there
 
     def run(self, requests: list, clock: Clock) -> float:
         """Submit `requests` together, step until idle; returns the makespan in seconds."""
