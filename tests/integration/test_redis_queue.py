@@ -353,7 +353,8 @@ async def test_survives_a_redis_crash_and_restart(make_queue: MakeQueue,
     started = time.monotonic()
     with pytest.raises(QueueUnavailable) as refused:
         await frontend.submit(understand_job())
-    assert first_refusal < 1.0 and time.monotonic() - started < 0.1, first_refusal
+    # "At once": well under the ~9 s a request took to fail before the breaker (0.5 s: a loaded CI machine).
+    assert first_refusal < 1.0 and time.monotonic() - started < 0.5, first_refusal
     assert refused.value.retry_after > 0
     with pytest.raises(QueueUnavailable):
         await worker.claim("w", 1, 0.1)
