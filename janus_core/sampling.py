@@ -78,7 +78,8 @@ class RowSampling:
     """Sampling parameters of R rows as tensors on the logits' device (a view of the engine's row state).
 
     `uniform[r]` is row r's draw for this step; `top_p_rows` lists the rows with top_p < 1 (None: none),
-    `top_p` their values; `all_greedy` lets a step of greedy rows skip everything but the argmax.
+    `top_p` their values; `all_greedy` lets a step of greedy rows skip everything but the argmax, and
+    without `any_greedy` no argmax is taken at all.
     """
 
     temperature: torch.Tensor  # (R,) float32; 1.0 on greedy rows
@@ -87,6 +88,7 @@ class RowSampling:
     top_p_rows: torch.Tensor | None = None  # (K,) int64
     top_p: torch.Tensor | None = None  # (K,) float32
     all_greedy: bool = False
+    any_greedy: bool = True
 
     @classmethod
     def of(cls, params: list[SamplingParams], uniform: torch.Tensor, device: torch.device) -> RowSampling:
@@ -98,7 +100,7 @@ class RowSampling:
             uniform=uniform.to(device),
             top_p_rows=torch.tensor(rows, device=device) if rows else None,
             top_p=torch.tensor([params[i].top_p for i in rows], device=device) if rows else None,
-            all_greedy=all(p.greedy for p in params))
+            all_greedy=all(p.greedy for p in params), any_greedy=any(p.greedy for p in params))
 
 
 def sample(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
@@ -110,13 +112,12 @@ def sample(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     counter-based stream of its seed, makes a row's draw independent of the batch; zero-probability
     tokens are never chosen (their CDF step is empty).
     """
-    best = torch.argmax(logits, dim=-1)
     if rows.all_greedy:
-        return best
+        return torch.argmax(logits, dim=-1)
     scaled = logits / rows.temperature[:, None]
     if rows.top_p_rows is not None:
         scaled = scaled.index_copy(0, rows.top_p_rows, top_p_filter(scaled[rows.top_p_rows], rows.top_p))
     cdf = torch.softmax(scaled, dim=-1).double().cumsum_(dim=-1)  # (R, V)
     target = (rows.uniform * cdf[:, -1])[:, None]
     drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
-    return torch.where(rows.greedy, best, drawn)
+    return torch.where(rows.greedy, torch.argmax(logits, dim=-1), drawn) if rows.any_greedy else drawn

@@ -57,6 +57,7 @@ class DecodeRows:
         self.host_greedy = np.ones(capacity, dtype=bool)
         self._top_p_rows: torch.Tensor | None = None
         self._all_greedy = True
+        self._any_greedy = True
 
     def _tensors(self) -> list[torch.Tensor]:
         return [self.last, self.position, self.step, self.temperature, self.top_p, self.greedy, self.cfg_weight,
@@ -96,6 +97,7 @@ class DecodeRows:
         rows = np.flatnonzero((self.host_top_p[:total] < 1.0) & ~self.host_greedy[:total])
         self._top_p_rows = torch.from_numpy(rows).to(self.device) if len(rows) else None
         self._all_greedy = bool(self.host_greedy[:total].all())
+        self._any_greedy = bool(self.host_greedy[:total].any())
         return True
 
     def _write(self, at: int, v: RowValues) -> None:
@@ -119,7 +121,8 @@ class DecodeRows:
         rows = self._top_p_rows
         return RowSampling(temperature=self.temperature[:n], greedy=self.greedy[:n],
                            uniform=self.uniforms[:n].gather(1, step)[:, 0], top_p_rows=rows,
-                           top_p=None if rows is None else self.top_p[rows], all_greedy=self._all_greedy)
+                           top_p=None if rows is None else self.top_p[rows], all_greedy=self._all_greedy,
+                           any_greedy=self._any_greedy)
 
     def advance(self, chosen: torch.Tensor) -> None:
         """After a step: every row feeds the token it chose, one position and one step further on."""
