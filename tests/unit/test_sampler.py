@@ -149,3 +149,37 @@ def test_single_run_grouping_equals_the_general_one():
                                   for p in g.parts]) for g in groups]
 
         assert shape(_single_run_groups([r[0] for r in runs], slots, CPU)) == shape(_general_groups(runs, slots, CPU))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_decode_rows_successive_steps_follow_the_distribution(top_p):
+    """An understanding row as the engine drives it: its stream read step by step through `DecodeRows`
+    (beside a greedy neighbour), advanced in place after each draw."""
+    vocab, steps, temperature = 12, 6000, 0.8
+    logits = _logits(1, vocab, seed=11)
+    rows = DecodeRows(capacity=4, horizon=steps, device=CPU)
+    me, neighbour = object(), object()
+
+    def values(seq):
+        greedy = seq is neighbour
+        return RowValues(last=torch.zeros(1, dtype=torch.long), position=0, step=0, temperature=temperature,
+                         top_p=top_p, greedy=greedy, uniforms=stream_uniforms(99, 1 if greedy else steps)[None])
+
+    rows.sync([neighbour, me], lambda s: 1, values)
+    both = logits.expand(2, -1)
+    drawn = []
+    for _ in range(steps):
+        chosen = sample(both, rows.sampling())
+        assert int(chosen[0]) == int(logits.argmax())
+        drawn.append(int(chosen[1]))
+        rows.advance(chosen)
+    scaled = logits / temperature
+    kept = ~TopPLogitsWarper(top_p)(None, scaled.clone()).isinf()[0] if top_p < 1 else torch.ones(vocab, dtype=bool)
+    probs = torch.softmax(scaled[0].masked_fill(~kept, float("-inf")), dim=-1).double()
+    counts = torch.bincount(torch.tensor(drawn), minlength=vocab).double()
+    assert counts[~kept].sum() == 0
+    expected = probs[kept] * steps
+    stat = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert stat < _chi_square_critical(int(kept.sum()) - 1), (stat, counts.tolist())
+    assert drawn == sample(logits.expand(steps, -1).contiguous(), RowSampling.of(
+        [SamplingParams(temperature=temperature, top_p=top_p)] * steps, stream_uniforms(99, steps), CPU)).tolist()
