@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from janus_core.kv_cache import PagedKV, _write
@@ -27,25 +28,32 @@ def bucket(rows: int) -> int:
 
 def tables_to_tensors(kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int], padded: int,
                       scratch_slot: int) -> dict[str, torch.Tensor]:
-    """The step's arguments for rows with block tables `tables` feeding one token at `positions`."""
-    bs, blocks, device = kv.block_size, kv.num_blocks, kv.device
+    """The step's arguments for rows with block tables `tables` feeding one token at `positions`
+    (a row's blocks are distinct, as the pool hands them out). Built with numpy, a slice per row."""
+    bs, blocks = kv.block_size, kv.num_blocks
     rows = len(tables)
-    slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
-    slots += [scratch_slot] * (padded - rows)
-    counts = torch.zeros((padded, 1, 1), dtype=torch.int32)
-    indices = torch.zeros((padded, 1, 1, blocks), dtype=torch.int32)
-    to_logical = torch.full((padded, blocks), -1, dtype=torch.int32)
-    for r, (table, p) in enumerate(zip(tables, positions, strict=True)):
-        used = list(table[:p // bs + 1])
-        distinct = list(dict.fromkeys(used))  # a block shared by two logical indices is visited once
-        counts[r, 0, 0] = len(distinct)
-        indices[r, 0, 0, :len(distinct)] = torch.tensor(distinct, dtype=torch.int32)
-        for logical, block in enumerate(used):
-            if to_logical[r, block] < 0:
-                to_logical[r, block] = logical
-    return {"positions": torch.tensor([*positions, *[-1] * (padded - rows)], device=device),
-            "slots": torch.tensor(slots, device=device), "block_counts": counts.to(device),
-            "block_indices": indices.to(device), "to_logical": to_logical.to(device)}
+    pos = np.asarray(positions, dtype=np.int64)
+    used = pos // bs + 1  # blocks each row reads, its new token's included
+    width = int(used.max()) if rows else 1
+    table = np.zeros((rows, width), dtype=np.int64)
+    for r, t in enumerate(tables):
+        table[r, :used[r]] = t[:used[r]]
+    valid = np.arange(width)[None, :] < used[:, None]  # (rows, width)
+    counts = np.zeros((padded, 1, 1), dtype=np.int32)  # padding rows read no block
+    counts[:rows, 0, 0] = used
+    indices = np.zeros((padded, 1, 1, blocks), dtype=np.int32)
+    indices[:rows, 0, 0, :width] = np.where(valid, table, 0)
+    to_logical = np.full((padded, blocks), -1, dtype=np.int32)
+    r, k = np.nonzero(valid)
+    to_logical[r, table[r, k]] = k
+    slots = np.full(padded, scratch_slot, dtype=np.int64)
+    slots[:rows] = table[np.arange(rows), pos // bs] * bs + pos % bs
+    positions_t = np.full(padded, -1, dtype=np.int64)
+    positions_t[:rows] = pos
+    device = kv.device
+    return {"positions": torch.from_numpy(positions_t).to(device), "slots": torch.from_numpy(slots).to(device),
+            "block_counts": torch.from_numpy(counts).to(device), "block_indices": torch.from_numpy(indices).to(device),
+            "to_logical": torch.from_numpy(to_logical).to(device)}
 
 
 class _Attention:
