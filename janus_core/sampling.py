@@ -48,6 +48,13 @@ def new_seed() -> int:
     return secrets.randbits(62)
 
 
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator for draws made once per request (e.g. a flow model's initial noise), not per step."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) the tail outside the top-p mass of each row; always keeps each row's best token.
 
