@@ -34,6 +34,7 @@ from janus_core.batch_understanding import UnderstandingBatch, UnderstandingStat
 from janus_core.block_pool import BLOCK_SIZE, BlockPool
 from janus_core.conversation import Message
 from janus_core.errors import InvalidRequestError
+from janus_core.flow_batch import FlowBatch, flow_profile_peak
 from janus_core.generation import GenerateResult
 from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
@@ -62,11 +63,17 @@ class UnderstandRequest:
 
 @dataclass
 class GenerateRequest:
+    """`cfg_weight` None: the model's default (5.0 for VQ models, 2.0 for flow ones). `steps`: a flow model's
+    ODE steps (None: 30); a VQ model refuses it. `given`: the sampling parameters the client set (a flow
+    model refuses temperature and top_p, which mean nothing to it; only `params.seed` applies)."""
+
     request_id: str
     prompt: str
     n: int = 1
-    cfg_weight: float = 5.0
+    cfg_weight: float | None = None
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0))
+    steps: int | None = None
+    given: frozenset[str] = frozenset()
 
 
 Request = UnderstandRequest | GenerateRequest
@@ -192,8 +199,9 @@ class Engine:
         self.understanding = UnderstandingBatch(
             lm, self.runner, self.kv, manager, vision_cache_bytes=cfg.vision_cache_bytes,
             max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens, max_context=context)
-        self.generation = GenerationBatch(lm, self.runner, self.kv, max_images=cfg.max_batch_size,
-                                          max_prompt_tokens=cfg.max_generation_prompt)
+        generator = FlowBatch if lm.kind == "flow" else GenerationBatch
+        self.generation = generator(lm, self.runner, self.kv, max_images=cfg.max_batch_size,
+                                    max_prompt_tokens=cfg.max_generation_prompt)
         self.scheduler = Scheduler(manager, max_running=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -217,7 +225,9 @@ class Engine:
             free, total = torch.cuda.mem_get_info(device)
             weights = torch.cuda.memory_allocated(device)
             others = max(total - free - torch.cuda.memory_reserved(device), 0)  # other processes, CUDA context
-            peak = self.runner.profile_peak(cfg.max_prefill_tokens, 2 * cfg.max_batch_size)
+            rows = 2 * cfg.max_batch_size
+            peak = (flow_profile_peak(self.lm, self.runner, cfg.max_prefill_tokens, rows) if self.lm.kind == "flow"
+                    else self.runner.profile_peak(cfg.max_prefill_tokens, rows))
             return memory.pool_bytes(total, cfg.gpu_memory_utilization, weights, peak, others)
         # No device to measure: a laptop's share, or less when the batch cap could never use it.
         return min(memory.CPU_DEFAULT_KV_BYTES, 2 * cfg.max_batch_size * context * per_token)
@@ -363,9 +373,15 @@ class Engine:
         if isinstance(request, UnderstandRequest):
             seq = self.understanding.prepare(request.request_id, request.images, request.prompt,
                                              request.max_new_tokens, request.params, messages=request.messages)
-        else:
+        elif isinstance(self.generation, FlowBatch):
             seq = self.generation.prepare(request.request_id, request.prompt, request.n, request.cfg_weight,
-                                          request.params)
+                                          request.steps, request.params.seed, request.given)
+        else:
+            if request.steps is not None:
+                raise InvalidRequestError("steps applies to rectified-flow models (JanusFlow); this model generates "
+                                          "VQ tokens, one step per image token: leave it out")
+            cfg_weight = 5.0 if request.cfg_weight is None else request.cfg_weight
+            seq = self.generation.prepare(request.request_id, request.prompt, request.n, cfg_weight, request.params)
         manager = self.scheduler.kv
         if not manager.fits(seq):
             what = (f"{seq.width} image(s) of {seq.prompt_tokens} prompt + {seq.max_tokens} image tokens with CFG"
@@ -379,6 +395,8 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         if seq.kind == "understand":
             self._on_tokens(seq, self.understanding.prefill(seq))
+        elif seq.flow:  # prompt KV only: its first ODE step is the next step's, with the others
+            self.generation.prefill(seq)
         else:
             self._on_codes([seq], [self.generation.prefill(seq)])
 
@@ -421,11 +439,10 @@ class Engine:
 
     def _on_codes(self, seqs: list[Sequence], codes: list[list[int]]) -> None:
         finished = []
-        total = self.lm.num_image_tokens
-        for seq, step_codes in zip(seqs, codes, strict=True):
+        for seq, step_codes in zip(seqs, codes, strict=True):  # a flow model's "codes": its steps so far
             if self.scheduler.update(seq, step_codes[0]):
                 finished.append(seq)
-            self._emit(self._sinks[seq], ProgressOutput(seq.request_id, seq.data.steps, total))
+            self._emit(self._sinks[seq], ProgressOutput(seq.request_id, seq.data.steps, seq.max_tokens))
         if finished:
             self._guard(self._finish_images, finished, finished)
 
