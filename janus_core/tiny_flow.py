@@ -25,7 +25,7 @@ from janus_core.flow_model import (
     to_deepseek_flow_state_dict,
 )
 from janus_core.prompts import IMAGE_TOKEN
-from janus_core.tiny import TINY_PATCH, TINY_VOCAB, build_tokenizer, write_deepseek_processor
+from janus_core.tiny import SHARP_SCALE, TINY_PATCH, TINY_VOCAB, build_tokenizer, write_deepseek_processor
 from janus_core.uvit import require_diffusers
 
 SDXL_SCALING_FACTOR = 0.13025
@@ -72,12 +72,19 @@ def flow_config(shape: FlowShape, tokenizer) -> JanusFlowConfig:
     return JanusFlowConfig(text, vision, encoder, decoder, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
-def build_flow_model(config: JanusFlowConfig, seed: int) -> JanusFlowForConditionalGeneration:
+# With `sharp`, these parts' matrices are SHARP_SCALE times larger (as janus_core.tiny's): greedy answers
+# then depend on every input, the image's features included.
+_SHARP_PARTS = ("model.language_model.", "lm_head.", "model.vision_und_enc_aligner.", "model.beg_of_und_embed")
+
+
+def build_flow_model(config: JanusFlowConfig, seed: int, sharp: bool = False) -> JanusFlowForConditionalGeneration:
     torch.manual_seed(seed)
     model = JanusFlowForConditionalGeneration(config)
     with torch.no_grad():  # noise on every tensor: no exact zeros/ones, so a mis-mapped weight shows
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             param.add_(torch.randn_like(param) * 0.02)
+            if sharp and param.dim() >= 2 and name.startswith(_SHARP_PARTS):
+                param.mul_(SHARP_SCALE)
     return model.eval()
 
 
@@ -95,8 +102,9 @@ def build_vae(shape: FlowShape, seed: int):
 
 
 def write_tiny_flow_model(out_dir: str | Path, seed: int = 0, *, image_size: int = 64,
-                          shape: FlowShape | None = None) -> Path:
-    """Write a random JanusFlow checkpoint (DeepSeek layout) and its VAE in `out_dir/vae`; returns the path."""
+                          shape: FlowShape | None = None, sharp: bool = False) -> Path:
+    """Write a random JanusFlow checkpoint (DeepSeek layout) and its VAE in `out_dir/vae`; returns the path.
+    `sharp`: larger LM weights, as `janus_core.tiny`'s (the oracle tests' checkpoint)."""
     shape = shape or FlowShape(image_size=image_size)
     if shape.image_size < TINY_PATCH or shape.image_size % TINY_PATCH:
         raise ValueError(f"image_size must be a positive multiple of {TINY_PATCH}, got {shape.image_size}")
@@ -104,7 +112,7 @@ def write_tiny_flow_model(out_dir: str | Path, seed: int = 0, *, image_size: int
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = flow_config(shape, tokenizer)
-    model = build_flow_model(config, seed)
+    model = build_flow_model(config, seed, sharp)
     raw = to_deepseek_flow_config(config)
     raw["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(raw, indent=2))
