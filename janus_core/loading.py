@@ -26,6 +26,7 @@ from transformers import (
     JanusConfig,
     JanusForConditionalGeneration,
     JanusProcessor,
+    PretrainedConfig,
 )
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
@@ -279,7 +280,9 @@ def _deepseek_processor(path: Path) -> JanusProcessor:
         if key in pre:
             kwargs[key] = pre[key]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=IMAGE_SPECIAL_TOKENS)
+        # An empty config: transformers would read config.json, whose `multi_modality` it warns about
+        tokenizer = AutoTokenizer.from_pretrained(path, config=PretrainedConfig(),
+                                                  extra_special_tokens=IMAGE_SPECIAL_TOKENS)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
     return JanusProcessor(
