@@ -30,7 +30,7 @@ def require_diffusers() -> None:
         import diffusers  # noqa: F401
     except ImportError as exc:
         raise ModelLoadError("JanusFlow needs diffusers (its time embedding and the SDXL VAE): "
-                             "pip install 'janus-server[flow]' (or diffusers>=0.32)") from exc
+                             "pip install 'diffusers>=0.30' (a dependency of janus-server)") from exc
 
 
 def _channels_last_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
