@@ -89,7 +89,7 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
 
         add_playground_routes(app)
     info = app.state.model_info
-    install_openapi(app, settings, lambda: f"{info.image_size}x{info.image_size}")
+    install_openapi(app, settings, lambda: f"{info.image_size}x{info.image_size}", lambda: info.generator)
     return app
 
 

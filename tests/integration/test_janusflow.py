@@ -140,3 +140,12 @@ def test_janus_pro_refuses_steps(server):
     r = httpx.post(f"{server.url}/v1/generate", json={"prompt": PROMPT, "steps": 10}, timeout=60)
     assert r.status_code == 400 and "steps" in r.json()["error"]["message"]
     assert [m["generator"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]] == ["vq"]
+
+
+def test_openapi_documents_the_parameters_each_model_takes(flow_server, server):
+    cases = ((flow_server.url, "steps", ("temperature", "top_p")), (server.url, "temperature", ("steps",)))
+    for url, has, lacks in cases:
+        schemas = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
+        for body in ("GenerateBody", "ImagesGenerationsBody"):
+            fields = schemas[body]["properties"]
+            assert has in fields and not any(f in fields for f in lacks), (url, body, sorted(fields))

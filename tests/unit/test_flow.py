@@ -174,8 +174,8 @@ def test_flow_refuses_meaningless_or_bad_parameters(engine, request_, message):
     assert isinstance(out, FailedOutput) and out.reason == "invalid" and message in out.message
 
 
-def test_vq_models_refuse_steps(tiny_ds):
-    eng = Engine(tiny_ds, EngineConfig(kv_cache_memory=2**22))
+def test_vq_models_refuse_steps(tiny_ds_dir):
+    eng = Engine(load_model(str(tiny_ds_dir), device="cpu"), EngineConfig(kv_cache_memory=2**22))  # its own copy
     sink = Collector()
     eng.add_request(GenerateRequest("v", "a cat", steps=10), sink)
     eng.run_until_idle()
