@@ -34,7 +34,7 @@ from janus_core.batch_understanding import UnderstandingBatch, UnderstandingStat
 from janus_core.block_pool import BLOCK_SIZE, BlockPool
 from janus_core.conversation import Message
 from janus_core.errors import InvalidRequestError
-from janus_core.flow_batch import FlowBatch, flow_profile_peak
+from janus_core.flow_batch import FlowBatch, PixelDecoder, flow_profile_peak
 from janus_core.generation import GenerateResult
 from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
@@ -213,6 +213,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._clear = False
+        # Flow models on CUDA: VAE decodes off the model loop (janus_core.flow_batch.PixelDecoder).
+        self.pixels: PixelDecoder | None = None
+        if lm.kind == "flow" and lm.device.type == "cuda":
+            self.pixels = PixelDecoder(lm.flow, self._notify)
 
     def _pool_bytes(self, per_token: int, context: int) -> int:
         """The KV pool's size: explicit, a share of the CUDA device, or the CPU default."""
@@ -236,6 +240,10 @@ class Engine:
     def add_request(self, request: Request, sink: Sink) -> None:
         with self._wakeup:
             self._inbox.append((request, sink))
+            self._wakeup.notify()
+
+    def _notify(self) -> None:
+        with self._wakeup:
             self._wakeup.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -267,6 +275,8 @@ class Engine:
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.pixels is not None and (self._thread is None or not self._thread.is_alive()):
+            self.pixels.close()
 
     def warm_up(self) -> None:
         """CUDA: compile the flex decode attention for every batch bucket before requests arrive.
@@ -307,9 +317,10 @@ class Engine:
         self.warm_up()
         while True:
             with self._wakeup:
-                while not (self._inbox or self._cancelled or self.scheduler.has_work() or self._stopping):
+                while not (self._inbox or self._cancelled or self.scheduler.has_work() or self._stopping
+                           or self._decoded()):
                     self._wakeup.wait()
-                if self._stopping and not self._inbox and not self.scheduler.has_work():
+                if self._stopping and not self._inbox and not self.scheduler.has_work() and not self._decoding():
                     return
             self.step()
 
@@ -325,9 +336,13 @@ class Engine:
             self._clear = False
             self.pool.clear_cache()
             self.understanding.vision.clear()
+        self._answer_decoded(wait=False)
         plan = self.scheduler.schedule()
         if plan.empty:
             self._sync_counts()
+            if self._decoding():  # nothing to step, images still in the VAE: wait for them
+                self._answer_decoded(wait=True)
+                return True
             return False
         for seq in plan.cancelled:
             self._fail(seq, "cancelled", "the request was cancelled")
@@ -446,12 +461,37 @@ class Engine:
         if finished:
             self._guard(self._finish_images, finished, finished)
 
+    def _decoding(self) -> bool:
+        return self.pixels is not None and self.pixels.pending
+
+    def _decoded(self) -> bool:
+        return self.pixels is not None and self.pixels.ready
+
+    def _answer_decoded(self, wait: bool) -> None:
+        """Answer the requests whose VAE decode (off the model loop) has finished."""
+        if self.pixels is None:
+            return
+        for seqs, pixels in self.pixels.done(wait=wait):
+            if isinstance(pixels, BaseException):
+                log.error("VAE decode failed for %s: %s", [s.request_id for s in seqs], pixels)
+                for seq in seqs:
+                    self._fail(seq, "internal", f"{type(pixels).__name__}: {pixels}")
+                continue
+            for seq, one in zip(seqs, pixels, strict=True):
+                self._answer_image(seq, one)
+
+    def _answer_image(self, seq: Sequence, pixels) -> None:
+        state: GenerationState = seq.data
+        with self._lock:
+            self._stats.images_generated += state.n
+        self._succeed(seq, GenerateResult(state.seed, state.tokens, pixels))
+
     def _finish_images(self, seqs: list[Sequence]) -> None:
+        if self.pixels is not None:
+            self.generation.decode_later(seqs, self.pixels)
+            return
         for seq, pixels in zip(seqs, self.generation.decode_pixels(seqs), strict=True):
-            state: GenerationState = seq.data
-            with self._lock:
-                self._stats.images_generated += state.n
-            self._succeed(seq, GenerateResult(state.seed, state.tokens, pixels))
+            self._answer_image(seq, pixels)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., None], seqs: list[Sequence], *args) -> None:

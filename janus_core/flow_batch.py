@@ -15,7 +15,10 @@ request's own N and w, so requests at different steps, with different step count
 share a step, and new ones join between steps. Image i starts from noise drawn by its own generator
 (seed + i), so batching never changes an image. Latents are kept in fp32 (the network runs in the
 model's dtype); t = i / N * 1000 is cast to the model's dtype as DeepSeek's demo does (in bf16 that
-rounds it, e.g. 966.7 -> 968). Finished requests are VAE-decoded together.
+rounds it, e.g. 966.7 -> 968). Finished requests are VAE-decoded together; on CUDA on a thread and
+stream of their own (`PixelDecoder`), so the next ODE step of the others does not wait for the VAE.
+On CPU the VAE runs on the engine thread: a second thread running torch ops keeps a second OpenMP
+pool, which slows every engine step (see `server.runtime.run_on_fresh_thread`).
 
 This module knows the flow prompt format, the ODE and latents; the scheduler decides who runs and
 which blocks each row holds, the runner's LM layers do the attention over the pool.
@@ -23,6 +26,9 @@ which blocks each row holds, the runner's LM layers do the attention over the po
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +186,10 @@ class FlowBatch:
         return out
 
     # --- pixels -------------------------------------------------------------------------------------
+    def decode_later(self, seqs: list[Sequence], decoder: PixelDecoder) -> None:
+        """Hand the finished requests' latents to `decoder` (off the model loop)."""
+        decoder.submit(seqs, torch.cat([seq.data.z for seq in seqs]))
+
     @torch.inference_mode()
     def decode_pixels(self, seqs: list[Sequence]) -> list[np.ndarray]:
         """VAE-decode the finished requests together; one (n, H, W, 3) uint8 array per request."""
@@ -187,6 +197,65 @@ class FlowBatch:
             return []
         pixels = decode_latents(self.parts, torch.cat([seq.data.z for seq in seqs]))
         return list(np.split(pixels, np.cumsum([seq.data.n for seq in seqs])[:-1]))
+
+
+class PixelDecoder:
+    """VAE decodes on one thread (and, on CUDA, one stream) of their own; results are collected in order by
+    the engine thread, which answers the requests. `wake` is called (from the decoder's thread) as each
+    batch is done."""
+
+    def __init__(self, parts: FlowParts, wake: Callable[[], None]) -> None:
+        self.parts, self.wake = parts, wake
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="janus-vae")
+        self._jobs: deque[tuple[list[Sequence], Future]] = deque()
+        device = parts.vae.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._jobs)
+
+    @property
+    def ready(self) -> bool:
+        """The oldest batch is decoded (the engine answers in submission order)."""
+        return bool(self._jobs) and self._jobs[0][1].done()
+
+    def submit(self, seqs: list[Sequence], z: torch.Tensor) -> None:
+        ready = None
+        if self._stream is not None:  # the VAE's stream starts once the model's stream has written z
+            ready = torch.cuda.Event()
+            ready.record()
+            z.record_stream(self._stream)
+        future = self._pool.submit(self._decode, z, ready)
+        future.add_done_callback(lambda _: self.wake())
+        self._jobs.append((seqs, future))
+
+    @torch.inference_mode()
+    def _decode(self, z: torch.Tensor, ready) -> np.ndarray:
+        if self._stream is None:
+            return decode_latents(self.parts, z)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            return decode_latents(self.parts, z)  # .cpu() inside synchronises this stream only
+
+    def done(self, wait: bool = False) -> list[tuple[list[Sequence], list[np.ndarray] | BaseException]]:
+        """The finished batches in submission order: each request's (n, H, W, 3) pixels, or the decode's error.
+        `wait`: block for the oldest one if none is finished yet."""
+        out = []
+        if wait and self._jobs:
+            self._jobs[0][1].exception()  # waits
+        while self._jobs and self._jobs[0][1].done():
+            seqs, future = self._jobs.popleft()
+            error = future.exception()
+            if error is not None:
+                out.append((seqs, error))
+            else:
+                pixels = future.result()
+                out.append((seqs, list(np.split(pixels, np.cumsum([seq.data.n for seq in seqs])[:-1]))))
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def decode_latents(parts: FlowParts, z: torch.Tensor) -> np.ndarray:

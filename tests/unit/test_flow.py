@@ -10,6 +10,8 @@ mid-run); a seeded request gives the same image alone and batched. Understanding
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,65 @@ def test_understanding_greedy_equals_llama_generate_on_official_embeddings(engin
         assert got.result.token_ids == out, prompt
         answers.add(tuple(out))
     assert len(answers) == len(cases)  # the answers depend on the images and prompts
+
+
+def test_tiny_model_cli_writes_a_janusflow_checkpoint_and_a_vae(tmp_path, capsys):
+    import json
+
+    from server.cli import main
+
+    out = tmp_path / "flow"
+    assert main(["tiny-model", str(out), "--family", "janusflow", "--seed", "3"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "multi_modality"
+    assert {"vision_und_enc_config", "vision_gen_enc_config", "vision_gen_dec_config", "language_config"} <= set(config)
+    assert json.loads((out / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    lm = load_model(str(out), device="cpu")
+    assert (lm.kind, lm.chat_format, lm.flow.grid, lm.flow.latent_size) == ("flow", "janus", 4, 8)
+    assert main(["tiny-model", str(tmp_path / "hf"), "--family", "janusflow", "--format", "hf"]) == 2
+    assert "DeepSeek's layout only" in capsys.readouterr().err
+
+
+def test_loading_names_a_missing_weight_and_a_bad_vae(tiny_flow_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from janus_core.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot load the VAE"):
+        load_model(str(tiny_flow_dir), device="cpu", vae=str(tmp_path))  # a directory with no VAE in it
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_flow_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["beg_of_und_embed"]
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="missing weight.*beg_of_und_embed"):
+        load_model(str(broken), device="cpu")
+
+
+def test_vae_decode_off_the_model_loop_gives_the_same_images(flow_lm, engine):
+    """The CUDA path (PixelDecoder on its own thread), forced on CPU: same pixels, answered in order."""
+    from janus_core.flow_batch import PixelDecoder
+
+    inline = Collector()
+    for rid, prompt, n, w, steps, seed in MIXED:
+        engine.add_request(flow_request(rid, prompt, n, w, steps, seed), inline)
+    engine.run_until_idle()
+    off = Engine(flow_lm, EngineConfig(kv_cache_memory=2**24, max_batch_size=16))
+    off.pixels = PixelDecoder(flow_lm.flow, off._notify)
+    threaded = Collector()
+    off.start()
+    try:
+        for rid, prompt, n, w, steps, seed in MIXED:
+            off.add_request(flow_request(rid, prompt, n, w, steps, seed), threaded)
+        deadline = time.time() + 60
+        while len(threaded.done) < len(MIXED) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        off.stop(10)
+    for rid, *_ in MIXED:
+        a, b = inline.done[rid], threaded.done[rid]
+        assert isinstance(b, FinishedOutput), b
+        assert_same_pixels(a.result.images, b.result.images)  # requests may join at other steps here
+    assert not off.pixels.pending
