@@ -70,7 +70,8 @@ def check_flow_request(n: int, cfg_weight: float, steps: int, explicit: frozense
         raise InvalidRequestError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     meaningless = sorted(explicit & {"temperature", "top_p"})
     if meaningless:
-        raise InvalidRequestError(f"{' and '.join(meaningless)} mean(s) nothing for a rectified-flow model "
+        verb = "means" if len(meaningless) == 1 else "mean"
+        raise InvalidRequestError(f"{' and '.join(meaningless)} {verb} nothing for a rectified-flow model "
                                   "(JanusFlow samples no tokens; seed picks the starting noise): leave it out")
 
 

@@ -139,7 +139,8 @@ def validate_generate(settings: Settings, p: GenerateParams, generator: str | No
     if generator == "flow":
         given = [name for name in ("temperature", "top_p") if getattr(p, name) is not None]
         if given:
-            raise BadRequest(f"{' and '.join(given)} mean(s) nothing for a rectified-flow model (JanusFlow samples "
+            verb = "means" if len(given) == 1 else "mean"
+            raise BadRequest(f"{' and '.join(given)} {verb} nothing for a rectified-flow model (JanusFlow samples "
                              "no tokens; seed picks the starting noise): leave it out")
 
 
