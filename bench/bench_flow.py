@@ -51,6 +51,28 @@ def cached_flow_model(shape: str) -> Path:
     return out
 
 
+def matmul_flops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """The machine's FLOP/s on one (m x k) @ (k x n) product of the LM's sizes: the compute roofline."""
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * m * k * n / best
+
+
+def lm_flops_per_image_step(lm: LoadedModel) -> float:
+    """Matrix-product FLOPs of the LM layers for one image's ODE step: 2 rows x (1 + g*g) tokens (attention aside)."""
+    t = lm.model.config.text_config
+    per_token = t.num_hidden_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
+    return 2 * 2 * (1 + lm.flow.grid ** 2) * per_token
+
+
 def count_params(lm: LoadedModel) -> int:
     return sum(p.numel() for p in lm.model.parameters())
 
@@ -125,6 +147,11 @@ def main() -> None:
           f"({eng_cpu:.2f} CPU s) = {eng_ips:.3f} images/s")
     print(f"ratio: x{eng_ips / ref_ips:.2f} wall, x{ref_cpu * args.concurrency / eng_cpu:.2f} CPU time")
     print(f"largest latent difference engine - reference over {len(ref_latents)} requests: {worst:.2e}")
+    t = lm.model.config.text_config
+    peak = matmul_flops(lm.device, lm.dtype, 2 * (1 + lm.flow.grid ** 2), t.hidden_size, t.intermediate_size)
+    roof = peak / (lm_flops_per_image_step(lm) * args.steps)
+    print(f"compute roofline: {peak / 1e9:.0f} GFLOP/s on one image-step's MLP product = {roof:.3f} images/s "
+          f"(LM matrix products only); engine at {eng_ips / roof:.0%} of it, reference at {ref_ips / roof:.0%}")
 
 
 if __name__ == "__main__":
