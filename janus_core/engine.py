@@ -9,7 +9,9 @@ Each `step` is: take in new requests (validate, tokenize), let the `Scheduler` (
 drop cancelled requests, make room in the KV block pool (preempting if it must) and admit waiting
 ones, prefill the admitted ones, run one decode step per kind over every running request
 (`GenerationBatch`, `UnderstandingBatch` on one `ModelRunner`), then update from the sampled
-tokens: stream them, finish requests, VQ-decode finished images together.
+tokens: stream them, finish requests, VQ-decode finished images together. A flow model (JanusFlow)
+generates with `FlowBatch` instead: one ODE step per engine step for every running image, its
+finished images VAE-decoded together (on CUDA off the model loop, answered at a later step).
 
 KV memory is one pool of blocks (`janus_core.block_pool`) sized at start-up by
 `janus_core.memory`: an explicit size, or on CUDA a share of the device after the weights and a
