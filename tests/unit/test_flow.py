@@ -292,3 +292,12 @@ def test_vae_decode_off_the_model_loop_gives_the_same_images(flow_lm, engine):
         assert isinstance(b, FinishedOutput), b
         assert_same_pixels(a.result.images, b.result.images)  # requests may join at other steps here
     assert not off.pixels.pending
+
+
+def test_generation_jobs_carry_steps_and_unset_parameters_through_a_queue():
+    from server.jobs import GenerateParams, Job
+
+    job = Job("generate", GenerateParams("a cat", n=2, seed=3, steps=12))
+    back = Job.from_dict(job.to_dict())
+    assert back.params == GenerateParams("a cat", n=2, seed=3, steps=12)
+    assert (back.params.cfg_weight, back.params.temperature, back.params.top_p) == (None, None, None)
