@@ -156,35 +156,47 @@ class FlowBatch:
     def decode(self, seqs: list[Sequence]) -> list[list[int]]:
         """One Euler step for every image of `seqs`; returns, per request, the number of steps taken so far."""
         states: list[FlowState] = [s.data for s in seqs]
-        dtype, device, bs = self.lm.dtype, self.lm.device, self.kv.block_size
+        images = [s for s in states for _ in range(s.n)]  # the request of each image, in row order
+        device = self.lm.device
         z = torch.cat([s.z for s in states])  # (I, C, L, L) fp32
-        per_image = [(s, i) for s in states for i in range(s.n)]
-        t = torch.tensor([s.steps / s.num_steps * 1000.0 for s, _ in per_image], device=device).to(dtype)  # (I,)
-        feats, t_emb, skip = self.net.vision_gen_enc_model(z.to(dtype), t)  # (I, W, g, g), (I, D), (I, W, g, g)
+        # 1. The step's inputs: t_emb and the latent's patch tokens, once per image, fed to its cond and uncond rows.
+        t = torch.tensor([s.steps / s.num_steps * 1000.0 for s in images], device=device).to(self.lm.dtype)  # (I,)
+        feats, t_emb, skip = self.net.vision_gen_enc_model(z.to(self.lm.dtype), t)  # (I, W, g, g), (I, D), skip
         tokens = self.net.vision_gen_enc_aligner(feats.flatten(2).transpose(1, 2))  # (I, g*g, D)
         rows = torch.cat([t_emb[:, None], tokens], dim=1).repeat_interleave(2, dim=0)  # (2I, T, D): c0 u0 c1 u1 ...
-        length = rows.shape[1]
-        prefixes, starts = [], []
-        for seq, s in zip(seqs, states, strict=True):
-            cond, uncond = (slots_of(seq.tables[0], bs, 0, len(s.prefix)), slots_of(seq.tables[1], bs, 0, 1))
-            prefixes += [cond, uncond] * s.n
-            starts += [len(s.prefix)] * (2 * s.n)
-        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)  # (2I, T)
-        hidden = run_layers(self.runner.core, rows, positions, StepAttention(self.kv, prefixes, length))
-        grid = self.parts.grid
-        h = self.net.vision_gen_dec_aligner(self.net.vision_gen_dec_aligner_norm(hidden[:, -grid * grid:]))
-        h = h.reshape(h.shape[0], grid, grid, h.shape[-1]).permute(0, 3, 1, 2)  # (2I, W, g, g)
-        v = self.net.vision_gen_dec_model(h, skip.repeat_interleave(2, dim=0), t_emb.repeat_interleave(2, dim=0))
-        v = v.float()  # (2I, C, L, L)
-        w = torch.tensor([s.cfg_weight for s, _ in per_image], device=device)[:, None, None, None]
-        dt = torch.tensor([1.0 / s.num_steps for s, _ in per_image], device=device)[:, None, None, None]
+        # 2. The LM over them, attending to each row's prompt KV in the pool.
+        hidden = self._run_lm(seqs, rows)  # (2I, T, D)
+        # 3. The velocity of every row, and CFG per image with its request's weight.
+        v = self._velocity(hidden, skip.repeat_interleave(2, dim=0), t_emb.repeat_interleave(2, dim=0))
+        w = torch.tensor([s.cfg_weight for s in images], device=device)[:, None, None, None]
+        dt = torch.tensor([1.0 / s.num_steps for s in images], device=device)[:, None, None, None]
         z = z + dt * (w * v[0::2] - (w - 1.0) * v[1::2])
+        # 4. Euler: each request keeps its images' new latents.
         out, at = [], 0
         for s in states:
             s.z, at = z[at:at + s.n], at + s.n
             s.steps += 1
             out.append([s.steps])
         return out
+
+    def _run_lm(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor:
+        """Rows (2I, T, D) at the positions after each request's conditional prompt (uncond rows too)."""
+        bs, length, prefixes, starts = self.kv.block_size, rows.shape[1], [], []
+        for seq in seqs:
+            state: FlowState = seq.data
+            cond, uncond = slots_of(seq.tables[0], bs, 0, len(state.prefix)), slots_of(seq.tables[1], bs, 0, 1)
+            prefixes += [cond, uncond] * state.n
+            starts += [len(state.prefix)] * (2 * state.n)
+        device = rows.device
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)  # (2I, T)
+        return run_layers(self.runner.core, rows, positions, StepAttention(self.kv, prefixes, length))
+
+    def _velocity(self, hidden: torch.Tensor, skip: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """The last g*g hidden states of each row -> its velocity (2I, C, L, L), in fp32."""
+        grid = self.parts.grid
+        h = self.net.vision_gen_dec_aligner(self.net.vision_gen_dec_aligner_norm(hidden[:, -grid * grid:]))
+        h = h.reshape(h.shape[0], grid, grid, h.shape[-1]).permute(0, 3, 1, 2)  # (2I, W, g, g)
+        return self.net.vision_gen_dec_model(h, skip, t_emb).float()
 
     # --- pixels -------------------------------------------------------------------------------------
     def decode_later(self, seqs: list[Sequence], decoder: PixelDecoder) -> None:
