@@ -108,6 +108,8 @@ class UnderstandingBatch:
         self._check_context(len(inputs.input_ids), max_new_tokens)
         keys = [image_key(p) for p in inputs.pixel_values] if inputs.pixel_values is not None else []
         spans = image_spans(inputs.input_ids, self.lm.special["image"], keys)
+        if self.lm.image_lead:  # features that start before the placeholders (JanusFlow: its begin-of-image)
+            spans = [(a - self.lm.image_lead, b, key) for a, b, key in spans]
         seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
         state = UnderstandingState(
             ids=inputs.input_ids, pixels=inputs.pixel_values, image_keys=keys, spans=spans, params=params, seed=seed,

@@ -9,7 +9,9 @@ Each `step` is: take in new requests (validate, tokenize), let the `Scheduler` (
 drop cancelled requests, make room in the KV block pool (preempting if it must) and admit waiting
 ones, prefill the admitted ones, run one decode step per kind over every running request
 (`GenerationBatch`, `UnderstandingBatch` on one `ModelRunner`), then update from the sampled
-tokens: stream them, finish requests, VQ-decode finished images together.
+tokens: stream them, finish requests, VQ-decode finished images together. A flow model (JanusFlow)
+generates with `FlowBatch` instead: one ODE step per engine step for every running image, its
+finished images VAE-decoded together (on CUDA off the model loop, answered at a later step).
 
 KV memory is one pool of blocks (`janus_core.block_pool`) sized at start-up by
 `janus_core.memory`: an explicit size, or on CUDA a share of the device after the weights and a
@@ -36,6 +38,7 @@ from janus_core.batch_understanding import UnderstandingBatch, UnderstandingStat
 from janus_core.block_pool import BLOCK_SIZE, BlockPool
 from janus_core.conversation import Message
 from janus_core.errors import InvalidRequestError
+from janus_core.flow_batch import FlowBatch, PixelDecoder, flow_profile_peak
 from janus_core.generation import GenerateResult
 from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
@@ -64,11 +67,17 @@ class UnderstandRequest:
 
 @dataclass
 class GenerateRequest:
+    """`cfg_weight` None: the model's default (5.0 for VQ models, 2.0 for flow ones). `steps`: a flow model's
+    ODE steps (None: 30); a VQ model refuses it. `given`: the sampling parameters the client set (a flow
+    model refuses temperature and top_p, which mean nothing to it; only `params.seed` applies)."""
+
     request_id: str
     prompt: str
     n: int = 1
-    cfg_weight: float = 5.0
+    cfg_weight: float | None = None
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0))
+    steps: int | None = None
+    given: frozenset[str] = frozenset()
 
 
 Request = UnderstandRequest | GenerateRequest
@@ -202,8 +211,9 @@ class Engine:
             lm, self.runner, self.kv, manager, vision_cache_bytes=cfg.vision_cache_bytes,
             max_images=cfg.max_images, max_new_tokens=cfg.max_new_tokens, max_context=context,
             max_running=cfg.max_batch_size)
-        self.generation = GenerationBatch(lm, self.runner, self.kv, max_images=cfg.max_batch_size,
-                                          max_prompt_tokens=cfg.max_generation_prompt)
+        generator = FlowBatch if lm.kind == "flow" else GenerationBatch
+        self.generation = generator(lm, self.runner, self.kv, max_images=cfg.max_batch_size,
+                                    max_prompt_tokens=cfg.max_generation_prompt)
         self.scheduler = Scheduler(manager, max_running=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -217,6 +227,10 @@ class Engine:
         self._clear = False
         self._overlap = cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda"
         self._pending: list[tuple[Sequence, Callable[[], None]]] = []  # held back while the device runs
+        # Flow models on CUDA: VAE decodes off the model loop (janus_core.flow_batch.PixelDecoder).
+        self.pixels: PixelDecoder | None = None
+        if lm.kind == "flow" and lm.device.type == "cuda":
+            self.pixels = PixelDecoder(lm.flow, self._notify)
 
     def _pool_bytes(self, per_token: int, context: int) -> int:
         """The KV pool's size: explicit, a share of the CUDA device, or the CPU default."""
@@ -229,7 +243,9 @@ class Engine:
             free, total = torch.cuda.mem_get_info(device)
             weights = torch.cuda.memory_allocated(device)
             others = max(total - free - torch.cuda.memory_reserved(device), 0)  # other processes, CUDA context
-            peak = self.runner.profile_peak(cfg.max_prefill_tokens, 2 * cfg.max_batch_size)
+            rows = 2 * cfg.max_batch_size
+            peak = (flow_profile_peak(self.lm, self.runner, cfg.max_prefill_tokens, rows) if self.lm.kind == "flow"
+                    else self.runner.profile_peak(cfg.max_prefill_tokens, rows))
             return memory.pool_bytes(total, cfg.gpu_memory_utilization, weights, peak, others)
         # No device to measure: a laptop's share, or less when the batch cap could never use it.
         return min(memory.CPU_DEFAULT_KV_BYTES, 2 * cfg.max_batch_size * context * per_token)
@@ -238,6 +254,10 @@ class Engine:
     def add_request(self, request: Request, sink: Sink) -> None:
         with self._wakeup:
             self._inbox.append((request, sink))
+            self._wakeup.notify()
+
+    def _notify(self) -> None:
+        with self._wakeup:
             self._wakeup.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -269,6 +289,8 @@ class Engine:
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.pixels is not None and (self._thread is None or not self._thread.is_alive()):
+            self.pixels.close()
 
     def warm_up(self) -> None:
         """CUDA: compile the flex decode attention (or, with `compile`, the static decode step of each head)
@@ -320,9 +342,10 @@ class Engine:
         self.warm_up()
         while True:
             with self._wakeup:
-                while not (self._inbox or self._cancelled or self.scheduler.has_work() or self._stopping):
+                while not (self._inbox or self._cancelled or self.scheduler.has_work() or self._stopping
+                           or self._decoded()):
                     self._wakeup.wait()
-                if self._stopping and not self._inbox and not self.scheduler.has_work():
+                if self._stopping and not self._inbox and not self.scheduler.has_work() and not self._decoding():
                     return
             self.step()
 
@@ -338,10 +361,14 @@ class Engine:
             self._clear = False
             self.pool.clear_cache()
             self.understanding.vision.clear()
+        self._answer_decoded(wait=False)
         plan = self.scheduler.schedule()
         if plan.empty:
             self._flush()
             self._sync_counts()
+            if self._decoding():  # nothing to step, images still in the VAE: wait for them
+                self._answer_decoded(wait=True)
+                return True
             return False
         for seq in plan.cancelled:
             self._fail(seq, "cancelled", "the request was cancelled")
@@ -437,9 +464,15 @@ class Engine:
         if isinstance(request, UnderstandRequest):
             seq = self.understanding.prepare(request.request_id, request.images, request.prompt,
                                              request.max_new_tokens, request.params, messages=request.messages)
-        else:
+        elif isinstance(self.generation, FlowBatch):
             seq = self.generation.prepare(request.request_id, request.prompt, request.n, request.cfg_weight,
-                                          request.params)
+                                          request.steps, request.params.seed, request.given)
+        else:
+            if request.steps is not None:
+                raise InvalidRequestError("steps applies to rectified-flow models (JanusFlow); this model generates "
+                                          "VQ tokens, one step per image token: leave it out")
+            cfg_weight = 5.0 if request.cfg_weight is None else request.cfg_weight
+            seq = self.generation.prepare(request.request_id, request.prompt, request.n, cfg_weight, request.params)
         manager = self.scheduler.kv
         if not manager.fits(seq):
             what = (f"{seq.width} image(s) of {seq.prompt_tokens} prompt + {seq.max_tokens} image tokens with CFG"
@@ -453,6 +486,8 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         if seq.kind == "understand":
             self._on_tokens(seq, self.understanding.prefill(seq))
+        elif seq.flow:  # prompt KV only: its first ODE step is the next step's, with the others
+            self.generation.prefill(seq)
         else:
             self._on_codes([seq], [self.generation.prefill(seq)])
 
@@ -489,20 +524,23 @@ class Engine:
             self._succeed(seq, result)
 
     def _on_codes(self, seqs: list[Sequence], codes: list[list[int]]) -> None:
-        total = self.lm.num_image_tokens
-        for seq, step_codes in zip(seqs, codes, strict=True):
+        finished = []
+        for seq, step_codes in zip(seqs, codes, strict=True):  # a flow model's "codes": its steps so far
             done = self.scheduler.update(seq, step_codes[0])
-            progress = ProgressOutput(seq.request_id, seq.data.steps, total)
+            progress = ProgressOutput(seq.request_id, seq.data.steps, seq.max_tokens)
             if self._overlap:
                 self._pending.append((seq, lambda seq=seq, p=progress: self._emit(self._sinks[seq], p)))
             else:
                 self._emit(self._sinks[seq], progress)
             if done:
-                finish = functools.partial(self._guard, self._finish_images, [seq], [seq])
-                if self._overlap:
-                    self._pending.append((seq, finish))
-                else:
-                    finish()
+                finished.append(seq)
+        if not finished:
+            return
+        if self._overlap and not isinstance(self.generation, FlowBatch):  # VQ decoding, one image at a time
+            for seq in finished:
+                self._pending.append((seq, functools.partial(self._guard, self._finish_images, [seq], [seq])))
+        else:  # a flow model's VAE decodes the step's finished images together (off the loop on CUDA)
+            self._guard(self._finish_images, finished, finished)
 
     def _flush(self, seq: Sequence | None = None) -> None:
         """Run the streaming and answers held back for overlap: all of them, or those of `seq`."""
@@ -514,12 +552,37 @@ class Engine:
             if owner in self._sinks:
                 self._guard(fn, [owner])
 
+    def _decoding(self) -> bool:
+        return self.pixels is not None and self.pixels.pending
+
+    def _decoded(self) -> bool:
+        return self.pixels is not None and self.pixels.ready
+
+    def _answer_decoded(self, wait: bool) -> None:
+        """Answer the requests whose VAE decode (off the model loop) has finished."""
+        if self.pixels is None:
+            return
+        for seqs, pixels in self.pixels.done(wait=wait):
+            if isinstance(pixels, BaseException):
+                log.error("VAE decode failed for %s: %s", [s.request_id for s in seqs], pixels)
+                for seq in seqs:
+                    self._fail(seq, "internal", f"{type(pixels).__name__}: {pixels}")
+                continue
+            for seq, one in zip(seqs, pixels, strict=True):
+                self._answer_image(seq, one)
+
+    def _answer_image(self, seq: Sequence, pixels) -> None:
+        state: GenerationState = seq.data
+        with self._lock:
+            self._stats.images_generated += state.n
+        self._succeed(seq, GenerateResult(state.seed, state.tokens, pixels))
+
     def _finish_images(self, seqs: list[Sequence]) -> None:
+        if self.pixels is not None:
+            self.generation.decode_later(seqs, self.pixels)
+            return
         for seq, pixels in zip(seqs, self.generation.decode_pixels(seqs), strict=True):
-            state: GenerationState = seq.data
-            with self._lock:
-                self._stats.images_generated += state.n
-            self._succeed(seq, GenerateResult(state.seed, state.tokens, pixels))
+            self._answer_image(seq, pixels)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., None], seqs: list[Sequence], *args) -> None:
@@ -537,6 +600,7 @@ class Engine:
                 self._fail(seq, "internal", f"{type(exc).__name__}: {exc}")
 
     def _succeed(self, seq: Sequence, result: UnderstandResult | GenerateResult) -> None:
+        self._flush(seq)  # what it streamed before its answer reaches its client first
         self._count(failed=False)
         self._emit(self._sinks.pop(seq), FinishedOutput(seq.request_id, result))
 

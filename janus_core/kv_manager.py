@@ -8,6 +8,8 @@
   tokens - 1 positions, all taken at admission (a generation never grows or needs preempting). The
   full prompt blocks of each CFG side are held once, by reference from all n images' rows; the
   partial last prompt block is the first of each image's own blocks (the engine copies it).
+- Flow generation (`Sequence.flow`): two rows, the conditional prompt and the unconditional BOS,
+  held once for the request; its images and ODE steps all attend to them (nothing per image).
 
 This module knows blocks, positions and keys; not tensors, tokens or requests' meaning.
 """
@@ -35,6 +37,8 @@ class KVManager:
     # --- how much -------------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence) -> int:
         """Blocks `seq` holds once admitted with nothing cached: the planner's and `fits`' measure."""
+        if seq.flow:
+            return blocks_for(seq.prompt_tokens, self.bs) + 1
         if seq.kind == "generate":
             shared = seq.prompt_tokens // self.bs
             return 2 * (shared + seq.width * (blocks_for(seq.row_len, self.bs) - shared))
@@ -47,7 +51,18 @@ class KVManager:
     # --- taking and giving back -----------------------------------------------------------------
     def admit(self, seq: Sequence) -> bool:
         """Take the blocks `seq` needs now (its tables are set), or take nothing and return False."""
+        if seq.flow:
+            return self._admit_flow(seq)
         return self._admit_generation(seq) if seq.kind == "generate" else self._admit_understanding(seq)
+
+    def _admit_flow(self, seq: Sequence) -> bool:
+        if self.blocks_needed(seq) > self.pool.num_free:
+            return False
+        cond = self.pool.allocate(blocks_for(seq.prompt_tokens, self.bs))
+        uncond = self.pool.allocate(1)
+        assert cond is not None and uncond is not None
+        seq.tables, seq.cached_tokens = [cond, uncond], 0
+        return True
 
     def _admit_understanding(self, seq: Sequence) -> bool:
         length = seq.kv_len

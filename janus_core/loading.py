@@ -26,6 +26,7 @@ from transformers import (
     JanusConfig,
     JanusForConditionalGeneration,
     JanusProcessor,
+    PretrainedConfig,
 )
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
@@ -34,6 +35,7 @@ from janus_core import deepseek
 from janus_core.compat import pil_image_processor_class
 from janus_core.device import resolve_device, resolve_dtype
 from janus_core.errors import ModelLoadError
+from janus_core.flow_model import is_flow_config
 from janus_core.prompts import (
     BOI_TOKEN,
     CHAT_FORMATS,
@@ -58,6 +60,9 @@ class LoadedModel:
     dtype: torch.dtype
     special: dict[str, int] = field(default_factory=dict)
     chat_format: str = "janus-pro"  # the roles prompts use: "janus-pro" or "janus" (Janus-1.3B)
+    kind: str = "vq"  # the image generator: "vq" (Janus-Pro's codes) or "flow" (JanusFlow's rectified flow)
+    image_lead: int = 0  # positions before an image's placeholders that its features cover (JanusFlow: 1)
+    flow: Any = None  # janus_core.flow_loading.FlowParts for a flow model
 
     @property
     def tokenizer(self):
@@ -131,13 +136,23 @@ def _apply_chat_format(processor: JanusProcessor, model: str, path: Path, chat_f
     return family
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_format: str | None = None) -> LoadedModel:
+def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_format: str | None = None,
+               vae: str | None = None) -> LoadedModel:
+    """`vae`: JanusFlow only (see `janus_core.flow_loading`)."""
     hf_logging.disable_progress_bar()
     path = resolve_model_path(model)
     fmt = detect_format(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if fmt == "hf":
+    raw = _read_json(path / "config.json", "the model's config")
+    flow = None
+    if fmt == "deepseek" and is_flow_config(raw):
+        from janus_core.flow_loading import load_janusflow
+
+        net, processor, flow = load_janusflow(path, raw, dev, dt, vae)
+        # JanusFlow's examples use Janus-1.3B's `User:` roles, whatever the directory is called
+        chat_format = chat_format or ("janus" if not processor.chat_template else None)
+    elif fmt == "hf":
         processor = _hf_processor(path)
         state = read_weights(path)
         config = JanusConfig.from_pretrained(path)
@@ -153,10 +168,13 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
         net = _instantiate(config, state, dt, path)
     _check_processor(processor, net.config, path)
     fmt_chat = _apply_chat_format(processor, model, path, chat_format)
-    net.generation_config = _generation_config(processor, path)
+    if flow is None:
+        net.generation_config = _generation_config(processor, path)
     net.to(dev).eval()
-    log.info("loaded %s (%s layout, %s chat format) on %s as %s", path, fmt, fmt_chat, dev, dt)
-    return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat)
+    kind = "vq" if flow is None else "flow"
+    log.info("loaded %s (%s layout, %s generator, %s chat format) on %s as %s", path, fmt, kind, fmt_chat, dev, dt)
+    return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat, kind=kind,
+                       image_lead=0 if flow is None else 1, flow=flow)
 
 
 def special_ids(tok) -> dict[str, int]:
@@ -262,7 +280,9 @@ def _deepseek_processor(path: Path) -> JanusProcessor:
         if key in pre:
             kwargs[key] = pre[key]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=IMAGE_SPECIAL_TOKENS)
+        # An empty config: transformers would read config.json, whose `multi_modality` it warns about
+        tokenizer = AutoTokenizer.from_pretrained(path, config=PretrainedConfig(),
+                                                  extra_special_tokens=IMAGE_SPECIAL_TOKENS)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
     return JanusProcessor(

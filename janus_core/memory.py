@@ -152,7 +152,11 @@ def janus_config(config: dict[str, Any]):
     from transformers import JanusConfig
 
     from janus_core import deepseek
+    from janus_core.flow_model import is_flow_config
 
+    if is_flow_config(config):  # its KV is a request's prompts only; activations, not KV, bound its batch
+        raise ModelLoadError("plan does not cover JanusFlow checkpoints yet (a flow request holds only its prompt's "
+                             "KV, so the KV pool does not bound its images; the step activations do)")
     if deepseek.is_deepseek_config(config):
         return deepseek.to_janus_config(config, image_token_id=0, tie_word_embeddings=False)
     if config.get("model_type") != "janus":

@@ -53,10 +53,16 @@ class Sequence:
     preemptions: int = 0
     arrival: int = field(default_factory=lambda: next(_arrivals))
     data: Any = None  # the engine's per-request state
+    # Flow generation (JanusFlow): the KV held is the CFG pair's prompts only, the conditional one
+    # (`prompt_tokens`) and the unconditional BOS, shared by every image and ODE step of the request;
+    # `max_tokens` counts ODE steps. The tokens each step feeds are recomputed, never stored.
+    flow: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.flow and self.kind != "generate":
+            raise ValueError("only a generation sequence can be a flow one")
         if self.width < 1 or (self.kind == "understand" and self.width != 1):
             raise ValueError(f"width must be 1 for understanding and at least 1 for generation, got {self.width}")
         if self.prompt_tokens < 1 or self.max_tokens < 1:
@@ -80,6 +86,8 @@ class Sequence:
     @property
     def prefill_tokens(self) -> int:
         """Tokens the (re)admission prefill computes, at most."""
+        if self.flow:
+            return self.prompt_tokens + 1
         return 2 * self.prompt_tokens if self.kind == "generate" else self.kv_len
 
 

@@ -246,6 +246,12 @@ def _write_deepseek(out: Path, model, tokenizer, shards: int, weights: str) -> N
     state["gen_vision_model.quantize.codebook_used"] = torch.zeros(model.config.vq_config.num_embeddings)
     _save_sharded(state, out, shards, weights, "pytorch_model" if weights == "bin" else "model")
 
+    write_deepseek_processor(out, tokenizer, model.config.vision_config.image_size,
+                             model.config.vision_config.num_image_tokens)
+
+
+def write_deepseek_processor(out: Path, tokenizer, image_size: int, num_image_tokens: int) -> None:
+    """Tokenizer and processor files as DeepSeek's original checkpoints ship them."""
     tokenizer.save_pretrained(out)
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     for key in ("extra_special_tokens", *IMAGE_SPECIAL_TOKENS):  # the originals lack them; the loader adds them
@@ -254,7 +260,7 @@ def _write_deepseek(out: Path, model, tokenizer, shards: int, weights: str) -> N
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "VLMImageProcessor",
         "processor_class": "VLChatProcessor",
-        "image_size": model.config.vision_config.image_size,
+        "image_size": image_size,
         "min_size": 14,
         "background_color": [127, 127, 127],
         "do_normalize": True,
@@ -264,7 +270,7 @@ def _write_deepseek(out: Path, model, tokenizer, shards: int, weights: str) -> N
     (out / "processor_config.json").write_text(json.dumps({
         "processor_class": "VLChatProcessor",
         "image_tag": IMAGE_TOKEN,
-        "num_image_tokens": model.config.vision_config.num_image_tokens,
+        "num_image_tokens": num_image_tokens,
         "sft_format": "deepseek",
         "add_special_token": False,
         "mask_prompt": True,

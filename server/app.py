@@ -61,6 +61,7 @@ class ModelInfo:
     num_image_tokens: int = 576
     created: int = field(default_factory=lambda: int(time.time()))
     served_names: list[str] = field(default_factory=list)  # --served-model-name; empty: just `name`
+    generator: str | None = None  # "vq" (Janus-Pro) or "flow" (JanusFlow) once known; None in an API-only process
 
     @property
     def names(self) -> list[str]:
@@ -88,7 +89,7 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
 
         add_playground_routes(app)
     info = app.state.model_info
-    install_openapi(app, settings, lambda: f"{info.image_size}x{info.image_size}")
+    install_openapi(app, settings, lambda: f"{info.image_size}x{info.image_size}", lambda: info.generator)
     return app
 
 
@@ -244,7 +245,8 @@ def _add_operational_routes(app: FastAPI) -> None:
         _auth(request)
         info: ModelInfo = request.app.state.model_info
         return {"object": "list", "data": [{"id": name, "object": "model", "created": info.created,
-                                            "owned_by": "janus-server"} for name in info.names]}
+                                            "owned_by": "janus-server", "generator": info.generator}
+                                           for name in info.names]}
 
 
 def _auth(request: Request) -> None:
@@ -283,7 +285,8 @@ def _add_native_routes(app: FastAPI) -> None:
     async def generate(body: GenerateBody, request: Request):
         _auth(request)
         service: Service = request.app.state.service
-        params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed)
+        params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed,
+                                body.steps)
         ticket = await service.submit_generate(params, stream=body.stream,
                                                idempotency_key=request.headers.get("idempotency-key"))
         if body.stream:

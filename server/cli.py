@@ -22,6 +22,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--gpu-memory-utilization", type=float, dest="gpu_memory_utilization",
                        help="CUDA: share of the device for weights + activations + KV (default 0.90)")
         p.add_argument("--compile", action="store_true", default=None, help="compile the decode step (CUDA)")
+        p.add_argument("--vae", help="JanusFlow: the diffusers AutoencoderKL (directory or hub id); default: the "
+                                     "checkpoint's vae/ directory if it has one, else stabilityai/sdxl-vae")
         p.add_argument("--chat-format", dest="chat_format", choices=["janus-pro", "janus"],
                        help="prompt roles: janus-pro (<|User|>) or janus (Janus-1.3B's User:); "
                             "default: the checkpoint's own template, else its family")
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(worker, model=True, network=False)
     tiny = sub.add_parser("tiny-model", help="write a tiny random checkpoint with its tokenizer")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--format", choices=["hf", "deepseek"], default="hf")
+    tiny.add_argument("--format", choices=["hf", "deepseek"], help="hf (default) or deepseek; JanusFlow: deepseek only")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1)
     tiny.add_argument("--variant", choices=["janus-pro", "janus"], default="janus-pro",
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--image-size", type=int, default=64, dest="image_size",
                       help="64 (default: 16 image tokens, fast) or 384 (Janus-Pro's 576 tokens and 384x384 PNGs)")
     tiny.add_argument("--sharp", action="store_true", help="larger LM weights: varied outputs that reach EOS")
+    tiny.add_argument("--family", choices=["janus", "janusflow"], default="janus",
+                      help="janusflow: a JanusFlow checkpoint (DeepSeek layout only) and a tiny random VAE in "
+                           "OUT_DIR/vae (--variant and --shards do not apply)"),
     plan = sub.add_parser("plan", help="what fits on a GPU: reads config.json only (no weights)")
     plan.add_argument("--model", required=True, help="checkpoint directory or hub id in the local cache")
     plan.add_argument("--gpu-memory", action="append", dest="gpu_memory",
@@ -99,6 +104,24 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_tiny_flow(args: argparse.Namespace) -> int:
+    from janus_core.errors import ModelLoadError
+    from janus_core.tiny_flow import write_tiny_flow_model
+
+    if args.format not in (None, "deepseek"):
+        print("janus-server tiny-model: JanusFlow checkpoints exist in DeepSeek's layout only (--format deepseek)",
+              file=sys.stderr)
+        return 2
+    try:
+        out = write_tiny_flow_model(args.out_dir, args.seed, image_size=args.image_size, sharp=args.sharp)
+    except ModelLoadError as exc:  # diffusers missing
+        print(f"janus-server tiny-model: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote a tiny random JanusFlow checkpoint (deepseek layout, seed {args.seed}, {args.image_size}x"
+          f"{args.image_size} images) to {out}, and its tiny random VAE to {out / 'vae'}")
+    return 0
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Flags given on the command line win over `JANUS_*` environment variables."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
@@ -114,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         from janus_core.tiny import write_tiny_model
 
         try:
+            if args.family == "janusflow":
+                return _write_tiny_flow(args)
+            args.format = args.format or "hf"
             out = write_tiny_model(args.out_dir, args.format, args.seed, shards=args.shards, variant=args.variant,
                                    image_size=args.image_size, sharp=args.sharp)
         except ValueError as exc:

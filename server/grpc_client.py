@@ -149,16 +149,16 @@ class JanusClient:
 
     def generate(self, prompt: str, *, n: int | None = None, cfg_weight: float | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 timeout: float | None = None) -> Images:
-        """`temperature=0` is greedy; None is the server default (1.0)."""
-        request = self._generate_request(prompt, n, cfg_weight, temperature, top_p, seed)
+                 steps: int | None = None, timeout: float | None = None) -> Images:
+        """`temperature=0` is greedy; None is the server default (1.0). `steps`: flow models (JanusFlow) only."""
+        request = self._generate_request(prompt, n, cfg_weight, temperature, top_p, seed, steps)
         return _images(self._stub.Generate(request, **self._options(timeout)))
 
     def generate_stream(self, prompt: str, *, n: int | None = None, cfg_weight: float | None = None,
                         temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                        timeout: float | None = None) -> Iterator[Progress | Images]:
-        """`Progress` per decoded image token, then one `Images`."""
-        request = self._generate_request(prompt, n, cfg_weight, temperature, top_p, seed)
+                        steps: int | None = None, timeout: float | None = None) -> Iterator[Progress | Images]:
+        """`Progress` per decoded image token (flow models: per ODE step), then one `Images`."""
+        request = self._generate_request(prompt, n, cfg_weight, temperature, top_p, seed, steps)
         call = self._stub.GenerateStream(request, **self._options(timeout))
         try:
             for event in call:
@@ -179,9 +179,9 @@ class JanusClient:
 
     @staticmethod
     def _generate_request(prompt: str, n: int | None, cfg_weight: float | None, temperature: float | None,
-                          top_p: float | None, seed: int | None) -> janus_pb2.GenerateRequest:
+                          top_p: float | None, seed: int | None, steps: int | None = None) -> janus_pb2.GenerateRequest:
         fields = _set({"prompt": prompt}, n=n, cfg_weight=cfg_weight, temperature=temperature, top_p=top_p,
-                      seed=seed)
+                      seed=seed, steps=steps)
         return janus_pb2.GenerateRequest(**fields)
 
 
@@ -208,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("-n", type=int, default=None)
     generate.add_argument("--cfg-weight", type=float, default=None)
+    generate.add_argument("--steps", type=int, default=None, help="flow models (JanusFlow): ODE steps")
     generate.add_argument("-o", "--out", default="janus", help="file name prefix (default: janus)")
     return parser
 
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print()
                 return 0
             for event in client.generate_stream(args.prompt, n=args.n, cfg_weight=args.cfg_weight,
-                                                temperature=args.temperature, seed=args.seed):
+                                                temperature=args.temperature, seed=args.seed, steps=args.steps):
                 if isinstance(event, Progress):
                     print(f"\r{event.step}/{event.total}", end="", file=sys.stderr, flush=True)
                 else:

@@ -234,6 +234,8 @@ def generate_params(request: janus_pb2.GenerateRequest) -> GenerateParams:
         fields["top_p"] = _decimal(request.top_p)
     if request.HasField("seed"):
         fields["seed"] = request.seed
+    if request.steps:
+        fields["steps"] = request.steps
     return GenerateParams(**fields)
 
 

@@ -44,12 +44,17 @@ class UnderstandParams:
 
 @dataclass
 class GenerateParams:
+    """None: not given, the model's default (cfg_weight 5.0 for Janus-Pro, 2.0 for JanusFlow; temperature 1.0;
+    top_p 1.0; steps 30). A model refuses what means nothing to it: `steps` (VQ models), temperature and top_p
+    (flow models)."""
+
     prompt: str
     n: int = 1
-    cfg_weight: float = 5.0
-    temperature: float = 1.0
-    top_p: float = 1.0
+    cfg_weight: float | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
+    steps: int | None = None
 
 
 @dataclass

@@ -96,6 +96,7 @@ def add_openai_routes(app: FastAPI) -> None:
             params.cfg_weight = weight
         if body.temperature is not None:
             params.temperature = body.temperature
+        params.steps = body.steps
         service: Service = request.app.state.service
         ticket = await service.submit_generate(params)
         event = await wait_for_result(service, ticket, request)

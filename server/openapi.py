@@ -11,6 +11,8 @@ cannot see, so routes added later are documented by the same rules:
 - bounds that are settings, not constants: `n`, token counts, image counts, prompt length; and a
   prompt must hold a non-blank character (`NON_BLANK`, the server's own test);
 - enums narrowed to what a route accepts (`EXTRA_ENUMS`, e.g. the one image size the model makes);
+- the generation parameters the loaded model takes: no `steps` for a VQ model (Janus-Pro), no
+  `temperature` / `top_p` for a flow model (JanusFlow), since those are a 400 there;
 - /v1/understand's two bodies (JSON and multipart/form-data), the second derived from the first, so
   both carry the same bounds.
 
@@ -56,20 +58,32 @@ SSE = {"text/event-stream": {"schema": {
                    "retry": {"type": "integer"}}}}}
 
 
-def install_openapi(app: FastAPI, settings: Settings, native_size: Callable[[], str]) -> None:
-    """Replace `app.openapi` with the truthful document (built once, on first request)."""
+def install_openapi(app: FastAPI, settings: Settings, native_size: Callable[[], str],
+                    generator: Callable[[], str | None] = lambda: None) -> None:
+    """Replace `app.openapi` with the truthful document (built on first request, again once the model is known)."""
+    built_for: list[tuple[str, str | None]] = []
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        facts = (native_size(), generator())
+        if app.openapi_schema is None or built_for != [facts]:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            app.openapi_schema = describe(doc, settings, native_size())
+            app.openapi_schema = describe(doc, settings, *facts)
+            built_for[:] = [facts]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def describe(doc: dict[str, Any], settings: Settings, native_size: str) -> dict[str, Any]:
+# Generation fields that mean nothing for a kind of model (a 400 there), so not in its document.
+UNUSED_FIELDS = {"vq": ("steps",), "flow": ("temperature", "top_p")}
+
+
+def describe(doc: dict[str, Any], settings: Settings, native_size: str,
+             generator: str | None = None) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for body in ("GenerateBody", "ImagesGenerationsBody"):
+        for field in UNUSED_FIELDS.get(generator or "", ()):
+            schemas.get(body, {}).get("properties", {}).pop(field, None)
     schemas["Error"] = ERROR_SCHEMA
     _add_understand_bodies(doc, settings)
     for name in ("HTTPValidationError", "ValidationError"):

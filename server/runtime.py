@@ -60,7 +60,8 @@ def load_engine(settings: Settings):
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
     # progress bars are off (logs are JSON lines): say why a first start with a hub id takes minutes
     log.info("loading %s (a hub id not in the Hugging Face cache is downloaded first)", settings.model)
-    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format)
+    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format,
+                    vae=settings.vae)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
                           kv_cache_memory=settings.kv_cache_bytes,
@@ -111,7 +112,7 @@ async def run_worker(settings: Settings, queue: JobQueue, metrics: Metrics, stop
 
     lm, engine = await run_on_fresh_thread(load_engine, settings)
     if info is not None:
-        info.image_size, info.num_image_tokens = lm.image_size, lm.num_image_tokens
+        info.image_size, info.num_image_tokens, info.generator = lm.image_size, lm.num_image_tokens, lm.kind
     if loaded is not None:
         loaded.set()
     engine.start()
@@ -132,6 +133,7 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     else:
         service = Service(settings, queue, expected_workers=1 if with_local_worker else None)
     info = model_info(settings)
+    service.model_info = info
     app = create_app(settings, service, metrics, info)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            timeout_graceful_shutdown=int(settings.request_timeout)))

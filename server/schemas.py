@@ -94,12 +94,17 @@ class UnderstandBody(_Strict):
 
 
 class GenerateBody(_Strict):
+    """Unset fields take the model's defaults; a field that means nothing for the model is a 400."""
+
     prompt: str = Field(min_length=1)
     n: Int = Field(1, ge=1, description="Images to generate (at most the server's max_n).")
-    cfg_weight: float = Field(5.0, ge=0.0, le=100.0)
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    cfg_weight: float | None = Field(None, ge=0.0, le=100.0,
+                                     description="CFG weight; default 5.0 (Janus-Pro) or 2.0 (JanusFlow).")
+    temperature: float | None = Field(None, ge=0.0, le=100.0,
+                                      description="VQ models only; default 1.0, 0 means greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="VQ models only; default 1.0.")
     seed: Int | None = Field(None, ge=0, lt=2**63)
+    steps: Int | None = Field(None, ge=1, le=100, description="Flow models (JanusFlow) only: ODE steps, default 30.")
     stream: bool = False
 
 
@@ -115,8 +120,11 @@ class ImagesGenerationsBody(BaseModel):
     response_format: Literal["b64_json", "url"] = "b64_json"
     seed: Int | None = Field(None, ge=0, lt=2**63)
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0, description="CFG weight (vllm-omni's name).")
-    cfg_weight: float | None = Field(None, ge=0.0, le=100.0, description="CFG weight; default 5.0.")
-    temperature: float | None = Field(None, ge=0.0, le=100.0, description="Default 1.0; 0 means greedy.")
+    cfg_weight: float | None = Field(None, ge=0.0, le=100.0,
+                                     description="CFG weight; default 5.0 (Janus-Pro) or 2.0 (JanusFlow).")
+    temperature: float | None = Field(None, ge=0.0, le=100.0,
+                                      description="VQ models only; default 1.0, 0 means greedy.")
+    steps: Int | None = Field(None, ge=1, le=100, description="Flow models (JanusFlow) only: ODE steps, default 30.")
 
 
 class StreamOptions(BaseModel):

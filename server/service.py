@@ -119,13 +119,29 @@ def validate_understand(settings: Settings, p: UnderstandParams, *, require_imag
     _check_sampling(p.temperature, p.top_p, p.seed)
 
 
-def validate_generate(settings: Settings, p: GenerateParams) -> None:
+MAX_STEPS = 100  # janus_core.flow_loading.MAX_STEPS (the API layer does not import the model runtime's torch)
+
+
+def validate_generate(settings: Settings, p: GenerateParams, generator: str | None = None) -> None:
+    """`generator`: the loaded model's kind ("vq" or "flow"), None when this process does not know it (an API
+    in front of Redis workers: the worker's engine refuses what the model cannot use, as a 400 all the same)."""
     _check_prompt(settings, p.prompt)
     if not (1 <= p.n <= settings.max_n):
         raise BadRequest(f"n must be between 1 and {settings.max_n}, got {p.n}")
-    if not (0.0 <= p.cfg_weight <= 100.0):
+    if p.cfg_weight is not None and not (0.0 <= p.cfg_weight <= 100.0):
         raise BadRequest(f"cfg_weight must be between 0 and 100, got {p.cfg_weight}")
-    _check_sampling(p.temperature, p.top_p, p.seed)
+    if p.steps is not None and not (1 <= p.steps <= MAX_STEPS):
+        raise BadRequest(f"steps must be between 1 and {MAX_STEPS}, got {p.steps}")
+    _check_sampling(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p, p.seed)
+    if generator == "vq" and p.steps is not None:
+        raise BadRequest("steps applies to rectified-flow models (JanusFlow); this model generates VQ tokens, "
+                         "one step per image token: leave it out")
+    if generator == "flow":
+        given = [name for name in ("temperature", "top_p") if getattr(p, name) is not None]
+        if given:
+            verb = "means" if len(given) == 1 else "mean"
+            raise BadRequest(f"{' and '.join(given)} {verb} nothing for a rectified-flow model (JanusFlow samples "
+                             "no tokens; seed picks the starting noise): leave it out")
 
 
 def check_images(settings: Settings, images: list[bytes]) -> None:
@@ -169,6 +185,8 @@ class Service:
         self.queue = queue
         self.expected_workers = expected_workers
         self.local_workers = local_workers
+        # server.app.ModelInfo where this process serves the model; its `generator` is known once loaded
+        self.model_info: Any = None
 
     def deadline(self, client_timeout: float | None = None) -> float:
         timeout = self.settings.request_timeout
@@ -189,7 +207,7 @@ class Service:
 
     async def submit_generate(self, params: GenerateParams, *, stream: bool = False,
                               timeout: float | None = None, idempotency_key: str | None = None) -> Ticket:
-        validate_generate(self.settings, params)
+        validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
         job = Job("generate", params, deadline=self.deadline(timeout), stream=stream,
                   idempotency_key=idempotency_key, request_id=request_id_var.get())
         job_id = await self.queue.submit(job)

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     cpu_packed_linears: bool = True  # CPU fp32: oneDNN-packed linear weights (faster decode steps)
     chat_format: Literal["janus-pro", "janus"] | None = None  # None: the checkpoint's template or family
     served_model_name: CsvList = Field(default_factory=list)  # names clients may use; empty: the checkpoint's
+    # JanusFlow's VAE (directory or hub id); None: the checkpoint's vae/ if it has one, else stabilityai/sdxl-vae
+    vae: str | None = None
 
     # network
     host: str = "0.0.0.0"

@@ -146,7 +146,10 @@ class Worker:
                                      SamplingParams(p.temperature, p.top_p, p.seed), messages=messages,
                                      stop=[s for s in p.stop if isinstance(s, str) and s])
         assert isinstance(p, GenerateParams)
-        return GenerateRequest(job.id, p.prompt, p.n, p.cfg_weight, SamplingParams(p.temperature, p.top_p, p.seed))
+        given = frozenset(name for name in ("temperature", "top_p") if getattr(p, name) is not None)
+        sampling = SamplingParams(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p,
+                                  p.seed)
+        return GenerateRequest(job.id, p.prompt, p.n, p.cfg_weight, sampling, steps=p.steps, given=given)
 
     async def _pump(self, running: _Running) -> None:
         job = running.job

@@ -55,3 +55,11 @@ def reference(tiny_hf_dir):
 
     model = JanusForConditionalGeneration.from_pretrained(tiny_hf_dir).eval()
     return model, JanusProcessor.from_pretrained(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_dir(tmp_path_factory) -> Path:
+    """A tiny random JanusFlow checkpoint (DeepSeek layout, sharpened LM) with its tiny VAE in vae/."""
+    from janus_core.tiny_flow import write_tiny_flow_model
+
+    return write_tiny_flow_model(tmp_path_factory.mktemp("tiny-janusflow"), seed=0, sharp=True)

@@ -129,6 +129,18 @@ function saveKey(event) {
   checkServer();
 }
 
+// A flow model (JanusFlow) takes ODE steps and no temperature; its CFG weight defaults to 2.
+let generator = null;
+
+function showGenerator(kind) {
+  if (kind === generator) return;
+  generator = kind;
+  const flow = kind === "flow";
+  $("gen-steps-label").hidden = !flow;
+  $("gen-temperature-label").hidden = flow;
+  $("gen-cfg").value = flow ? "2" : "5";
+}
+
 async function checkServer() {
   try {
     const response = await fetch("/v1/models", { headers: requestHeaders() });
@@ -136,6 +148,7 @@ async function checkServer() {
     const models = await response.json();
     const name = models.data && models.data[0] ? models.data[0].id : "?";
     $("model").textContent = `model: ${name}`;
+    showGenerator(models.data && models.data[0] ? models.data[0].generator : null);
     $("model").dataset.ready = "true";
   } catch (err) {
     $("model").textContent = describe(err);
@@ -366,13 +379,10 @@ function submitGenerate(event) {
     showError("gen-error", "The seed must be a whole number (or empty for a random one).");
     return;
   }
-  let body = JSON.stringify({
-    prompt,
-    n: Number($("gen-n").value),
-    cfg_weight: Number($("gen-cfg").value),
-    temperature: Number($("gen-temperature").value),
-    stream: true,
-  });
+  const fields = { prompt, n: Number($("gen-n").value), cfg_weight: Number($("gen-cfg").value) };
+  if (generator === "flow") fields.steps = Number($("gen-steps").value);
+  else fields.temperature = Number($("gen-temperature").value);
+  let body = JSON.stringify({ ...fields, stream: true });
   // Seeds go up to 2^63, past what a JavaScript number holds exactly: write the digits as they are.
   if (seed) body = `${body.slice(0, -1)},"seed":${seed}}`;
   runGeneration(prompt, body);

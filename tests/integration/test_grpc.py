@@ -220,8 +220,13 @@ async def test_generate_returns_pngs_and_seed(stack: Stack) -> None:
 async def test_generate_temperature_unset_is_default_and_zero_is_greedy(stack: Stack) -> None:
     unset = await stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox"))
     greedy = await stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox", temperature=0, cfg_weight=1.5))
-    assert stack.worker.jobs[unset.id].params.temperature == 1.0
+    assert stack.worker.jobs[unset.id].params.temperature is None  # not given: the model's default (1.0)
     assert stack.worker.jobs[greedy.id].params == GenerateParams(prompt="a fox", temperature=0.0, cfg_weight=1.5)
+
+
+async def test_generate_steps_reach_the_job(stack: Stack) -> None:
+    response = await stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox", steps=12))
+    assert stack.worker.jobs[response.id].params == GenerateParams(prompt="a fox", steps=12)
 
 
 async def test_generate_stream_sends_progress_then_one_result(stack: Stack) -> None:

@@ -72,7 +72,8 @@ def run(engine: Engine, requests: list, sink: Collector | None = None) -> Collec
 
 
 def reference_image_tokens(lm: LoadedModel, req: GenerateRequest) -> torch.Tensor:
-    stream = stream_image_tokens(lm, req.prompt, n=req.n, cfg_weight=req.cfg_weight, params=req.params)
+    weight = 5.0 if req.cfg_weight is None else req.cfg_weight  # None: the VQ default
+    stream = stream_image_tokens(lm, req.prompt, n=req.n, cfg_weight=weight, params=req.params)
     while True:
         try:
             next(stream)

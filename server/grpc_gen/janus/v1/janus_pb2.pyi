@@ -63,20 +63,22 @@ class UnderstandChunk(_message.Message):
     def __init__(self, delta: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "n", "cfg_weight", "temperature", "top_p", "seed")
+    __slots__ = ("prompt", "n", "cfg_weight", "temperature", "top_p", "seed", "steps")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     CFG_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     n: int
     cfg_weight: float
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, prompt: _Optional[str] = ..., n: _Optional[int] = ..., cfg_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    steps: int
+    def __init__(self, prompt: _Optional[str] = ..., n: _Optional[int] = ..., cfg_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "seed", "png")

@@ -84,7 +84,8 @@ class JanusServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Same as Generate, but streams `progress` events (one per decode step of the image tokens)
+        """Same as Generate, but streams `progress` events (one per decode step of the image tokens;
+        for a flow model, one per ODE step)
         and ends with one `result` event holding the images.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
