@@ -475,9 +475,12 @@ class Engine:
             seq = self.generation.prepare(request.request_id, request.prompt, request.n, cfg_weight, request.params)
         manager = self.scheduler.kv
         if not manager.fits(seq):
-            what = (f"{seq.width} image(s) of {seq.prompt_tokens} prompt + {seq.max_tokens} image tokens with CFG"
-                    if seq.kind == "generate" else
-                    f"a prompt of {seq.prompt_tokens} tokens plus max_new_tokens {seq.max_tokens}")
+            if seq.kind == "understand":
+                what = f"a prompt of {seq.prompt_tokens} tokens plus max_new_tokens {seq.max_tokens}"
+            elif seq.flow:
+                what = f"a flow prompt of {seq.prompt_tokens} tokens (cond and uncond rows)"
+            else:
+                what = f"{seq.width} image(s) of {seq.prompt_tokens} prompt + {seq.max_tokens} image tokens with CFG"
             raise InvalidRequestError(
                 f"{what} need {manager.blocks_needed(seq) * BLOCK_SIZE} KV positions; the engine's KV pool holds "
                 f"{self.pool.num_blocks * BLOCK_SIZE} ({memory.format_size(self.kv.nbytes)})")
