@@ -31,6 +31,7 @@ from PIL import Image
 
 from bench.models import cached_model, lm_weight_bytes
 from bench.references import (
+    PROMPTS,
     hf_generate_image,
     hf_understand,
     mean,
@@ -50,9 +51,6 @@ from janus_core.engine import (
 )
 from janus_core.loading import LoadedModel, load_model
 from janus_core.sampling import SamplingParams
-
-PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",
-           "a futuristic city skyline at night with neon lights", "a cat on a chair"]
 
 
 @dataclass

@@ -47,12 +47,10 @@ import torch
 from PIL import Image
 
 from bench.models import cached_model
-from bench.references import hf_generate_image, hf_understand, percentile
+from bench.references import PROMPTS, hf_generate_image, hf_understand, percentile
 from janus_core.loading import LoadedModel, load_model
 from tests.integration.servers import ServerProcess, free_port, wait_until_ready
 
-PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",
-           "a futuristic city skyline at night with neon lights", "a cat on a chair"]
 DESCRIBE = "Describe this image in detail."
 FOLLOW_UP = "What color is the car in the picture?"
 

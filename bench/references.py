@@ -28,6 +28,10 @@ from janus_core.loading import LoadedModel
 from janus_core.packed_linear import PackedLinear
 from janus_core.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
 
+# The generation prompts the benches cycle through (the same everywhere, so figures compare).
+PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",
+           "a futuristic city skyline at night with neon lights", "a cat on a chair"]
+
 
 def require_stock(lm: LoadedModel) -> None:
     """Raise unless `lm` is transformers' model as loaded (no layer swapped by the engine)."""

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from bench.gpu.model import kv_bytes_per_token, step_weight_bytes
-from bench.references import hf_generate_image, hf_understand
+from bench.references import PROMPTS, hf_generate_image, hf_understand
 from janus_core.engine import (
     Engine,
     EngineConfig,
@@ -40,8 +40,6 @@ from janus_core.loading import LoadedModel
 from janus_core.processor import build_generation_ids, build_understanding_inputs
 from janus_core.sampling import SamplingParams
 
-PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",
-           "a futuristic city skyline at night with neon lights", "a cat on a chair"]
 QUESTIONS = ["Describe this image in detail.", "What is shown in the picture?", "What color is the car?"]
 GEN_PROMPT_TOKENS = 64  # room per generation row for the prompt (the bench's prompts are ~30 tokens)
 UND_CONTEXT = 1024  # understanding row length: ~680 prompt tokens with a 384 px image + new tokens
