@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from janus_core.errors import InvalidRequestError
-from janus_core.generation import check_generation, decode_images, image_seeds
+from janus_core.generation import check_generation, decode_images, image_seeds, prompt_ids
 from janus_core.kv_cache import PagedKV, PrefillBatch, slots_of
 from janus_core.loading import LoadedModel
-from janus_core.processor import build_generation_ids, unconditional_ids
+from janus_core.processor import unconditional_ids
 from janus_core.runner import ModelRunner
 from janus_core.sampling import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
 from janus_core.scheduler import Sequence
@@ -54,18 +54,12 @@ class GenerationBatch:
         self.lm, self.runner, self.kv = lm, runner, kv
         self.max_images, self.max_prompt_tokens = max_images, max_prompt_tokens
         self.rows = DecodeRows(max_images, lm.num_image_tokens, lm.device)  # one sampling row per image
-        self._tables: list[list[int]] = []  # the rows' block tables, fixed from admission
 
     def prepare(self, request_id: str, prompt: str, n: int, cfg_weight: float,
                 params: SamplingParams) -> Sequence:
         """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for blocks."""
         check_generation(n, cfg_weight)
-        if n > self.max_images:
-            raise InvalidRequestError(f"n={n} exceeds the engine's limit of {self.max_images} images at once")
-        cond = build_generation_ids(self.lm, prompt)
-        if len(cond) > self.max_prompt_tokens:
-            raise InvalidRequestError(f"prompt is {len(cond)} tokens; generation prompts may have at most "
-                                      f"{self.max_prompt_tokens}")
+        cond = prompt_ids(self.lm, prompt, n, max_images=self.max_images, max_prompt_tokens=self.max_prompt_tokens)
         total = len(cond) + self.lm.num_image_tokens
         if total > self.lm.max_context:
             raise InvalidRequestError(f"prompt is {len(cond)} tokens; with {self.lm.num_image_tokens} image tokens "
@@ -103,11 +97,10 @@ class GenerationBatch:
         joined or left; the codes chosen are written back there on the device.
         """
         rows = self.rows
-        if rows.sync(seqs, lambda seq: seq.data.n, self._values):
-            self._tables = [t for seq in seqs for t in seq.tables]
+        rows.sync(seqs, lambda seq: seq.data.n, self._values)
         images = rows.count
         positions = np.repeat(rows.host_position[:images], 2).tolist()  # rows [c0, u0, c1, u1, ...]
-        logits = self.runner.decode_logits(self.kv, "image", self._tables, positions,
+        logits = self.runner.decode_logits(self.kv, "image", [t for seq in seqs for t in seq.tables], positions,
                                            rows.last[:images].repeat_interleave(2),
                                            rows.position[:images].repeat_interleave(2))  # (R, V)
         cond, uncond = logits[0::2], logits[1::2]  # (I, V) each
@@ -118,7 +111,7 @@ class GenerationBatch:
 
     def reset_rows(self) -> None:
         """Forget the row state (after a failed step): the next `launch` writes every row afresh."""
-        self.rows.seqs, self.rows.widths, self.rows.count = [], [], 0
+        self.rows.reset()
 
     @staticmethod
     def _values(seq: Sequence) -> RowValues:

@@ -207,7 +207,7 @@ class UnderstandingBatch:
 
     def reset_rows(self) -> None:
         """Forget the row state (after a failed step): the next `launch` writes every row afresh."""
-        self.rows.seqs, self.rows.widths, self.rows.count = [], [], 0
+        self.rows.reset()
 
     @staticmethod
     def _values(seq: Seq) -> RowValues:

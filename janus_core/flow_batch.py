@@ -37,10 +37,9 @@ import torch.nn.functional as F
 
 from janus_core.errors import InvalidRequestError
 from janus_core.flow_loading import DEFAULT_CFG_WEIGHT, DEFAULT_STEPS, MAX_STEPS, FlowParts
-from janus_core.generation import check_generation, image_seeds
+from janus_core.generation import check_generation, image_seeds, prompt_ids
 from janus_core.kv_cache import PagedKV, PrefillBatch, slots_of
 from janus_core.loading import LoadedModel
-from janus_core.processor import build_generation_ids
 from janus_core.runner import ModelRunner
 from janus_core.sampling import make_generator, new_seed
 from janus_core.scheduler import Sequence
@@ -121,12 +120,7 @@ class FlowBatch:
         weight = DEFAULT_CFG_WEIGHT if cfg_weight is None else cfg_weight
         num_steps = DEFAULT_STEPS if steps is None else steps
         check_flow_request(n, weight, num_steps, explicit)
-        if n > self.max_images:
-            raise InvalidRequestError(f"n={n} exceeds the engine's limit of {self.max_images} images at once")
-        ids = build_generation_ids(self.lm, prompt)
-        if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequestError(f"prompt is {len(ids)} tokens; generation prompts may have at most "
-                                      f"{self.max_prompt_tokens}")
+        ids = prompt_ids(self.lm, prompt, n, max_images=self.max_images, max_prompt_tokens=self.max_prompt_tokens)
         grid = self.parts.grid
         if len(ids) + grid * grid > self.lm.max_context:
             raise InvalidRequestError(f"prompt is {len(ids)} tokens; with {grid * grid + 1} step tokens it exceeds "

@@ -38,6 +38,17 @@ def check_generation(n: int, cfg_weight: float) -> None:
         raise InvalidRequestError(f"cfg_weight must be between 0 and 100, got {cfg_weight}")
 
 
+def prompt_ids(lm: LoadedModel, prompt: str, n: int, *, max_images: int, max_prompt_tokens: int) -> list[int]:
+    """A generation request's conditional prompt ids, after the engine's limits every generator shares."""
+    if n > max_images:
+        raise InvalidRequestError(f"n={n} exceeds the engine's limit of {max_images} images at once")
+    ids = build_generation_ids(lm, prompt)
+    if len(ids) > max_prompt_tokens:
+        raise InvalidRequestError(f"prompt is {len(ids)} tokens; generation prompts may have at most "
+                                  f"{max_prompt_tokens}")
+    return ids
+
+
 def image_seeds(seed: int, n: int) -> list[int]:
     """Image i of a request draws from the random stream of seed + i, so batching never changes its draws."""
     return [(seed + i) % 2**63 for i in range(n)]

@@ -69,6 +69,11 @@ class PagedKV:
             buf[:, dst_t] = buf[:, src_t]
 
 
+def bucket(rows: int) -> int:
+    """The power of two a batch of `rows` is padded to, so a few compiled shapes serve every batch."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def slots_of(table: Sequence[int], block_size: int, start: int, end: int) -> list[int]:
     """Slots of positions [start, end) of a row with block table `table`."""
     return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
@@ -280,7 +285,7 @@ class FlexBlocks:
 
         self.kv, self.rows = kv, len(tables)
         bs, blocks, device = kv.block_size, kv.num_blocks, kv.device
-        padded = 1 << max(self.rows - 1, 0).bit_length()
+        padded = bucket(self.rows)
         width = max(len(t) for t in tables)
         table = torch.tensor([[*t, *[t[0]] * (width - len(t))] for t in tables] + [[0] * width] * (padded - self.rows),
                              device=device)  # (P, W): padding repeats a row's first block, rows after are empty

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from janus_core.kv_cache import ATTENTION, DecodeBatch, PagedKV, PrefillBatch
+from janus_core.kv_cache import ATTENTION, DecodeBatch, PagedKV, PrefillBatch, bucket
 from janus_core.loading import LoadedModel
 from janus_core.packed_linear import pack_linears, packing_supported
-from janus_core.static_step import StaticDecode, bucket, tables_to_tensors
+from janus_core.static_step import StaticDecode, tables_to_tensors
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,6 @@ import torch
 from janus_core.kv_cache import PagedKV, _write
 
 
-def bucket(rows: int) -> int:
-    return 1 << max(rows - 1, 0).bit_length()
-
-
 def tables_to_tensors(kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int], padded: int,
                       scratch_slot: int) -> dict[str, torch.Tensor]:
     """The step's arguments for rows with block tables `tables` feeding one token at `positions`

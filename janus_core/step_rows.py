@@ -100,6 +100,10 @@ class DecodeRows:
         self._any_greedy = bool(self.host_greedy[:total].any())
         return True
 
+    def reset(self) -> None:
+        """Forget which sequences the rows hold (after a failed step): the next `sync` writes every row afresh."""
+        self.seqs, self.widths, self.count = [], [], 0
+
     def _write(self, at: int, v: RowValues) -> None:
         w = len(v.last)
         rows = slice(at, at + w)
