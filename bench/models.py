@@ -19,12 +19,11 @@ from transformers import (
     JanusProcessor,
     JanusVisionConfig,
     JanusVQVAEConfig,
-    LlamaConfig,
 )
 
 from janus_core.compat import pil_image_processor_class
 from janus_core.prompts import CHAT_TEMPLATE, IMAGE_TOKEN
-from janus_core.tiny import TINY_NORM, build_model, build_tokenizer, generation_config, write_tiny_model
+from janus_core.tiny import TINY_NORM, build_model, build_tokenizer, generation_config, text_config, write_tiny_model
 
 
 @dataclass(frozen=True)
@@ -58,12 +57,7 @@ SHAPES = {
 
 
 def shape_config(shape: Shape, tokenizer) -> JanusConfig:
-    text = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_intermediate,
-        num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads, num_key_value_heads=shape.lm_heads,
-        max_position_embeddings=shape.max_context, rms_norm_eps=1e-6, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    text = text_config(shape, tokenizer)
     vision = JanusVisionConfig(
         hidden_size=shape.vision_hidden, num_hidden_layers=shape.vision_layers,
         num_attention_heads=shape.vision_heads, image_size=shape.image_size, patch_size=16,

@@ -95,6 +95,17 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     )
 
 
+def text_config(shape, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The Llama config of a random checkpoint at `shape` (any object with vocab, lm_hidden, lm_intermediate,
+    lm_layers, lm_heads and max_context: the benches' shapes, the tiny JanusFlow one)."""
+    return LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_intermediate,
+        num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads, num_key_value_heads=shape.lm_heads,
+        max_position_embeddings=shape.max_context, rms_norm_eps=1e-6, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+
+
 def tiny_config(tokenizer: PreTrainedTokenizerFast, image_size: int = TINY_IMAGE_SIZE) -> JanusConfig:
     hidden = 64
     text = LlamaConfig(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import JanusVisionConfig, LlamaConfig
+from transformers import JanusVisionConfig
 
 from janus_core.flow_model import (
     JanusFlowConfig,
@@ -25,7 +25,14 @@ from janus_core.flow_model import (
     to_deepseek_flow_state_dict,
 )
 from janus_core.prompts import IMAGE_TOKEN
-from janus_core.tiny import SHARP_SCALE, TINY_PATCH, TINY_VOCAB, build_tokenizer, write_deepseek_processor
+from janus_core.tiny import (
+    SHARP_SCALE,
+    TINY_PATCH,
+    TINY_VOCAB,
+    build_tokenizer,
+    text_config,
+    write_deepseek_processor,
+)
 from janus_core.uvit import require_diffusers
 
 SDXL_SCALING_FACTOR = 0.13025
@@ -49,12 +56,7 @@ class FlowShape:
 
 
 def flow_config(shape: FlowShape, tokenizer) -> JanusFlowConfig:
-    text = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_intermediate,
-        num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads, num_key_value_heads=shape.lm_heads,
-        max_position_embeddings=shape.max_context, rms_norm_eps=1e-6, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    text = text_config(shape, tokenizer)
     vision = JanusVisionConfig(
         hidden_size=shape.vision_hidden, num_hidden_layers=shape.vision_layers,
         num_attention_heads=shape.vision_heads, mlp_ratio=2.0, image_size=shape.image_size, patch_size=TINY_PATCH,
