@@ -61,6 +61,20 @@ def _set(driver, element_id: str, value: str) -> None:
     field.send_keys(value)
 
 
+def _ask(driver, question: str, max_tokens: str):
+    """Send `question` from the chat panel; returns the assistant's answer element once it appears."""
+    _set(driver, "chat-max-tokens", max_tokens)
+    _set(driver, "chat-input", question)
+    _el(driver, "#chat-send").click()
+    return wait_for(lambda: driver.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
+
+
+def _answered(answer) -> None:
+    """Wait for a streaming answer to end, and check it ended as done (not stopped, not failed)."""
+    wait_for(lambda: answer.get_attribute("data-state") != "streaming", 60, "the answer to finish")
+    assert answer.get_attribute("data-state") == "done", answer.text
+
+
 def _metric(server, pattern: str, default: float | None = None) -> float:
     """A sample from /metrics; a labelled series appears only once observed, hence `default`."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
@@ -106,12 +120,8 @@ def test_generates_two_images_with_seeds(page, page_server, tmp_path):
     job.find_elements("css selector", ".gallery button.use")[1].click()
     attached = wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
     assert attached[0].get_attribute("src") == shown[1]
-    _set(page, "chat-max-tokens", "16")
-    _set(page, "chat-input", "What is in this picture?")
-    _el(page, "#chat-send").click()
-    answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
-    wait_for(lambda: answer.get_attribute("data-state") != "streaming", 60, "the answer to finish")
-    assert answer.get_attribute("data-state") == "done", answer.text
+    answer = _ask(page, "What is in this picture?", "16")
+    _answered(answer)
     assert page.find_element("css selector", "#chat-log .msg.user .thumbs img").get_attribute("src") == shown[1]
     page.save_screenshot(str(tmp_path / "playground.png"))
     if os.environ.get("JANUS_PLAYGROUND_SCREENSHOT"):  # how docs/playground.png is made (then shrunk)
@@ -133,12 +143,8 @@ def test_dice_picks_a_seed_beyond_float_precision(page):
 def test_chat_streams_and_follows_up(page, tmp_path):
     page.find_element("id", "chat-files").send_keys(_png_file(tmp_path / "green.png", (96, 64)))
     wait_for(lambda: page.find_elements("css selector", "#attachments img"), 10, "the attachment")
-    _set(page, "chat-max-tokens", "24")
-    _set(page, "chat-input", "What is in this image?")
-    _el(page, "#chat-send").click()
-    answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
-    wait_for(lambda: answer.get_attribute("data-state") != "streaming", 60, "the answer to finish")
-    assert answer.get_attribute("data-state") == "done", answer.text
+    answer = _ask(page, "What is in this image?", "24")
+    _answered(answer)
     assert int(answer.get_attribute("data-updates")) > 1  # streamed: the text grew in several steps
     assert _el(page, "#chat-log .msg.assistant .text").text.strip()
     assert page.find_elements("css selector", "#chat-log .msg.user .thumbs img")
@@ -146,9 +152,7 @@ def test_chat_streams_and_follows_up(page, tmp_path):
     _set(page, "chat-input", "And what colour is it?")
     page.find_element("id", "chat-input").send_keys("\n")  # Enter sends
     wait_for(lambda: len(page.find_elements("css selector", "#chat-log .msg.assistant")) == 2, 10, "a second answer")
-    second = page.find_elements("css selector", "#chat-log .msg.assistant")[1]
-    wait_for(lambda: second.get_attribute("data-state") != "streaming", 60, "the follow-up to finish")
-    assert second.get_attribute("data-state") == "done", second.text
+    _answered(page.find_elements("css selector", "#chat-log .msg.assistant")[1])
     page.save_screenshot(str(tmp_path / "chat.png"))
     # the whole conversation goes with each request: two turns of each role are kept
     roles = page.execute_script("return chat.messages.map(m => m.role)")
@@ -301,10 +305,7 @@ def test_stop_cancels_a_streaming_answer(page, page_server, tmp_path):
     # Text only, so that nearly the whole context (1024) is left to decode: the tiny model streams
     # hundreds of tokens a second, and the click must land while the answer is still streaming.
     stops_before = page_server.log().count("stopped job")
-    _set(page, "chat-max-tokens", "900")
-    _set(page, "chat-input", "Describe every detail.")
-    _el(page, "#chat-send").click()
-    answer = wait_for(lambda: page.find_elements("css selector", "#chat-log .msg.assistant"), 10, "an answer")[0]
+    answer = _ask(page, "Describe every detail.", "900")
     wait_for(lambda: int(answer.get_attribute("data-updates") or 0) >= 3, 60, "the first pieces of text")
     _el(page, "#chat-stop").click()
     wait_for(lambda: answer.get_attribute("data-state") != "streaming", 10, "the page to stop")
