@@ -293,13 +293,14 @@ class Engine:
             self.pixels.close()
 
     def warm_up(self) -> None:
-        """CUDA: compile the flex decode attention (or, with `compile`, the static decode step of each head)
-        for every batch bucket before requests arrive.
+        """Compile for every batch bucket before requests arrive: on CUDA the flex decode attention, and
+        with `compile` (on any device) the static decode step of each head, so serving never compiles.
 
         If it cannot be compiled on this torch/driver, log why and fall back: the eager step, or the
         per-row attention.
         """
-        if self.kv.attention != "flex" or self.lm.device.type != "cuda":
+        on_cuda = self.lm.device.type == "cuda"
+        if self.kv.attention != "flex" or not (on_cuda or self.runner.compile):
             return
         import torch
 
@@ -316,7 +317,8 @@ class Engine:
                     batch = DecodeBatch.for_rows(self.kv, [[0]] * rows, [0] * rows)
                     self.runner.decode(batch, self.runner.embed_text(ids[:, None]), positions)
                 rows *= 2
-            torch.cuda.synchronize(self.lm.device)
+            if on_cuda:
+                torch.cuda.synchronize(self.lm.device)
             log.info("compiled the %s for batches up to %d rows in %.1f s",
                      "static decode step" if self.runner.compile else "flex decode attention", rows // 2,
                      time.perf_counter() - started)

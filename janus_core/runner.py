@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from janus_core.compat import unwrap_hub_kernels
 from janus_core.kv_cache import ATTENTION, DecodeBatch, PagedKV, PrefillBatch, bucket
 from janus_core.loading import LoadedModel
 from janus_core.packed_linear import pack_linears, packing_supported
@@ -37,6 +38,7 @@ class ModelRunner:
         if pack_cpu_linears and packing_supported(lm.device, lm.dtype):
             log.info("packed %d linear layers for oneDNN", pack_linears(lm.model))
         self.model = lm.model
+        unwrap_hub_kernels(lm.model)  # no hub kernels here; their wrappers would make compiled steps recompile
         self.core = lm.model.model.language_model  # transformers' LlamaModel
         text = self.core.config  # the LM's own config: its layers read the attention function from it
         if text.num_attention_heads != text.num_key_value_heads:

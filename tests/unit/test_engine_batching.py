@@ -326,6 +326,37 @@ def test_overlapped_streaming_changes_nothing_but_when(lm, images):
     assert plain["g-long"][-1][0] == "FailedOutput" and plain["u-late"][-1][0] == "FinishedOutput"
 
 
+def test_compiled_engine_never_recompiles_after_warm_up(lm, images):
+    """Warm-up compiles each head's step once per batch bucket; serving after it (positions moving, rows
+    joining and leaving, both heads, greedy and seeded) compiles nothing more, whatever the installed
+    transformers wraps its layers in (its hub-kernel wrappers once added a guard that tripped after the
+    first call)."""
+    compiled: list[int] = []
+
+    def counting_backend(graph, inputs):  # traced like inductor would be, run eagerly
+        compiled.append(len(graph.graph.nodes))
+        return graph.forward
+
+    torch._dynamo.reset()
+    engine = Engine(lm, EngineConfig(max_batch_size=4, attention="flex", compile=True,
+                                     compile_backend=counting_backend))
+    engine.warm_up()
+    assert engine.runner.compile, "warm-up fell back to the eager step"
+    warmed = len(compiled)
+    assert warmed == 3 + 4  # text: buckets 1, 2, 4 (max_batch_size rows); image: 1-8 (4 images' CFG pairs)
+    sink = Collector()
+    sink.expected = 5
+    for req in gen_mix()[:2]:
+        engine.add_request(req, sink)
+    engine.step()
+    engine.step()
+    for req in understand_mix(images)[:3]:  # rows join mid-flight
+        engine.add_request(req, sink)
+    engine.run_until_idle()
+    assert sink.done.is_set()
+    assert len(compiled) == warmed, f"{len(compiled) - warmed} recompilation(s) after warm-up"
+
+
 def test_compiled_static_step_in_the_engine_equals_eager(lm, images):
     """`compile` routes decode steps through the static step (traced whole by dynamo, fullgraph, here
     with the eager backend: inductor's own compile is tests/unit/test_compiled_step.py), padded to
