@@ -10,10 +10,12 @@
 # default command is just `serve` and `docker run -e JANUS_MODEL=... janus-server:0.1.0` works.
 # Model weights are downloaded into HF_HOME=/models, a volume: mount a persistent one.
 #
-# Layer order is chosen for the build cache: torch (GBs, changes rarely), then the dependencies
-# listed in pyproject.toml, then our own source (changes on every commit).
+# Layer order is chosen for the build cache: torch (GBs, changes rarely), then the locked dependencies
+# (requirements/serve.txt: every package pinned with its hashes, the same lock CI tests; torch is the
+# one package outside it, installed per target), then our own source (changes on every commit).
+# Base images are pinned by version; bump them deliberately, like the lock (scripts/lock.sh).
 
-ARG PYTHON_VERSION=3.12
+ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
 # The CUDA target uses the small "base" flavour (cudart + forward-compat libs and the NVIDIA_* env
 # the container toolkit reads): torch's CUDA wheels bundle cuBLAS/cuDNN/NCCL themselves, so the
 # "runtime" flavour would ship those libraries twice (~3 GB). Keep the CUDA major version of the base
@@ -27,7 +29,7 @@ ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 # ---------------------------------------------------------------------------------------------------
 # CPU: the official slim Python image and the CPU-only torch wheel (no CUDA libraries at all).
-FROM python:${PYTHON_VERSION}-slim AS cpu-build
+FROM ${PYTHON_IMAGE} AS cpu-build
 ARG TORCH_VERSION
 ARG TORCH_CPU_INDEX
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
@@ -36,14 +38,14 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY requirements ./requirements
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
 COPY janus_core ./janus_core
 COPY server ./server
-RUN pip install --no-cache-dir --no-deps . && janus-server --help > /dev/null
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && janus-server --help > /dev/null
 
 
-FROM python:${PYTHON_VERSION}-slim AS cpu
+FROM ${PYTHON_IMAGE} AS cpu
 RUN groupadd --system --gid 10001 janus \
     && useradd --system --uid 10001 --gid janus --create-home --home-dir /home/janus janus \
     && mkdir -p /models \
@@ -85,12 +87,12 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# Dependencies only (read from pyproject.toml), so editing our code does not reinstall them.
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY requirements ./requirements
+# Dependencies only, so editing our code does not reinstall them.
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
 COPY janus_core ./janus_core
 COPY server ./server
-RUN pip install --no-cache-dir --no-deps . && janus-server --help > /dev/null
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && janus-server --help > /dev/null
 
 
 FROM ${CUDA_IMAGE} AS cuda

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     started = time.perf_counter()
     bandwidth = memcpy_bandwidth(device, nbytes=(1024 if device.type == "cuda" else 64) * 2**20)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
             "dtype": str(dtype).removeprefix("torch."), "bandwidth_gbs": bandwidth / 1e9,
             "command": "bench/gpu/run.sh " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -94,7 +94,7 @@ def test_targets(parsed):
     _, stages, ordered = parsed
     assert {"cpu", "cuda"} <= set(stages)
     assert ordered[-1].name == "cuda", "`docker build .` (no --target) must give the GPU image"
-    assert stages["cpu"].base.startswith("python:") and stages["cpu"].base.endswith("-slim")
+    assert stages["cpu"].base.startswith("python:") and "-slim" in stages["cpu"].base
     assert stages["cuda"].base.startswith("nvidia/cuda:")
 
 
@@ -107,6 +107,7 @@ def test_base_images_pinned(parsed):
         assert "$" not in image, f"unresolved ARG in FROM {image}"
         name, _, tag = image.rpartition(":")
         assert name and tag and tag != "latest", f"FROM {image} is not pinned to a tag"
+        assert re.match(r"v?\d+\.\d+\.\d+", tag), f"FROM {image}: pin a full version, not a moving tag"
 
 
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
@@ -165,7 +166,7 @@ def test_dependencies_installed_before_source_is_copied(parsed, stage_name):
         for n, (i, a) in enumerate(order)
         for what in ("pyproject", "requirements", "src")
         if (what == "pyproject" and i == "COPY" and "pyproject.toml" in a)
-        or (what == "requirements" and i == "RUN" and "-r /tmp/requirements.txt" in a)
+        or (what == "requirements" and i == "RUN" and "--require-hashes -r requirements/serve.txt" in a)
         or (what == "src" and i == "COPY" and "janus_core" in a)
     }
     assert position["pyproject"] < position["requirements"] < position["src"]
