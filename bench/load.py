@@ -63,6 +63,7 @@ class Sample:
     seconds: float
     tokens: int = 0  # completion tokens (understanding)
     images: int = 0  # images returned (generation)
+    error: str = ""  # status 0: the client's exception (no HTTP answer)
 
 
 @dataclass
@@ -138,8 +139,8 @@ async def send(http: httpx.AsyncClient, opts: Options, i: int, images: list[str]
     started = time.perf_counter()
     try:
         r = await http.post(opts.url + path, json=body)
-    except httpx.HTTPError:
-        return Sample(kind, 0, time.perf_counter() - started)  # status 0: no HTTP answer
+    except httpx.HTTPError as exc:  # status 0: no HTTP answer
+        return Sample(kind, 0, time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - started
     if r.status_code != 200:
         return Sample(kind, r.status_code, seconds)
@@ -216,6 +217,7 @@ def summarise(samples: list[Sample], wall: float, queue_wait: dict[str, float | 
         row: dict[str, Any] = {
             "sent": len(chosen), "ok": len(ok),
             "failed": dict(Counter(str(s.status) for s in chosen if s.status != 200)),
+            "errors": sorted({s.error for s in chosen if s.error}),
             "throughput_rps": len(ok) / wall,
             **{f"p{q}_s": percentile(ok, q) for q in (50, 95, 99)},
             "mean_s": sum(ok) / len(ok) if ok else math.nan,

@@ -32,6 +32,7 @@ from server.http_common import (
     error_body,
     error_response,
     job_error,
+    origin_of,
     sse_response,
     stream_job,
     wait_for_result,
@@ -271,10 +272,10 @@ def _add_native_routes(app: FastAPI) -> None:
         params = UnderstandParams(body.prompt or "", images, max_new_tokens, body.temperature, body.top_p,
                                   body.seed, messages=messages)
         service: Service = request.app.state.service
-        ticket = await service.submit_understand(params, stream=body.stream, require_image=messages is None,
-                                                 idempotency_key=request.headers.get("idempotency-key"))
+        ticket = await service.submit_understand(params, origin_of(request), stream=body.stream,
+                                                 require_image=messages is None)
         if body.stream:
-            return sse_response(stream_job(service, ticket, _understand_sse))
+            return sse_response(stream_job(service, ticket, _understand_sse), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
@@ -287,10 +288,9 @@ def _add_native_routes(app: FastAPI) -> None:
         service: Service = request.app.state.service
         params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed,
                                 body.steps)
-        ticket = await service.submit_generate(params, stream=body.stream,
-                                               idempotency_key=request.headers.get("idempotency-key"))
+        ticket = await service.submit_generate(params, origin_of(request), stream=body.stream)
         if body.stream:
-            return sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)))
+            return sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)

@@ -29,7 +29,7 @@ from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_pngs
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
-from server.service import BadRequest, Service, ServiceUnavailable, Ticket
+from server.service import BadRequest, Origin, Service, ServiceUnavailable, Ticket
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -309,12 +309,12 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
 
     async def Understand(self, request: janus_pb2.UnderstandRequest,
                          context: grpc.aio.ServicerContext) -> janus_pb2.UnderstandResponse:
-        ticket = await self._submit(context, understand_params(request), stream=False)
+        ticket = await self._submit(context, "Understand", understand_params(request), stream=False)
         return _understand_response(ticket, await self._result(ticket))
 
     async def UnderstandStream(self, request: janus_pb2.UnderstandRequest,
                                context: grpc.aio.ServicerContext) -> AsyncIterator[janus_pb2.UnderstandChunk]:
-        ticket = await self._submit(context, understand_params(request), stream=True)
+        ticket = await self._submit(context, "UnderstandStream", understand_params(request), stream=True)
         sent = ""
         async for event in self._events(ticket):
             if event["type"] == "delta":
@@ -330,12 +330,12 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
 
     async def Generate(self, request: janus_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> janus_pb2.GenerateResponse:
-        ticket = await self._submit(context, generate_params(request), stream=False)
+        ticket = await self._submit(context, "Generate", generate_params(request), stream=False)
         return _generate_response(ticket, await self._result(ticket))
 
     async def GenerateStream(self, request: janus_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[janus_pb2.GenerateEvent]:
-        ticket = await self._submit(context, generate_params(request), stream=True)
+        ticket = await self._submit(context, "GenerateStream", generate_params(request), stream=True)
         async for event in self._events(ticket):
             if event["type"] == "progress":
                 progress = janus_pb2.Progress(step=event["step"], total=event["total"])
@@ -343,17 +343,17 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
             elif event["type"] == "result":
                 yield janus_pb2.GenerateEvent(result=_generate_response(ticket, event))
 
-    async def _submit(self, context: grpc.aio.ServicerContext, params: UnderstandParams | GenerateParams,
+    async def _submit(self, context: grpc.aio.ServicerContext, rpc: str, params: UnderstandParams | GenerateParams,
                       *, stream: bool) -> Ticket:
         ready, reason = await self._readiness.check()
         if not ready:
             raise ServiceUnavailable(f"not ready: {reason}")
         metadata = dict(context.invocation_metadata() or ())
-        options: dict[str, Any] = {"stream": stream, "timeout": context.time_remaining(),
-                                   "idempotency_key": metadata.get("idempotency-key") or None}
+        origin = Origin.of(_METHOD_PREFIX + rpc, metadata.get("authorization"), metadata.get("idempotency-key"))
+        options: dict[str, Any] = {"stream": stream, "timeout": context.time_remaining()}
         if isinstance(params, UnderstandParams):
-            return await self._service.submit_understand(params, **options)
-        return await self._service.submit_generate(params, **options)
+            return await self._service.submit_understand(params, origin, **options)
+        return await self._service.submit_generate(params, origin, **options)
 
     async def _result(self, ticket: Ticket) -> dict[str, Any]:
         result: dict[str, Any] | None = None
@@ -376,7 +376,7 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
                 finished = event["type"] == "result"
                 yield event
         finally:
-            if not finished:
+            if not finished and not ticket.idempotent:  # with an idempotency key the client re-attaches
                 # shielded: this runs while the call's task is being cancelled
                 await asyncio.shield(self._service.cancel(ticket.job_id))
 

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import jobs as J
-from server.service import BadRequest, Service, Ticket
+from server.service import BadRequest, Origin, Service, Ticket
 
 # Terminal job errors -> HTTP status. 499: the client went away (nginx's convention).
 ERROR_STATUS = {
@@ -67,6 +67,11 @@ def check_api_key(request: Request, keys: list[str]) -> None:
         raise HTTPError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def origin_of(request: Request) -> Origin:
+    """The route, the caller and the Idempotency-Key (if any) of a REST request."""
+    return Origin.of(request.url.path, request.headers.get("authorization"), request.headers.get("idempotency-key"))
+
+
 def decode_image_payload(value: str, index: int, max_bytes: int, field: str = "images",
                          label: str | None = None) -> bytes:
     """Base64 or a `data:` URL -> bytes; the size is checked before decoding. `label` names it in errors."""
@@ -93,7 +98,8 @@ def decode_image_payload(value: str, index: int, max_bytes: int, field: str = "i
 
 
 async def wait_for_result(service: Service, ticket: Ticket, request: Request) -> dict[str, Any]:
-    """The job's terminal event; the job is cancelled if the client disconnects first."""
+    """The job's terminal event; the job is cancelled if the client disconnects first (unless it sent an
+    Idempotency-Key: then it will retry and re-attach, and the job runs on for it)."""
     async def consume() -> dict[str, Any]:
         async for event in service.follow(ticket):
             if J.is_terminal(event):
@@ -107,17 +113,19 @@ async def wait_for_result(service: Service, ticket: Ticket, request: Request) ->
             if done:
                 return task.result()
             if await request.is_disconnected():
-                await service.cancel(ticket.job_id)
+                if not ticket.idempotent:
+                    await service.cancel(ticket.job_id)
                 raise HTTPError(499, "client disconnected")
     finally:
         if not task.done():
             task.cancel()
 
 
-def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
-    """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering)."""
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_response(events: AsyncIterator[bytes], ticket: Ticket) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering); `X-Job-Id` names the job
+    from the first byte (a client that re-attaches with its Idempotency-Key sees the same id)."""
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": ticket.job_id}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 def sse(data: Any) -> bytes:
@@ -128,7 +136,8 @@ def sse(data: Any) -> bytes:
 async def stream_job(service: Service, ticket: Ticket, render) -> AsyncIterator[bytes]:
     """Server-sent events for a job: `render(event)` returns the payloads for each event.
 
-    If the client goes away (the generator is closed or cancelled), the job is cancelled.
+    If the client goes away (the generator is closed or cancelled), the job is cancelled, unless the
+    request carried an Idempotency-Key.
     """
     finished = False
     try:
@@ -144,5 +153,7 @@ async def stream_job(service: Service, ticket: Ticket, render) -> AsyncIterator[
                 break
         yield sse("[DONE]")
     finally:
-        if not finished:
-            await service.cancel(ticket.job_id)
+        if not finished and not ticket.idempotent:
+            # shielded: when the server notices the hang-up it cancels this generator's task, and an
+            # unshielded await here would be cancelled before the cancel reached a Redis queue
+            await asyncio.shield(service.cancel(ticket.job_id))

@@ -65,7 +65,11 @@ class Job:
     deadline: float = field(default_factory=lambda: time.time() + 300.0)  # absolute, epoch seconds
     stream: bool = False
     created: float = field(default_factory=time.time)
+    # server.idempotency: the caller-scoped hash of the client's Idempotency-Key, and what the request asked
+    # for; a retry with the same key and fingerprint is answered by this job
     idempotency_key: str | None = None
+    fingerprint: str | None = None
+    owner: str | None = None  # who sent it (server.idempotency.caller_of), never the key itself
     request_id: str | None = None  # the client's X-Request-Id (or gRPC call), for logs across processes
 
     def expired(self, now: float | None = None) -> bool:
@@ -89,7 +93,8 @@ class Job:
             raise ValueError(f"unknown job kind {data['kind']!r}")
         return cls(kind=data["kind"], params=params, id=data["id"], deadline=float(data["deadline"]),
                    stream=bool(data.get("stream", False)), created=float(data.get("created", time.time())),
-                   idempotency_key=data.get("idempotency_key"), request_id=data.get("request_id"))
+                   idempotency_key=data.get("idempotency_key"), fingerprint=data.get("fingerprint"),
+                   owner=data.get("owner"), request_id=data.get("request_id"))
 
 
 # --- events (plain dicts so they serialise unchanged through Redis) --------------------------------

@@ -18,6 +18,7 @@ from server.http_common import (
     HTTPError,
     check_api_key,
     job_error,
+    origin_of,
     sse_response,
     stream_job,
     wait_for_result,
@@ -45,7 +46,7 @@ def add_openai_routes(app: FastAPI) -> None:
         params = UnderstandParams("", images, max_tokens, body.temperature, body.top_p, body.seed,
                                   messages=messages, stop=stop)
         service: Service = request.app.state.service
-        ticket = await service.submit_understand(params, stream=body.stream, require_image=False)
+        ticket = await service.submit_understand(params, origin_of(request), stream=body.stream, require_image=False)
         created = int(time.time())
         chunk_id = f"chatcmpl-{ticket.job_id}"
         if body.stream:
@@ -66,7 +67,7 @@ def add_openai_routes(app: FastAPI) -> None:
                                     "model": model, "choices": [], "usage": _usage(event)})
                 return out
 
-            return sse_response(stream_job(service, ticket, render))
+            return sse_response(stream_job(service, ticket, render), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
@@ -98,7 +99,7 @@ def add_openai_routes(app: FastAPI) -> None:
             params.temperature = body.temperature
         params.steps = body.steps
         service: Service = request.app.state.service
-        ticket = await service.submit_generate(params)
+        ticket = await service.submit_generate(params, origin_of(request))
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)

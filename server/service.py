@@ -20,6 +20,7 @@ from janus_core.conversation import Message, check_conversation
 from janus_core.errors import InvalidRequestError
 from janus_core.images import decode_image
 from janus_core.sampling import SamplingParams
+from server import idempotency
 from server.jobs import (
     DEADLINE_EXCEEDED,
     GenerateParams,
@@ -28,7 +29,7 @@ from server.jobs import (
     error_event,
 )
 from server.logs import request_id_var
-from server.queue import JobQueue
+from server.queue import IdempotencyConflict, JobQueue
 from server.schemas import NON_BLANK
 from server.settings import Settings
 
@@ -155,9 +156,33 @@ def check_images(settings: Settings, images: list[bytes]) -> None:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a request comes from: its route (or RPC), the caller, and its Idempotency-Key if it sent one."""
+
+    route: str
+    caller: str = idempotency.ANONYMOUS
+    idempotency_key: str | None = None
+
+    @classmethod
+    def of(cls, route: str, authorization: str | None, idempotency_key: str | None) -> Origin:
+        """From the raw header / metadata values; a malformed key is a `BadRequest`."""
+        try:
+            key = idempotency.check_key(idempotency_key)
+        except idempotency.InvalidIdempotencyKey as exc:
+            raise BadRequest(str(exc)) from exc
+        return cls(route, idempotency.caller_of(authorization), key)
+
+    def fingerprint(self, params: UnderstandParams | GenerateParams, stream: bool) -> str | None:
+        return idempotency.fingerprint(self.route, params, stream) if self.idempotency_key is not None else None
+
+
+@dataclass(frozen=True)
 class Ticket:
     job_id: str
     deadline: float  # absolute, epoch seconds
+    # Sent with an Idempotency-Key: the client will retry and re-attach, so a dropped connection does not
+    # cancel the job (its deadline still does).
+    idempotent: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,25 +219,38 @@ class Service:
             timeout = min(timeout, max(client_timeout, 0.0))
         return time.time() + timeout
 
-    async def submit_understand(self, params: UnderstandParams, *, stream: bool = False,
-                                timeout: float | None = None, idempotency_key: str | None = None,
-                                require_image: bool = True) -> Ticket:
+    async def submit_understand(self, params: UnderstandParams, origin: Origin, *, stream: bool = False,
+                                timeout: float | None = None, require_image: bool = True) -> Ticket:
         validate_understand(self.settings, params, require_image=require_image)
-        await asyncio.to_thread(check_images, self.settings, params.images)
-        job = Job("understand", params, deadline=self.deadline(timeout), stream=stream,
-                  idempotency_key=idempotency_key, request_id=request_id_var.get())
-        job_id = await self.queue.submit(job)
-        log.info("submitted %s job %s", job.kind, job_id)
-        return Ticket(job_id, job.deadline)
 
-    async def submit_generate(self, params: GenerateParams, *, stream: bool = False,
-                              timeout: float | None = None, idempotency_key: str | None = None) -> Ticket:
+        def check() -> str | None:  # decoding images and hashing them both take a while: off the event loop
+            check_images(self.settings, params.images)
+            return origin.fingerprint(params, stream)
+
+        fingerprint = await asyncio.to_thread(check)
+        return await self._submit(Job("understand", params, deadline=self.deadline(timeout), stream=stream),
+                                  origin, fingerprint)
+
+    async def submit_generate(self, params: GenerateParams, origin: Origin, *, stream: bool = False,
+                              timeout: float | None = None) -> Ticket:
         validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
-        job = Job("generate", params, deadline=self.deadline(timeout), stream=stream,
-                  idempotency_key=idempotency_key, request_id=request_id_var.get())
-        job_id = await self.queue.submit(job)
-        log.info("submitted %s job %s", job.kind, job_id)
-        return Ticket(job_id, job.deadline)
+        return await self._submit(Job("generate", params, deadline=self.deadline(timeout), stream=stream),
+                                  origin, origin.fingerprint(params, stream))
+
+    async def _submit(self, job: Job, origin: Origin, fingerprint: str | None) -> Ticket:
+        job.owner, job.request_id = origin.caller, request_id_var.get()
+        if origin.idempotency_key is not None:
+            job.idempotency_key = idempotency.scoped_key(origin.caller, origin.idempotency_key)
+            job.fingerprint = fingerprint
+        try:
+            job_id = await self.queue.submit(job)
+        except IdempotencyConflict as exc:
+            raise BadRequest(str(exc), 422) from exc
+        if job_id == job.id:
+            log.info("submitted %s job %s", job.kind, job_id)
+        else:
+            log.info("joined %s job %s (same Idempotency-Key and request)", job.kind, job_id)
+        return Ticket(job_id, job.deadline, idempotent=origin.idempotency_key is not None)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
         """Events of a job; a synthetic `deadline_exceeded` error (and a cancel) if the deadline passes."""

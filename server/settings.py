@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # ACL user, redis://USER:PASSWORD@host); rediss:// URLs verify the server against queue_tls_ca.
     queue_password: SecretStr | None = None
     queue_tls_ca: str | None = None
+    # Redis connections per process (commands wait for a free one; followers share one reader)
+    queue_max_connections: int = 64
 
     # batching and memory
     max_batch_size: int = 16  # images + understanding sequences running at once; does not size memory

@@ -31,6 +31,15 @@ class QueueUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class IdempotencyConflict(Exception):
+    """The idempotency key already names a job that asked for something else (`job_id`)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"this Idempotency-Key was already used for a different request (job {job_id}); "
+                         "use a new key for a new request")
+        self.job_id = job_id
+
+
 class QueueMisconfigured(Exception):
     """The backend refused us (credentials, TLS): no retry will help, so processes stop at start-up."""
 
@@ -39,7 +48,10 @@ class JobQueue(abc.ABC):
     # --- frontend side ---
     @abc.abstractmethod
     async def submit(self, job: Job) -> str:
-        """Enqueue `job`; returns the id to follow (an earlier job's id for a repeated idempotency key)."""
+        """Enqueue `job`; returns the id to follow. A job with the `idempotency_key` of an earlier one is
+        not enqueued: the earlier one's id comes back while it runs or its result is kept (same
+        `fingerprint`), or `IdempotencyConflict` (another fingerprint). A key whose job failed is
+        released: the retry runs."""
 
     @abc.abstractmethod
     def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 Everything lives in the event loop of the one process that runs both the API and the worker, so
 there is no serialisation and nothing to reconnect. Bounded: `submit` raises `QueueFull` past
-`max_depth` unfinished jobs.
+`max_depth` unfinished jobs. Idempotency keys map to (fingerprint, job id) for as long as the job's
+result is kept; a job that ends in an error releases its key.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from server.jobs import Job, is_terminal
-from server.queue.base import JobQueue, QueueFull
+from server.queue.base import IdempotencyConflict, JobQueue, QueueFull
 
 
 class _Entry:
@@ -34,19 +35,23 @@ class MemoryQueue(JobQueue):
         self.result_ttl = result_ttl
         self._pending: deque[str] = deque()
         self._entries: dict[str, _Entry] = {}
-        self._keys: dict[str, str] = {}
+        self._keys: dict[str, tuple[str | None, str]] = {}  # idempotency key -> (fingerprint, job id)
         self._available = asyncio.Event()
         self._heartbeats: dict[str, float] = {}
 
     async def submit(self, job: Job) -> str:
         self._expire_results()
-        if job.idempotency_key and job.idempotency_key in self._keys:
-            return self._keys[job.idempotency_key]
+        key = job.idempotency_key
+        if key and key in self._keys:
+            fingerprint, first = self._keys[key]
+            if fingerprint != job.fingerprint:
+                raise IdempotencyConflict(first)
+            return first
         if await self.depth() >= self.max_depth:
             raise QueueFull(f"queue is full ({self.max_depth} jobs waiting or running)", retry_after=2.0)
         self._entries[job.id] = _Entry(job)
-        if job.idempotency_key:
-            self._keys[job.idempotency_key] = job.id
+        if key:
+            self._keys[key] = (job.fingerprint, job.id)
         self._pending.append(job.id)
         self._available.set()
         return job.id
@@ -110,6 +115,8 @@ class MemoryQueue(JobQueue):
         entry.history.append(event)
         entry.done_at = time.time()
         entry.changed.set()
+        if event.get("type") == "error":  # nothing was produced: a retry with the key runs again
+            self._release_key(entry.job)
 
     async def is_cancelled(self, job_id: str) -> bool:
         entry = self._entries.get(job_id)
@@ -121,6 +128,9 @@ class MemoryQueue(JobQueue):
     def _expire_results(self) -> None:
         cutoff = time.time() - self.result_ttl
         for job_id in [k for k, e in self._entries.items() if e.done_at is not None and e.done_at < cutoff]:
-            entry = self._entries.pop(job_id)
-            if entry.job.idempotency_key:
-                self._keys.pop(entry.job.idempotency_key, None)
+            self._release_key(self._entries.pop(job_id).job)
+
+    def _release_key(self, job: Job) -> None:
+        key = job.idempotency_key
+        if key and self._keys.get(key, (None, None))[1] == job.id:
+            del self._keys[key]

@@ -13,7 +13,9 @@ What lives in Redis (every key under `prefix`, default ``janus:``):
   (which is not copied: results can be megabytes of PNG). Followers read it with XREAD from the
   start, so a follower that arrives late still sees everything.
 - ``dead``: the dead-letter stream: jobs delivered more than `max_deliveries` times (or unreadable).
-- ``cancel:{id}``, ``idem:{key}`` (TTL); ``workers`` (heartbeat times, Redis clock), ``worker:{id}``.
+- ``cancel:{id}``, ``idem:{key}`` (TTL; "<fingerprint> <job id>" under a hash of caller and key);
+  ``workers`` (heartbeat times, Redis clock), ``worker:{id}``.
+- ``wake:{uuid}``: each frontend's private wake-up stream for its event reader (`EventHub`; TTL).
 
 Delivery: `claim` first takes over the jobs of workers whose heartbeat is older than
 `dead_worker_timeout` (and removes such workers from the group once they hold nothing), then
@@ -38,19 +40,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from server.jobs import CANCELLED, DEADLINE_EXCEEDED, INTERNAL, Job, error_event, is_terminal
 from server.queue import redis_scripts as scripts
-from server.queue.base import JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
+from server.queue.base import IdempotencyConflict, JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
 from server.queue.breaker import CircuitBreaker
-from server.queue.redis_errors import DOWN, config_problem, describe, ms, redact
+from server.queue.redis_errors import DOWN, config_problem, describe, ms, pool_exhausted, redact
+from server.queue.redis_events import EventHub
 from server.queue.redis_follow import Follower
 
 T = TypeVar("T")
@@ -75,6 +78,7 @@ class _Claim:
     worker_id: str
     entry_id: str
     run: str  # tags published events so followers can tell this run's replays from another's
+    idempotency_key: str | None = None  # released if the job fails
     seq: int = 0
 
 
@@ -82,7 +86,7 @@ class RedisQueue(JobQueue):
     OPTIONS = ("prefix", "stream", "group", "dead_stream", "max_depth", "max_wait", "result_ttl",
                "max_deliveries", "claim_idle_timeout", "dead_worker_timeout", "reconnect_timeout",
                "poll_interval", "lost_grace", "retry_after", "socket_timeout", "dead_maxlen",
-               "probe_interval", "password", "tls_ca_certs")
+               "probe_interval", "password", "tls_ca_certs", "max_connections")
 
     def __init__(self, url: str, *, prefix: str = "janus:", stream: str | None = None,
                  group: str = "janus-workers", dead_stream: str | None = None, max_depth: int = 256,
@@ -91,13 +95,15 @@ class RedisQueue(JobQueue):
                  reconnect_timeout: float = 10.0, poll_interval: float = 1.0, lost_grace: float = 5.0,
                  retry_after: float = 2.0, socket_timeout: float = 5.0, dead_maxlen: int = 1000,
                  probe_interval: float = 0.5, password: str | None = None,
-                 tls_ca_certs: str | None = None) -> None:
+                 tls_ca_certs: str | None = None, max_connections: int = 64) -> None:
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, got {max_deliveries}")
         if not 0 < poll_interval < socket_timeout:
             # Blocking reads wait up to poll_interval; a shorter socket timeout would cut them off.
             raise ValueError(f"poll_interval ({poll_interval}) must be positive and below "
                              f"socket_timeout ({socket_timeout})")
+        if max_connections < 2:  # the event hub's blocking read holds one
+            raise ValueError(f"max_connections must be at least 2, got {max_connections}")
         if tls_ca_certs and not url.startswith("rediss://"):
             raise ValueError(f"a TLS CA file was given but the queue URL {redact(url)} is not rediss://")
         self.url = redact(url)
@@ -128,11 +134,17 @@ class RedisQueue(JobQueue):
             connection["password"] = password
         if tls_ca_certs:
             connection["ssl_ca_certs"] = tls_ca_certs
-        # redis-py retries a little on its own; the bounded loop in `_retry` does the rest.
-        self.redis: Redis = Redis.from_url(
-            url, decode_responses=True, protocol=2, socket_timeout=socket_timeout,
-            socket_connect_timeout=min(socket_timeout, 2.0),
+        # One pool per process, bounded: a command waits for a free connection (up to socket_timeout)
+        # instead of failing, and followers share one reader (`EventHub`), so the connections in use do
+        # not grow with the requests in flight. redis-py retries a little on its own; the bounded loop
+        # in `_retry` does the rest.
+        self.max_connections = max_connections
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout, decode_responses=True, protocol=2,
+            socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 2.0),
             retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=2), **connection)
+        self.redis: Redis = Redis.from_pool(pool)
+        self.hub = EventHub(self.redis, self.key("wake:"), block=poll_interval)
         self._submit = self.redis.register_script(scripts.SUBMIT)
         self._finish = self.redis.register_script(scripts.FINISH)
         self._touch = self.redis.register_script(scripts.TOUCH)
@@ -172,8 +184,11 @@ class RedisQueue(JobQueue):
         if status == "lagging":
             raise QueueFull(f"queue is lagging: the oldest waiting job has waited {int(value) / 1000:.1f}s "
                             f"(limit {self.max_wait}s)", retry_after=self.retry_after)
-        if value == job.id:
-            self._hold(job)
+        if status == "conflict":
+            raise IdempotencyConflict(value)
+        # A joined job is held too (the same request, so the same payload): if Redis loses it, this
+        # frontend can submit it again even when the one that first submitted it is gone.
+        self._hold(job if value == job.id else replace(job, id=value))
         return value
 
     def _submit_once(self, job: Job, *, admit: bool = True) -> Awaitable[Any]:
@@ -182,7 +197,7 @@ class RedisQueue(JobQueue):
                 self.key("idem", job.idempotency_key or "")]
         # A job submitted again was admitted once already: no depth or lag check the second time.
         depth, wait = (self.max_depth, ms(self.max_wait) if self.max_wait else 0) if admit else (2**62, 0)
-        args = [job.id, json.dumps(job.to_dict()), depth, wait, idem_ttl, self.group]
+        args = [job.id, json.dumps(job.to_dict()), depth, wait, idem_ttl, self.group, job.fingerprint or ""]
         return self._submit(keys=keys, args=args)
 
     def holds(self, job_id: str) -> bool:
@@ -206,6 +221,7 @@ class RedisQueue(JobQueue):
                 for event in await follower.next_events():
                     yield event
         finally:
+            follower.close()
             self._held.pop(job_id, None)
 
     async def cancel(self, job_id: str) -> None:
@@ -268,7 +284,8 @@ class RedisQueue(JobQueue):
         if not is_terminal(event):
             raise ValueError(f"finish needs a result or error event, got type {event.get('type')!r}")
         claim = self._claims.pop(job_id, None)
-        await self._store_terminal(job_id, event, claim.entry_id if claim else "")
+        await self._store_terminal(job_id, event, claim.entry_id if claim else "",
+                                   idempotency_key=claim.idempotency_key if claim else None)
 
     async def is_cancelled(self, job_id: str) -> bool:
         """True once the job is cancelled, or once another run of it has already finished."""
@@ -316,6 +333,7 @@ class RedisQueue(JobQueue):
         return True
 
     async def close(self) -> None:
+        await self.hub.close()
         await self.redis.aclose()
 
     # --- internals -----------------------------------------------------------------------------
@@ -340,11 +358,17 @@ class RedisQueue(JobQueue):
                 problem = config_problem(exc)
                 if problem is not None:  # a wrong password or certificate: retrying will not help
                     raise QueueMisconfigured(problem) from exc
-                if "Too many connections" not in str(exc):  # our own pool is busy, Redis is not down
+                busy = pool_exhausted(exc)  # our own pool is busy, Redis is not down
+                if not busy:
                     self.breaker.failure()
                 if time.monotonic() + delay > give_up or (fail_fast and self.breaker.is_open):
-                    raise QueueUnavailable(f"Redis is unreachable ({doing}): {describe(exc)}",
-                                           retry_after=self.retry_after) from exc
+                    if busy:
+                        message = (f"this server's {self.max_connections} connections to Redis stayed busy "
+                                   f"for {self.reconnect_timeout:.0f}s ({doing}); Redis itself is reachable "
+                                   "(more connections: JANUS_QUEUE_MAX_CONNECTIONS)")
+                    else:
+                        message = f"Redis is unreachable ({doing}): {describe(exc)}"
+                    raise QueueUnavailable(message, retry_after=self.retry_after) from exc
             else:
                 self.breaker.success()
                 return result
@@ -358,11 +382,12 @@ class RedisQueue(JobQueue):
             await pipe.execute()
 
     async def _store_terminal(self, job_id: str, event: dict[str, Any], entry_hint: str,
-                              dead_reason: str = "", job_json: str = "") -> bool:
+                              dead_reason: str = "", job_json: str = "", idempotency_key: str | None = None) -> bool:
         keys = [self.stream, self.key("entry"), self.key("result", job_id), self.key("events", job_id),
-                self.dead_stream]
+                self.dead_stream, self.key("idem", idempotency_key or "")]
+        release = "1" if idempotency_key and event.get("type") == "error" else ""
         args = [self.group, job_id, json.dumps(event), ms(self.result_ttl), entry_hint, dead_reason,
-                job_json, self.dead_maxlen]
+                job_json, self.dead_maxlen, release]
         stored = await self._retry(lambda: self._finish(keys=keys, args=args), "storing a result")
         return bool(stored)
 
@@ -441,7 +466,7 @@ class RedisQueue(JobQueue):
             if delivery.deliveries > 1:
                 self.redeliveries += 1
             run = f"{worker_id}/{delivery.deliveries}/{uuid.uuid4().hex[:8]}"
-            self._claims[job.id] = _Claim(worker_id, delivery.entry_id, run)
+            self._claims[job.id] = _Claim(worker_id, delivery.entry_id, run, job.idempotency_key)
             jobs.append(job)
         return jobs
 
@@ -464,7 +489,8 @@ class RedisQueue(JobQueue):
         if dead_reason:
             self.dead_letters += 1
         await self._store_terminal(job_id, event, delivery.entry_id, dead_reason,
-                                   delivery.fields.get("job", "") if dead_reason else "")
+                                   delivery.fields.get("job", "") if dead_reason else "",
+                                   job.idempotency_key if job is not None else None)
 
     def _hold(self, job: Job) -> None:
         if len(self._held) > 4096:  # followers normally drop these; drop the long-expired rest

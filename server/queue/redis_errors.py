@@ -17,6 +17,12 @@ from redis import exceptions as redis_errors
 DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, asyncio.TimeoutError)
 
 
+def pool_exhausted(exc: BaseException) -> bool:
+    """Our own connection pool had no free connection in time: this process is busy, Redis is not down."""
+    return isinstance(exc, redis_errors.ConnectionError) and any(
+        marker in str(exc) for marker in ("No connection available", "Too many connections"))
+
+
 def ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 

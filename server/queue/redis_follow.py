@@ -1,7 +1,8 @@
 """Following one job's events in Redis for `RedisQueue.events`: replay hiding, loss and outages.
 
-A follower reads the job's ``events:{id}`` stream from its start (XREAD), so it sees everything
-however late it arrives, and turns it into the events one run of the job would have produced:
+A follower reads the job's ``events:{id}`` stream from its start, so it sees everything however late
+it arrives (through the process's `EventHub`: one XREAD for every followed job, so followers hold no
+connection while they wait), and turns it into the events one run of the job would have produced:
 
 - a job run more than once (a dead worker's job reclaimed; a job submitted again after Redis lost
   it) repeats its progress and text; `Replay` passes on only what moves forward;
@@ -12,6 +13,7 @@ however late it arrives, and turns it into the events one run of the job would h
   `reconnect_timeout`) and tells the circuit breaker what it saw.
 
 It knows the key layout of `server.queue.redis` through the `FollowHost` it is given, nothing else.
+`close` ends its subscription.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from redis.asyncio import Redis
 from server.jobs import DEADLINE_EXCEEDED, UNAVAILABLE, error_event, is_terminal
 from server.queue.breaker import CircuitBreaker
 from server.queue.redis_errors import DOWN, describe, ms
-
-READ_COUNT = 256  # events read per XREAD
+from server.queue.redis_events import EventHub
 
 
 class FollowHost(Protocol):
     """What a follower needs from its queue."""
 
     redis: Redis
+    hub: EventHub
     breaker: CircuitBreaker
     poll_interval: float
     socket_timeout: float
@@ -94,7 +96,7 @@ class Follower:
         self.job_id = job_id
         self.deadline = deadline
         self.key = host.key("events", job_id)
-        self.last_id = "0-0"
+        self.subscription = host.hub.subscribe(self.key)
         self.replay = Replay()
         self.done = False
         self.outage_since: float | None = None
@@ -121,13 +123,15 @@ class Follower:
             wait = min(wait, self.deadline + self.host.poll_interval - time.time())
         return ms(wait)
 
+    def close(self) -> None:
+        self.subscription.close()
+
     async def _poll(self, block: int) -> list[dict[str, Any]]:
-        reply = await self.host.redis.xread({self.key: self.last_id}, count=READ_COUNT, block=block)
-        if not reply:
+        entries = await self.subscription.read(block / 1000)
+        if not entries:
             return await self._check_job()
         events: list[dict[str, Any]] = []
-        for entry_id, fields in reply[0][1]:
-            self.last_id = entry_id
+        for _, fields in entries:
             if "t" in fields:  # the terminal marker: the event itself is under the result key
                 return self._end_after([*events, await self._stored_result()])
             event = self.replay.accept(fields)

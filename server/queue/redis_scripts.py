@@ -9,8 +9,9 @@ their KEYS / ARGV contracts, which are written above each one.
 from __future__ import annotations
 
 # KEYS: stream, entry hash, result key, idempotency key.
-# ARGV: job id, job JSON, max depth, max wait ms (0 = off), idempotency TTL ms (0 = no key), group.
-# -> {'ok', id} | {'dup', first id} | {'full', depth} | {'lagging', waited ms}
+# ARGV: job id, job JSON, max depth, max wait ms (0 = off), idempotency TTL ms (0 = no key), group,
+#       request fingerprint. The idempotency key holds "<fingerprint> <job id>".
+# -> {'ok', id} | {'dup', first id} | {'conflict', first id} | {'full', depth} | {'lagging', waited ms}
 SUBMIT = """
 local stream, entries, result, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_id, max_wait = ARGV[1], tonumber(ARGV[4])
@@ -19,7 +20,11 @@ if redis.call('HEXISTS', entries, job_id) == 1 or redis.call('EXISTS', result) =
 end
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', idem)
-  if first then return {'dup', first} end
+  if first then
+    local fingerprint, first_id = string.match(first, '^(%S*) (%S+)$')
+    if fingerprint ~= ARGV[7] then return {'conflict', first_id or first} end
+    return {'dup', first_id}
+  end
 end
 local depth = redis.call('XLEN', stream)
 if depth >= tonumber(ARGV[3]) then return {'full', tostring(depth)} end
@@ -45,19 +50,25 @@ if max_wait > 0 and depth > 0 then
 end
 local entry = redis.call('XADD', stream, '*', 'id', job_id, 'job', ARGV[2])
 redis.call('HSET', entries, job_id, entry)
-if ARGV[5] ~= '0' then redis.call('SET', idem, job_id, 'PX', ARGV[5]) end
+if ARGV[5] ~= '0' then redis.call('SET', idem, ARGV[7] .. ' ' .. job_id, 'PX', ARGV[5]) end
 return {'ok', job_id}
 """
 
 # Stores the terminal event once (SET NX: a job run twice answers once) and acknowledges the entry.
-# KEYS: stream, entry hash, result key, events stream, dead-letter stream.
+# A job that failed releases its idempotency key (when the key still names it): a retry runs again.
+# KEYS: stream, entry hash, result key, events stream, dead-letter stream, idempotency key.
 # ARGV: group, job id, terminal event JSON, TTL ms, entry id hint, dead reason ('' = not dead),
-#       job JSON for the dead letter, dead-letter stream max length.  -> 1 stored, 0 already answered
+#       job JSON for the dead letter, dead-letter stream max length, '1' to release the idempotency key.
+# -> 1 stored, 0 already answered
 FINISH = """
 local stored = redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4])
 if stored then
   redis.call('XADD', KEYS[4], '*', 't', '1')
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  if ARGV[9] == '1' then
+    local held = redis.call('GET', KEYS[6])
+    if held and string.sub(held, -(#ARGV[2] + 1)) == ' ' .. ARGV[2] then redis.call('DEL', KEYS[6]) end
+  end
 end
 local current = redis.call('HGET', KEYS[2], ARGV[2])
 local entry = ARGV[5]  -- the entry this process was handed, else whatever submit recorded

@@ -1,4 +1,4 @@
-"""Starting real `janus-server` processes on free loopback ports for integration tests."""
+"""Starting real `janus-server` processes (serve, api, worker) on free loopback ports for integration tests."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 
 
 def free_port() -> int:
@@ -70,6 +71,58 @@ def start_server(args: list[str], log_dir: Path, env: dict[str, str] | None = No
     if wait_ready:
         wait_until_ready(server, ready_timeout)
     return server
+
+
+@dataclass
+class WorkerProcess(ManagedProcess):
+    metrics_port: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}-{self.proc.pid}"  # server.worker.default_worker_id
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+
+def spawn_worker(queue_url: str, model_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> WorkerProcess:
+    """`janus-server worker` on `queue_url`, its metrics port chosen here; returns at once (see
+    `wait_http_ok` on its /ready and `wait_for_heartbeat`)."""
+    port = free_port()
+    log_path = log_dir / f"worker-{port}.log"
+    cmd = [sys.executable, "-m", "server.cli", "worker", "--queue", queue_url, "--model", str(model_dir),
+           "--metrics-port", str(port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return WorkerProcess(proc, log_path, metrics_port=port)
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90.0) -> None:
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+def wait_for_heartbeat(queue_url: str, worker_id: str, timeout: float = 30.0) -> None:
+    client = redis.Redis.from_url(queue_url, decode_responses=True)
+    try:
+        give_up = time.monotonic() + timeout
+        while client.zscore("janus:workers", worker_id) is None:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"worker {worker_id} sent no heartbeat within {timeout}s")
+            time.sleep(0.1)
+    finally:
+        client.close()
 
 
 def wait_until_ready(server: ServerProcess, timeout: float) -> None:

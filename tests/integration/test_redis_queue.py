@@ -16,18 +16,21 @@ from server.jobs import (
     CANCELLED,
     DEADLINE_EXCEEDED,
     INTERNAL,
+    INVALID_ARGUMENT,
     UNAVAILABLE,
     GenerateParams,
     Job,
     UnderstandParams,
     delta_event,
+    error_event,
     generate_result,
     is_terminal,
     progress_event,
     result_pngs,
     understand_result,
 )
-from server.queue import QueueFull, QueueUnavailable, create_queue
+from server.queue import IdempotencyConflict, QueueFull, QueueUnavailable, create_queue
+from server.queue.memory import MemoryQueue
 from server.queue.redis import RedisQueue
 from tests.integration import redis_fixture
 
@@ -330,6 +333,26 @@ async def test_idempotency_key_returns_the_first_job(make_queue: MakeQueue) -> N
     [job, _] = await queue.claim("w", 2, 1.0)
     await queue.finish(job.id, understand_result("once", "stop", 1, 1))
     assert await queue.submit(understand_job(idempotency_key="k1")) == first.id  # also after it finished
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_idempotency_key_is_bound_to_its_request_and_released_by_a_failure(make_queue: MakeQueue,
+                                                                                 backend: str) -> None:
+    queue = MemoryQueue() if backend == "memory" else make_queue()
+    first = understand_job(idempotency_key="k", fingerprint="body-a")
+    assert await queue.submit(first) == first.id
+    assert await queue.submit(understand_job(idempotency_key="k", fingerprint="body-a")) == first.id
+    with pytest.raises(IdempotencyConflict) as conflict:  # the same key for another request
+        await queue.submit(understand_job(idempotency_key="k", fingerprint="body-b"))
+    assert conflict.value.job_id == first.id
+    assert await queue.depth() == 1
+    [job] = await queue.claim("w", 1, 1.0)
+    await queue.finish(job.id, error_event(INVALID_ARGUMENT, "refused"))
+    retry = understand_job(idempotency_key="k", fingerprint="body-a")
+    assert await queue.submit(retry) == retry.id  # nothing was produced: the retry runs
+    [job] = await queue.claim("w", 1, 1.0)
+    await queue.finish(job.id, understand_result("once", "stop", 1, 1))
+    assert await queue.submit(understand_job(idempotency_key="k", fingerprint="body-a")) == retry.id
 
 
 async def test_survives_a_redis_crash_and_restart(make_queue: MakeQueue,
