@@ -15,6 +15,7 @@ real number of decode steps, which is what a long-running request needs in a tes
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -106,6 +107,13 @@ def text_config(shape, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
+def tiny_context(image_size: int) -> int:
+    """The LM's context: 1,024 tokens for the tests' 64-pixel model (16 image tokens); 4,096 at Janus-Pro's
+    384 pixels (576 image tokens), so the offline demo holds a conversation of several turns with an image
+    (a random answer re-tokenizes to more tokens than it was generated as)."""
+    return 1024 if image_size < 384 else 4096
+
+
 def tiny_config(tokenizer: PreTrainedTokenizerFast, image_size: int = TINY_IMAGE_SIZE) -> JanusConfig:
     hidden = 64
     text = LlamaConfig(
@@ -115,7 +123,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, image_size: int = TINY_IMAGE
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=1024,
+        max_position_embeddings=tiny_context(image_size),
         rms_norm_eps=1e-6,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -214,6 +222,7 @@ def write_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    tokenizer.model_max_length = tiny_context(image_size)
     config = tiny_config(tokenizer, image_size)
     model = build_model(config, seed, SHARP_SCALE if sharp else 1.0)
     if fmt == "hf":
@@ -222,8 +231,17 @@ def write_tiny_model(
         _write_deepseek(out, model, tokenizer, shards, weights or "bin")
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use 'hf' or 'deepseek'")
-
+    same_mode(out)
     return out
+
+
+def same_mode(out: Path) -> None:
+    """Every file readable as the umask allows (safetensors writes its file 0600 and the rest 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _write_hf(out: Path, model, tokenizer, shards: int, weights: str, template: str) -> None:

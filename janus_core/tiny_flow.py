@@ -30,6 +30,7 @@ from janus_core.tiny import (
     TINY_PATCH,
     TINY_VOCAB,
     build_tokenizer,
+    same_mode,
     text_config,
     write_deepseek_processor,
 )
@@ -124,4 +125,5 @@ def write_tiny_flow_model(out_dir: str | Path, seed: int = 0, *, image_size: int
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_deepseek_processor(out, tokenizer, shape.image_size, config.vision_config.num_image_tokens)
     build_vae(shape, seed).save_pretrained(out / "vae")
+    same_mode(out)
     return out

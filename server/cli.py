@@ -94,7 +94,8 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.model} in {args.dtype}: weights {memory.format_size(result['weights_bytes'])}, "
-          f"KV {result['kv_bytes_per_token'] // 1024} KiB per token, {args.gpu_memory_utilization:.0%} of each device")
+          f"KV {memory.format_size(result['kv_bytes_per_token'])} per token, "
+          f"{args.gpu_memory_utilization:.0%} of each device")
     print(f"{'GPU memory':>10} {'KV pool':>10} {'KV tokens':>10} {'images':>7} {'1k-token seqs':>14}")
     for p in result["plans"]:
         print(f"{memory.format_size(p['memory_bytes']):>10} {memory.format_size(p['kv_cache_bytes']):>10} "

@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(file=sys.stderr)
                     for i, png in enumerate(event.pngs):
                         Path(f"{args.out}-{i}.png").write_bytes(png)
-                        print(f"{args.out}-{i}.png (seed {event.seed})")
+                        print(f"{args.out}-{i}.png (seed {event.seed + i})")  # image i draws from seed + i
             return 0
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]

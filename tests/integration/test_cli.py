@@ -28,6 +28,8 @@ def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path, tiny_hf, fmt)
     loaded = load_model(str(out), device="cpu")
     ours = tiny_hf.model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in loaded.model.state_dict().items())
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.rglob("*") if path.is_file()}
+    assert len(set(modes.values())) == 1, modes  # weights as readable as the rest (safetensors wrote 0600)
 
 
 def test_tiny_model_with_janus_pro_image_shapes(tmp_path):
@@ -39,6 +41,8 @@ def test_tiny_model_with_janus_pro_image_shapes(tmp_path):
     assert result.stderr == "" and "384x384 images" in result.stdout
     loaded = load_model(str(out), device="cpu")
     assert (loaded.image_size, loaded.num_image_tokens) == (384, 576)
+    # the offline demo's model: room for a conversation of several turns with an image
+    assert loaded.model.config.text_config.max_position_embeddings == 4096
     bad = subprocess.run([*_cli(), "tiny-model", str(tmp_path / "bad"), "--image-size", "100"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "multiple of 16" in bad.stderr

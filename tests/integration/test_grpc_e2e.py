@@ -83,3 +83,16 @@ def test_grpc_requests_are_counted(server, client):
     client.generate("a fox", seed=1)
     after = value(scrape(server.url), "janus_requests_total", endpoint="/janus.v1.Janus/Generate", status="OK")
     assert after - before == 1
+
+
+def test_command_line_names_each_image_with_its_own_seed(server, tmp_path, capsys):
+    """Image i of seed s is image 0 of seed s + i (README, Seeds): the CLI labels each file so."""
+    from server.grpc_client import main
+
+    prefix = str(tmp_path / "fox")
+    assert main(["--target", f"127.0.0.1:{server.grpc_port}", "--timeout", "60", "generate", "a fox", "-n", "2",
+                 "--seed", "7", "-o", prefix]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{prefix}-0.png (seed 7)", f"{prefix}-1.png (seed 8)"]
+    alone = httpx.post(server.url + "/v1/generate", json={"prompt": "a fox", "seed": 8}, timeout=60,
+                       headers={"Accept": "image/png"})
+    assert (tmp_path / "fox-1.png").read_bytes() == alone.content

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from server.grpc_client import Images, JanusClient, Progress
+from tests.integration.browser import console_problems, require_browser, start_chromium, wait_for
 from tests.integration.conftest import b64, png_bytes
 from tests.integration.servers import start_server
 
@@ -149,3 +150,17 @@ def test_openapi_documents_the_parameters_each_model_takes(flow_server, server):
         for body in ("GenerateBody", "ImagesGenerationsBody"):
             fields = schemas[body]["properties"]
             assert has in fields and not any(f in fields for f in lacks), (url, body, sorted(fields))
+
+
+def test_playground_shows_steps_and_no_temperature(flow_server):
+    """JanusFlow in the playground: ODE steps to set, no temperature (it samples no tokens)."""
+    require_browser()
+    driver = start_chromium()
+    try:
+        driver.get(flow_server.url + "/")
+        wait_for(lambda: driver.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
+        wait_for(lambda: driver.find_element("id", "gen-steps-label").is_displayed(), 10, "the Steps field")
+        assert not driver.find_element("id", "gen-temperature-label").is_displayed()
+        assert console_problems(driver) == []
+    finally:
+        driver.quit()

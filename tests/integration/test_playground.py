@@ -133,6 +133,25 @@ def test_generates_two_images_with_seeds(page, page_server, tmp_path):
     assert console_problems(page) == []
 
 
+def test_shows_only_the_generation_fields_the_model_takes(page):
+    """Janus-Pro: temperature, no steps (a `hidden` label stays hidden whatever the row's layout says)."""
+    assert page.find_element("id", "gen-temperature-label").is_displayed()
+    assert not page.find_element("id", "gen-steps-label").is_displayed()
+
+
+def test_the_demo_model_holds_a_conversation_with_an_image(page_server, tmp_path):
+    """The offline demo's model (this 384-pixel tiny checkpoint): a second turn after a full-length random
+    answer, sent back as chat clients do, still fits its context."""
+    data = base64.b64encode(Path(_png_file(tmp_path / "q.png", (384, 384), noise=True)).read_bytes()).decode()
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}, image]}]
+    for follow_up in ("What colour is it?", "Anything else?"):
+        reply = httpx.post(page_server.url + "/v1/understand", timeout=120,
+                           json={"messages": messages, "max_new_tokens": 256, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        messages += [{"role": "assistant", "content": reply.json()["text"]}, {"role": "user", "content": follow_up}]
+
+
 def test_dice_picks_a_seed_beyond_float_precision(page):
     _el(page, "#gen-dice").click()
     seed = page.find_element("id", "gen-seed").get_attribute("value")

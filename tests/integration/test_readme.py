@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import start_server
+from tests.integration.servers import free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -106,6 +106,31 @@ def test_python_examples(readme_server, workdir):
     _assert_only_log_lines(readme_server)
 
 
+def test_grpc_command_line_examples(readme_server, workdir):
+    """The shell lines of the gRPC section (the CLI's default target, localhost:50051, pointed at this server)."""
+    block = next(b for b in _blocks("bash") if "-m server.grpc_client generate" in b)
+    target = f"--target 127.0.0.1:{readme_server.grpc_port}"
+    block = block.replace("-m server.grpc_client ", f"-m server.grpc_client {target} ")
+    result = subprocess.run(["bash", "-ec", _localise(block, readme_server, workdir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{workdir}/fox-cli-1.png (seed 8)" in result.stdout
+    assert (workdir / "fox-cli-1.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_janusflow_example(workdir):
+    """The JanusFlow block as written (its own server in the background, ports substituted): it waits for
+    /ready before asking, and writes a PNG."""
+    block = next(b for b in _blocks("bash") if "--family janusflow" in b)
+    port, grpc_port = free_port(), free_port()
+    script = (block.replace("8001", str(port)).replace("50052", str(grpc_port)).replace("/tmp/", f"{workdir}/")
+              .replace(".venv/bin/janus-server", f"{sys.executable} -m server.cli"))
+    result = subprocess.run(["bash", "-ec", "trap 'kill %1 2>/dev/null; wait' EXIT\n" + script], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "flow-fox.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_readme_points_outside_the_checkout():
     """Every file an example writes or reads by name is under /tmp (the check above cannot see grpcurl's)."""
     text = "\n".join(_blocks("bash") + _blocks("python"))
@@ -121,3 +146,4 @@ def test_plan_example(tiny_hf_dir):
                             capture_output=True, text=True, timeout=120, cwd=README.parent)
     assert result.returncode == 0, result.stderr
     assert "1.0 GiB" in result.stdout and "images" in result.stdout
+    assert "KV 512 B per token" in result.stdout  # a tiny model's KV is bytes, not "0 KiB"
