@@ -27,6 +27,19 @@ from janus_core.static_step import StaticDecode, tables_to_tensors
 
 log = logging.getLogger(__name__)
 
+# Compiled graphs one code object may hold: both heads' static steps are `StaticDecode.step`, compiled once
+# per (head, bucket) and engine; 16 rows at most give 5 text and 6 image buckets, beyond dynamo's default 8.
+STATIC_GRAPHS = 64
+
+
+def _room_for_graphs(graphs: int) -> None:
+    """Raise dynamo's per-code-object compile limit to `graphs` (never lower it): past the limit a
+    fullgraph step fails instead of compiling its next bucket."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    if getattr(config, name) < graphs:
+        setattr(config, name, graphs)
+
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, compile: bool = False, pack_cpu_linears: bool = True,
@@ -111,6 +124,7 @@ class ModelRunner:
             return self.text_logits(hidden) if head == "text" else self.image_logits(hidden)
         step = self._static.get(head)
         if step is None:
+            _room_for_graphs(STATIC_GRAPHS)
             step = self._static[head] = torch.compile(StaticDecode(self, kv, head).step, fullgraph=True,
                                                       dynamic=False, backend=self.compile_backend)
         rows = len(tables)
