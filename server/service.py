@@ -180,8 +180,8 @@ class Origin:
 class Ticket:
     job_id: str
     deadline: float  # absolute, epoch seconds
-    # Sent with an Idempotency-Key: the client will retry and re-attach, so a dropped connection does not
-    # cancel the job (its deadline still does).
+    # Sent with an Idempotency-Key: the client will retry and re-attach, and other requests may have joined
+    # the job, so neither a dropped connection nor this request's deadline cancels it (the job's own does).
     idempotent: bool = False
 
 
@@ -253,14 +253,16 @@ class Service:
         return Ticket(job_id, job.deadline, idempotent=origin.idempotency_key is not None)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
-        """Events of a job; a synthetic `deadline_exceeded` error (and a cancel) if the deadline passes."""
+        """Events of a job; a synthetic `deadline_exceeded` error (and a cancel, unless the request carried an
+        Idempotency-Key) if the request's deadline passes."""
         job_id, deadline = ticket.job_id, ticket.deadline
         events = self.queue.events(job_id).__aiter__()
         try:
             while True:
                 remaining = deadline - time.time()
                 if remaining <= 0:
-                    await self.queue.cancel(job_id)
+                    if not ticket.idempotent:  # a keyed job may be shared: it ends at its own deadline
+                        await self.queue.cancel(job_id)
                     yield error_event(DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
                     return
                 try:
