@@ -211,3 +211,21 @@ async def test_without_a_key_a_dropped_connection_cancels_the_job(setup: Setup) 
     finally:
         await client.aclose()
     assert json.loads(stored)["code"] == "cancelled"
+
+
+async def test_a_joined_call_that_times_out_leaves_the_job_to_the_others(setup: Setup) -> None:
+    """gRPC: a second call with the key joins the running job and gives up at its own short deadline; the job
+    (another call's) runs on to its result."""
+    request = janus_pb2.GenerateRequest(prompt="a long river", n=4, seed=31)
+    metadata = (("authorization", f"Bearer {TOKENS['alice']}"), ("idempotency-key", "k6"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{setup.apis[0].grpc_port}") as channel:
+        stub = janus_pb2_grpc.JanusStub(channel)
+        first = stub.GenerateStream(request, metadata=metadata, timeout=120)
+        events = first.__aiter__()
+        assert (await events.__anext__()).WhichOneof("event") == "progress"  # the job runs
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            async for _ in stub.GenerateStream(request, metadata=metadata, timeout=1.5):
+                pass
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        results = [e.result async for e in events if e.WhichOneof("event") == "result"]
+        assert len(results) == 1 and len(results[0].png) == 4
