@@ -153,16 +153,31 @@ def metric(url: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} is not exported by {url}")
 
 
+def _oldest_heartbeat(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    beats = [s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name == "janus_worker_heartbeat_timestamp_seconds"]
+    return min(beats, default=0.0)
+
+
+def wait_for_fresh_metrics(url: str, timeout: float = 30.0) -> None:
+    """Waits until every worker behind `url` has folded into its metrics engine statistics taken after this
+    call: workers fold them in at each heartbeat, just before stamping its time, so two stamps after now."""
+    since, deadline = time.time(), time.time() + timeout
+    for _ in range(2):
+        while (beat := _oldest_heartbeat(url)) <= since:
+            assert time.time() < deadline, f"no worker heartbeat in {timeout}s"
+            time.sleep(0.05)
+        since = beat
+
+
 def tokens_after_stop(url: str, tokens_before: float, kind: str = "understand", timeout: float = 30.0) -> float:
-    """Waits until no `kind` job runs and the token counter has settled; the tokens produced since."""
+    """Waits until no `kind` job runs and its statistics reached the metrics; the tokens produced since."""
     deadline = time.time() + timeout
     while metric(url, "janus_running_requests", kind=kind) > 0:
         assert time.time() < deadline, f"a {kind} job still runs after {timeout}s"
         time.sleep(0.1)
-    last = metric(url, "janus_generated_tokens_total")
-    while True:  # counters are folded in at each worker heartbeat
-        time.sleep(0.5)
-        now = metric(url, "janus_generated_tokens_total")
-        if now == last or time.time() > deadline:
-            return now - tokens_before
-        last = now
+    wait_for_fresh_metrics(url, timeout)
+    return metric(url, "janus_generated_tokens_total") - tokens_before

@@ -43,6 +43,7 @@ from tests.integration.servers import (
     free_port,
     spawn_worker,
     start_server,
+    wait_for_fresh_metrics,
     wait_for_heartbeat,
     wait_http_ok,
     wait_until_ready,
@@ -496,7 +497,8 @@ async def test_full_queue_is_503_and_expired_jobs_never_run(cluster: Cluster, qu
             result = json.loads(await queue.redis.get(queue.key("result", job_id)))
             assert result["type"] == "error" and result["code"] in ("deadline_exceeded", "cancelled"), result
             assert [f for _, f in await queue.redis.xrange(queue.key("events", job_id))] == [{"t": "1"}]
-        await asyncio.sleep(0.5)  # a heartbeat, so the workers' metrics are current
+        for worker in workers:  # the workers' metrics current: statistics folded in after the jobs were dropped
+            await asyncio.to_thread(wait_for_fresh_metrics, worker.url)
         for worker in workers:
             samples = await scrape(http, worker.url)
             for name in ("janus_queue_wait_seconds_count", "janus_batch_size_count", "janus_prompt_tokens_total"):

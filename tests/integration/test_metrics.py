@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import start_server
+from tests.integration.servers import start_server, wait_for_fresh_metrics
 
 IMAGE = b64(png_bytes())
 
@@ -39,7 +39,7 @@ def metrics_server(tiny_hf_dir, tmp_path_factory):
 
 
 def _settle(url: str) -> dict:
-    time.sleep(0.6)  # the worker folds engine statistics into metrics every heartbeat (0.2 s here)
+    wait_for_fresh_metrics(url)  # the worker folds engine statistics into metrics at each heartbeat
     return scrape(url)
 
 
