@@ -376,9 +376,9 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
                 finished = event["type"] == "result"
                 yield event
         finally:
-            if not finished and not ticket.idempotent:  # with an idempotency key the client re-attaches
+            if not finished:
                 # shielded: this runs while the call's task is being cancelled
-                await asyncio.shield(self._service.cancel(ticket.job_id))
+                await asyncio.shield(self._service.abandon(ticket))
 
 
 def _understand_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.UnderstandResponse:

@@ -113,8 +113,7 @@ async def wait_for_result(service: Service, ticket: Ticket, request: Request) ->
             if done:
                 return task.result()
             if await request.is_disconnected():
-                if not ticket.idempotent:
-                    await service.cancel(ticket.job_id)
+                await service.abandon(ticket)
                 raise HTTPError(499, "client disconnected")
     finally:
         if not task.done():
@@ -153,7 +152,7 @@ async def stream_job(service: Service, ticket: Ticket, render) -> AsyncIterator[
                 break
         yield sse("[DONE]")
     finally:
-        if not finished and not ticket.idempotent:
+        if not finished:
             # shielded: when the server notices the hang-up it cancels this generator's task, and an
             # unshielded await here would be cancelled before the cancel reached a Redis queue
-            await asyncio.shield(service.cancel(ticket.job_id))
+            await asyncio.shield(service.abandon(ticket))

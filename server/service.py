@@ -253,16 +253,14 @@ class Service:
         return Ticket(job_id, job.deadline, idempotent=origin.idempotency_key is not None)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
-        """Events of a job; a synthetic `deadline_exceeded` error (and a cancel, unless the request carried an
-        Idempotency-Key) if the request's deadline passes."""
+        """Events of a job; a synthetic `deadline_exceeded` error (and `abandon`) if the request's deadline passes."""
         job_id, deadline = ticket.job_id, ticket.deadline
         events = self.queue.events(job_id).__aiter__()
         try:
             while True:
                 remaining = deadline - time.time()
                 if remaining <= 0:
-                    if not ticket.idempotent:  # a keyed job may be shared: it ends at its own deadline
-                        await self.queue.cancel(job_id)
+                    await self.abandon(ticket)
                     yield error_event(DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
                     return
                 try:
@@ -277,8 +275,12 @@ class Service:
         finally:
             await events.aclose()
 
-    async def cancel(self, job_id: str) -> None:
-        await self.queue.cancel(job_id)
+    async def abandon(self, ticket: Ticket) -> None:
+        """The client stopped waiting (it hung up, cancelled, or its deadline passed): cancel the job, unless
+        the request carried an Idempotency-Key (the client will re-attach, others may share the job, and the
+        job still ends at its own deadline)."""
+        if not ticket.idempotent:
+            await self.queue.cancel(ticket.job_id)
 
     async def readiness(self) -> tuple[bool, str]:
         state = await self.ready_state()
