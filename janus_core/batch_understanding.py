@@ -90,7 +90,8 @@ class UnderstandingBatch:
         self.vision: ByteLRU[torch.Tensor] = ByteLRU(vision_cache_bytes)  # image key -> features (N, D)
         self.max_images, self.max_new_tokens, self.max_context = max_images, max_new_tokens, max_context
         self.counters = CacheCounters()
-        self.rows = DecodeRows(max_running, max_new_tokens, lm.device)
+        self.vocab = int(lm.model.config.text_config.vocab_size)
+        self.rows = DecodeRows(max_running, max_new_tokens, lm.device, vocab=self.vocab, eos=lm.special["eos"])
 
     def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
                 params: SamplingParams, *, messages: Sequence[Message] | None = None) -> Seq:
@@ -101,6 +102,8 @@ class UnderstandingBatch:
         if max_new_tokens > self.max_new_tokens:
             raise InvalidRequestError(
                 f"max_new_tokens {max_new_tokens} exceeds the limit of {self.max_new_tokens}")
+        if params.min_tokens > max_new_tokens:
+            raise InvalidRequestError(f"min_tokens ({params.min_tokens}) exceeds max_new_tokens ({max_new_tokens})")
         if messages is not None:
             inputs = build_conversation_inputs(self.lm, messages, images)
         else:
@@ -117,7 +120,7 @@ class UnderstandingBatch:
             decoder=IncrementalDecoder(self.lm.tokenizer),
         )
         return Seq(request_id, "understand", prompt_tokens=len(inputs.input_ids), max_tokens=max_new_tokens,
-                   stop_token=self.lm.special["eos"], data=state,
+                   stop_token=None if params.ignore_eos else self.lm.special["eos"], data=state,
                    cache_keys=chain_keys(state.ids, self.kv.block_size, spans))
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -144,7 +147,8 @@ class UnderstandingBatch:
         hidden = self.runner.prefill(batch, self._embed(state, start, len(tokens)), start)
         self._extend_keys(seq, len(tokens))
         rows = RowSampling.of([state.params], state.uniforms[:, min(len(state.out), state.uniforms.shape[1] - 1)],
-                              hidden.device)
+                              hidden.device, produced=[len(state.out)], history=[tokens], vocab=self.vocab,
+                              eos=self.lm.special["eos"])
         return int(sample(self.runner.text_logits(hidden), rows)[0])
 
     def _embed(self, state: UnderstandingState, start: int, end: int) -> torch.Tensor:
@@ -215,4 +219,6 @@ class UnderstandingBatch:
         p = state.params
         return RowValues(last=torch.tensor([state.out[-1]]), position=len(state.ids) + len(state.out) - 1,
                          step=len(state.out), temperature=p.temperature, top_p=p.top_p, greedy=p.greedy,
-                         uniforms=state.uniforms)
+                         uniforms=state.uniforms, top_k=p.top_k, min_p=p.min_p, penalty=p.repetition_penalty,
+                         min_tokens=p.min_tokens,
+                         history=torch.tensor(state.tokens) if p.repetition_penalty != 1.0 else None)

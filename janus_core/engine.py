@@ -511,7 +511,7 @@ class Engine:
         if seq.finish_reason != "stop":
             delta = self.understanding.push(seq, token)
             if stops is not None:
-                delta = stops.feed(delta)
+                delta = stops.feed(delta, armed=len(state.out) >= state.params.min_tokens)
                 if stops.stopped and not done:
                     self.scheduler.stop(seq)
                     done = True

@@ -1,8 +1,9 @@
 """Stop strings: end an answer when its text contains one of them, and never show that text.
 
 `StopMatcher.feed(delta)` takes each newly decoded piece of text and returns what may be shown
-now. Text that could still turn out to be the start of a stop string is held back until the next
-piece settles it. Once a stop string appears, `stopped` is set, `text` is everything before it,
+now; `feed(delta, armed=False)` shows it all and looks for nothing (before a request's `min_tokens`).
+Text that could still turn out to be the start of a stop string is held back until the next piece
+settles it. Once a stop string appears, `stopped` is set, `text` is everything before it,
 and every later feed returns "". The matcher knows text, not tokens or the model.
 """
 
@@ -19,13 +20,17 @@ class StopMatcher:
         self._shown = 0  # characters of `text` already returned
         self.stopped = False
 
-    def feed(self, delta: str) -> str:
-        """The text that may be shown now (possibly empty)."""
+    def feed(self, delta: str, armed: bool = True) -> str:
+        """The text that may be shown now (possibly empty). Unarmed, all of it: stop strings count only
+        from the first text fed armed."""
         if self.stopped or not delta:
             return ""
-        # A stop string may start in held-back text, so search from where the new text could meet it.
-        start = max(len(self.text) - self._longest + 1, 0)
+        # A stop string may start in held-back text (never in text shown), so search from where the new
+        # text could meet it.
+        start = max(len(self.text) - self._longest + 1, self._shown)
         self.text += delta
+        if not armed:
+            return self._release(len(self.text))
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if found:
             self.text = self.text[:min(found)]

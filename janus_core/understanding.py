@@ -86,8 +86,10 @@ def stream_understanding(
     hidden = lm_core(inputs_embeds=embeds, **cache_arg(lm_core, cache), use_cache=True).last_hidden_state
     for _ in range(max_new_tokens):
         logits = head(hidden[:, -1, :]).float()[0]
-        token = int(sample(logits[None], RowSampling.of([params], uniforms[len(out):len(out) + 1], lm.device))[0])
-        if token == eos:
+        rows = RowSampling.of([params], uniforms[len(out):len(out) + 1], lm.device, produced=[len(out)],
+                              history=[inputs.input_ids + out], vocab=logits.shape[-1], eos=eos)
+        token = int(sample(logits[None], rows)[0])
+        if token == eos and not params.ignore_eos:
             finish = "stop"
             break
         out.append(token)

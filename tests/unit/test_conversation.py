@@ -172,6 +172,16 @@ def test_stop_matcher_holds_back_partial_matches():
     assert m.feed("later") == ""
 
 
+def test_stop_strings_count_only_from_the_first_armed_text():
+    """Before a request's min_tokens the matcher shows everything; a stop string counts once armed, and
+    never reaches back into text already shown."""
+    m = StopMatcher(["END"])
+    assert m.feed("an END", armed=False) == "an END"
+    assert m.feed("EN", armed=False) == "EN"
+    assert m.feed("D then ") == "D then "  # "EN" was shown: it cannot start a stop string now
+    assert m.feed("END, done") == "" and m.stopped and m.text == "an ENDEND then "
+
+
 def test_two_images_render_like_janus_pro_template(tiny_hf):
     """transformers' converted Janus-Pro template puts a blank line between two images of a message."""
     text = tiny_hf.processor.apply_chat_template(

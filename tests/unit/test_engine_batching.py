@@ -374,3 +374,63 @@ def test_compiled_static_step_in_the_engine_equals_eager(lm, images):
             assert torch.equal(a.tokens, b.tokens), req.request_id
         else:
             assert a.token_ids == b.token_ids, req.request_id
+
+
+# --- vLLM's sampling extensions through the engine -------------------------------------------------------------
+
+
+def test_repetition_penalty_matches_transformers_alone_and_batched(lm, tiny_hf, images):
+    """Greedy with a repetition penalty (every prompt and answer token counted, image placeholders included)
+    gives transformers' tokens, beside other requests and alone; the penalty changes the answer."""
+    def request(rid: str, penalty: float) -> UnderstandRequest:
+        return UnderstandRequest(rid, "Describe this image in detail.", [images[0]], max_new_tokens=16,
+                                 params=SamplingParams(repetition_penalty=penalty))
+
+    penalized, plain = request("pen", 1.6), request("plain", 1.0)
+    inputs = build_understanding_inputs(tiny_hf, penalized.images, penalized.prompt)
+    ids = torch.tensor([inputs.input_ids])
+    out = tiny_hf.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs.pixel_values,
+                                 max_new_tokens=16, do_sample=False, repetition_penalty=1.6)
+    expected = out[0, ids.shape[1]:].tolist()
+    eos = lm.special["eos"]
+    expected = expected[:expected.index(eos)] if eos in expected else expected
+    crowd = run(Engine(lm, EngineConfig(max_batch_size=8)), [penalized, plain, *understand_mix(images)])
+    alone = run(Engine(lm), [request("pen", 1.6)])
+    assert crowd.result("pen").token_ids == expected == alone.result("pen").token_ids
+    assert crowd.result("plain").token_ids != expected
+
+
+@pytest.fixture(scope="module")
+def eos_model(tiny_hf_dir) -> LoadedModel:
+    """The tiny model with EOS every step's best token by far (a bias on the text head)."""
+    model = load_model(str(tiny_hf_dir), "cpu")
+    head = model.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight.data.copy_(head.weight.data)
+    biased.bias.data.zero_()
+    biased.bias.data[model.special["eos"]] = 1000.0
+    model.model.lm_head = biased
+    return model
+
+
+def test_ignore_eos_and_min_tokens(eos_model, images):
+    eos = eos_model.special["eos"]
+    sampled = dict(temperature=1.0, seed=3)
+    reqs = [UnderstandRequest("plain", "hello", [images[0]], max_new_tokens=6),
+            UnderstandRequest("ignore", "hello", [images[0]], max_new_tokens=6, params=SamplingParams(ignore_eos=True)),
+            UnderstandRequest("min", "hello", [images[0]], max_new_tokens=6, params=SamplingParams(min_tokens=4)),
+            UnderstandRequest("min-sampled", "hello", [images[1]], max_new_tokens=9,
+                              params=SamplingParams(min_tokens=5, **sampled)),
+            UnderstandRequest("both", "hello", [], max_new_tokens=5,
+                              params=SamplingParams(min_tokens=2, ignore_eos=True))]
+    sink = run(Engine(eos_model, EngineConfig(max_batch_size=8)), reqs)
+    plain, ignore, least, least_sampled, both = (sink.result(r.request_id) for r in reqs)
+    assert (plain.finish_reason, plain.completion_tokens) == ("stop", 0)
+    assert (ignore.finish_reason, ignore.token_ids, ignore.text) == ("length", [eos] * 6, "")
+    assert least.finish_reason == "stop" and len(least.token_ids) == 4 and eos not in least.token_ids
+    assert least_sampled.finish_reason == "stop" and len(least_sampled.token_ids) == 5
+    assert eos not in least_sampled.token_ids
+    assert both.finish_reason == "length" and both.token_ids[2:] == [eos] * 3 and eos not in both.token_ids[:2]
+    alone = run(Engine(eos_model), [UnderstandRequest("min-sampled", "hello", [images[1]], max_new_tokens=9,
+                                                      params=SamplingParams(min_tokens=5, **sampled))])
+    assert alone.result("min-sampled").token_ids == least_sampled.token_ids

@@ -17,7 +17,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from janus_core.kv_cache import _general_groups, _single_run_groups
 from janus_core.philox import philox4x32, uniforms
-from janus_core.sampling import RowSampling, SamplingParams, sample, stream_uniforms, top_p_filter
+from janus_core.sampling import RowSampling, SamplingParams, sample, stream_uniforms, top_p_filter, warp
 from janus_core.step_rows import DecodeRows, RowValues
 
 CPU = torch.device("cpu")
@@ -183,3 +183,87 @@ def test_a_decode_rows_successive_steps_follow_the_distribution(top_p):
     assert stat < _chi_square_critical(int(kept.sum()) - 1), (stat, counts.tolist())
     assert drawn == sample(logits.expand(steps, -1).contiguous(), RowSampling.of(
         [SamplingParams(temperature=temperature, top_p=top_p)] * steps, stream_uniforms(99, steps), CPU)).tolist()
+
+
+# --- vLLM's extensions: top-k, min-p, the repetition penalty, min_tokens ---------------------------------------
+
+
+@pytest.mark.parametrize(("top_k", "min_p", "top_p"), [(5, 0.0, 1.0), (0, 0.2, 1.0), (7, 0.05, 0.9), (500, 0.0, 1.0)])
+def test_top_k_min_p_keep_transformers_sets(top_k, min_p, top_p):
+    """The tokens left to draw from equal transformers' warpers applied in its order (temperature, top-k,
+    top-p, min-p); a top_k past the vocabulary keeps everything."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper
+
+    logits, temperature = _logits(1, 60, seed=21, scale=3.0), 0.7
+    params = SamplingParams(temperature=temperature, top_k=top_k, min_p=min_p, top_p=top_p)
+    rows = RowSampling.of([params], torch.full((1,), 0.5, dtype=torch.float64), CPU)
+    expected = logits / temperature
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    if min_p:
+        expected = MinPLogitsWarper(min_p)(None, expected)
+    assert torch.equal(warp(logits, rows).isinf(), expected.isinf())
+    drawn = sample(logits.expand(2000, -1).contiguous(), RowSampling.of([params] * 2000, stream_uniforms(5, 2000), CPU))
+    assert not expected[0, drawn].isinf().any()
+
+
+def test_repetition_penalty_equals_transformers_and_moves_the_argmax():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = _logits(2, 50, seed=3)
+    history = [[int(logits[0].argmax()), 4, 4, 9], [int(logits[1].argmin()), 7]]
+    params = [SamplingParams(repetition_penalty=1.7), SamplingParams(repetition_penalty=0.6)]
+    rows = RowSampling.of(params, torch.full((2,), 0.5, dtype=torch.float64), CPU, history=history, vocab=50)
+    for r in range(2):
+        ids = torch.tensor([history[r]])
+        expected = RepetitionPenaltyLogitsProcessor(params[r].repetition_penalty)(ids, logits[r:r + 1].clone())
+        assert int(sample(logits, rows)[r]) == int(expected.argmax())
+    assert int(sample(logits, rows)[0]) != history[0][0]  # the best token, seen, lost its place
+
+
+def test_min_tokens_masks_eos_until_reached_and_ignore_eos_does_not():
+    logits = _logits(3, 40, seed=8)
+    eos = int(logits[0].argmax())
+    logits[:, eos] = 50.0  # EOS is every row's best by far
+    params = [SamplingParams(min_tokens=3), SamplingParams(temperature=1.0, min_tokens=3), SamplingParams()]
+    u = torch.full((3,), 0.5, dtype=torch.float64)
+    early = sample(logits, RowSampling.of(params, u, CPU, produced=[2, 2, 0], eos=eos)).tolist()
+    assert early[0] != eos and early[1] != eos and early[2] == eos
+    assert sample(logits, RowSampling.of(params, u, CPU, produced=[3, 3, 0], eos=eos)).tolist() == [eos] * 3
+
+
+def test_decode_rows_carry_the_extensions_like_a_fresh_view():
+    """The engine's path (rows written once, then advanced on the device: the penalty's token sets grow, the EOS
+    mask lifts at min_tokens) draws what `RowSampling.of` from the host state draws, row by row."""
+    vocab, eos = 30, 2
+    logits = _logits(3, vocab, seed=17)
+    params = {"a": SamplingParams(temperature=0.9, top_k=6, min_tokens=4, repetition_penalty=1.3, seed=1),
+              "b": SamplingParams(repetition_penalty=2.0, min_tokens=2),
+              "c": SamplingParams(temperature=1.1, min_p=0.1, top_p=0.9, seed=3)}
+    streams = {k: stream_uniforms(p.seed or 0, 40)[None] for k, p in params.items()}
+    history = {"a": [5, 6], "b": [6, 7, 7], "c": [1]}
+    rows = DecodeRows(capacity=4, horizon=40, device=CPU, vocab=vocab, eos=eos)
+
+    def values(key):
+        p = params[key]
+        return RowValues(last=torch.tensor([history[key][-1]]), position=len(history[key]), step=0,
+                         temperature=p.temperature, top_p=p.top_p, greedy=p.greedy, uniforms=streams[key],
+                         top_k=p.top_k, min_p=p.min_p, penalty=p.repetition_penalty, min_tokens=p.min_tokens,
+                         history=torch.tensor(history[key]))
+
+    order = ["b", "a", "c"]
+    produced = dict.fromkeys(order, 0)
+    for step in range(8):
+        if step == 3:
+            order = ["c", "a"]  # b leaves, the survivors move
+        rows.sync(order, lambda k: 1, values)
+        chosen = sample(logits[:len(order)], rows.sampling())
+        for i, key in enumerate(order):
+            fresh = RowSampling.of([params[key]], streams[key][:, produced[key]], CPU, produced=[produced[key]],
+                                   history=[history[key]], vocab=vocab, eos=eos)
+            assert int(chosen[i]) == int(sample(logits[i:i + 1], fresh)[0]), (step, key)
+            history[key].append(int(chosen[i]))
+            produced[key] += 1
+        rows.advance(chosen)
