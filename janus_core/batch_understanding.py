@@ -30,7 +30,7 @@ from janus_core.kv_cache import PagedKV, PrefillBatch
 from janus_core.kv_manager import KVManager
 from janus_core.loading import LoadedModel
 from janus_core.lru import ByteLRU
-from janus_core.processor import build_conversation_inputs, build_understanding_inputs
+from janus_core.processor import build_conversation_inputs, build_text_inputs, build_understanding_inputs
 from janus_core.runner import ModelRunner
 from janus_core.sampling import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
 from janus_core.scheduler import Sequence as Seq
@@ -94,9 +94,11 @@ class UnderstandingBatch:
         self.rows = DecodeRows(max_running, max_new_tokens, lm.device, vocab=self.vocab, eos=lm.special["eos"])
 
     def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
-                params: SamplingParams, *, messages: Sequence[Message] | None = None) -> Seq:
+                params: SamplingParams, *, messages: Sequence[Message] | None = None, raw: bool = False,
+                prompt_ids: Sequence[int] | None = None) -> Seq:
         """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for blocks.
-        With `messages`, the whole conversation is the prompt and `images` are its images in order."""
+        With `messages`, the whole conversation is the prompt and `images` are its images in order; `raw`
+        (a plain completion): `prompt`, or `prompt_ids`, is the whole prompt, no chat format, no images."""
         if len(images) > self.max_images:
             raise InvalidRequestError(f"{len(images)} images given; at most {self.max_images} per request")
         if max_new_tokens > self.max_new_tokens:
@@ -104,7 +106,11 @@ class UnderstandingBatch:
                 f"max_new_tokens {max_new_tokens} exceeds the limit of {self.max_new_tokens}")
         if params.min_tokens > max_new_tokens:
             raise InvalidRequestError(f"min_tokens ({params.min_tokens}) exceeds max_new_tokens ({max_new_tokens})")
-        if messages is not None:
+        if raw or prompt_ids is not None:
+            if images:
+                raise InvalidRequestError("a plain completion takes no images")
+            inputs = build_text_inputs(self.lm, prompt, prompt_ids)
+        elif messages is not None:
             inputs = build_conversation_inputs(self.lm, messages, images)
         else:
             inputs = build_understanding_inputs(self.lm, images, prompt)

@@ -54,7 +54,8 @@ ROOM_TO_GROW = 64  # blocks (1,024 tokens) kept after an understanding prompt fo
 @dataclass
 class UnderstandRequest:
     """One prompt about `images`, or (with `messages`) a whole conversation whose images are `images`
-    in order; `prompt` is then unused. The answer ends at EOS, `max_new_tokens` or a `stop` string."""
+    in order; `prompt` is then unused. `raw` (a plain completion): `prompt`, or `prompt_ids`, is the whole
+    prompt, without the chat format. The answer ends at EOS, `max_new_tokens` or a `stop` string."""
 
     request_id: str
     prompt: str
@@ -63,6 +64,8 @@ class UnderstandRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: list[Message] | None = None
     stop: list[str] = field(default_factory=list)
+    raw: bool = False
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -465,7 +468,8 @@ class Engine:
     def _prepare(self, request: Request) -> Sequence:
         if isinstance(request, UnderstandRequest):
             seq = self.understanding.prepare(request.request_id, request.images, request.prompt,
-                                             request.max_new_tokens, request.params, messages=request.messages)
+                                             request.max_new_tokens, request.params, messages=request.messages,
+                                             raw=request.raw, prompt_ids=request.prompt_ids)
         elif isinstance(self.generation, FlowBatch):
             seq = self.generation.prepare(request.request_id, request.prompt, request.n, request.cfg_weight,
                                           request.steps, request.params.seed, request.given)

@@ -138,6 +138,21 @@ def generate_images(
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """One (H, W, 3) uint8 image as PNG bytes."""
+    return encode_image(pixels)
+
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+def encode_image(pixels: np.ndarray, output_format: str = "png", quality: int | None = None) -> bytes:
+    """One (H, W, 3) uint8 image as PNG, JPEG or WebP bytes (Pillow's encoders: the same pixels give the same
+    bytes). `quality` (0-100) applies to JPEG and WebP; None: Pillow's default (75 and 80)."""
+    if output_format not in IMAGE_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
+    image = Image.fromarray(pixels)
+    if output_format == "png":
+        image.save(buf, format="PNG", compress_level=6)
+    else:
+        image.save(buf, format=output_format.upper(), **({} if quality is None else {"quality": quality}))
     return buf.getvalue()

@@ -56,6 +56,26 @@ def build_understanding_inputs(lm: LoadedModel, images: Sequence[Image.Image], p
     return UnderstandingInputs(batch["input_ids"][0].tolist(), pixels.float() if pixels is not None else None)
 
 
+def build_text_inputs(lm: LoadedModel, prompt: str | None = None,
+                      ids: Sequence[int] | None = None) -> UnderstandingInputs:
+    """A plain completion's prompt, no chat format: text tokenized as the tokenizer does by default (BOS first),
+    or token ids as given. Image placeholders are refused: a plain prompt has no images."""
+    if ids is None:
+        _check_prompt(prompt)
+        ids = lm.tokenizer(prompt)["input_ids"]
+    else:
+        vocab = int(lm.model.config.text_config.vocab_size)
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary (0 to {vocab - 1})")
+        if lm.special["image"] in ids:
+            raise InvalidRequestError(f"prompt token ids must not contain the image placeholder id "
+                                      f"{lm.special['image']}; a plain completion has no images")
+    if not ids:
+        raise InvalidRequestError("the prompt is empty")
+    return UnderstandingInputs(list(ids), None)
+
+
 def conversation_text(lm: LoadedModel, messages: Sequence[Message]) -> str:
     """The whole conversation as prompt text (system block, every turn, the generation prompt)."""
     check_conversation(messages)

@@ -50,7 +50,7 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OPENAI_BODY_ROUTES = frozenset({"/v1/chat/completions", "/v1/images/generations"})
+OPENAI_BODY_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/images/generations"})
 
 
 @dataclass
@@ -63,11 +63,17 @@ class ModelInfo:
     created: int = field(default_factory=lambda: int(time.time()))
     served_names: list[str] = field(default_factory=list)  # --served-model-name; empty: just `name`
     generator: str | None = None  # "vq" (Janus-Pro) or "flow" (JanusFlow) once known; None in an API-only process
+    aliases: list[str] = field(default_factory=list)  # also accepted as `model`, not listed
 
     @property
     def names(self) -> list[str]:
-        """What `model` may say in OpenAI requests and what /v1/models lists (the first answers)."""
+        """What /v1/models lists (the first answers requests that name no model)."""
         return self.served_names or [self.name]
+
+    @property
+    def accepted(self) -> list[str]:
+        """What `model` may say in OpenAI requests."""
+        return self.names + [a for a in self.aliases if a not in self.names]
 
 
 def create_app(settings: Settings, service: Service, metrics: Metrics, model_info: ModelInfo | None = None) -> FastAPI:
@@ -80,7 +86,8 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
-    app.add_middleware(RequestContextMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_body_bytes, metrics=metrics,
+                       access_log=settings.access_log)
     _install_error_handlers(app)
     _add_operational_routes(app)
     _add_native_routes(app)
@@ -101,13 +108,21 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class RequestContextMiddleware:
-    """Pure ASGI: sets X-Request-Id, refuses bodies over the limit with 413, counts requests."""
+access_log = logging.getLogger("janus.access")
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/favicon.ico"})  # probes and scrapes, when they succeed
+ERROR_PREVIEW = 2048  # bytes of an error body read for the access log's `error`
 
-    def __init__(self, app, max_body: int, metrics: Metrics) -> None:
+
+class RequestContextMiddleware:
+    """Pure ASGI: sets X-Request-Id, refuses bodies over the limit with 413, counts requests, and writes one
+    access log line per request (method, path, status, duration, request id, client; an error's message), so an
+    operator sees why a client was refused. Successful probes, scrapes and playground assets are not logged."""
+
+    def __init__(self, app, max_body: int, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.max_body = max_body
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -122,11 +137,16 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status_holder = {"status": 500}
 
+        error_body = bytearray()
+
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            elif (message["type"] == "http.response.body" and status_holder["status"] >= 400
+                  and len(error_body) < ERROR_PREVIEW):
+                error_body.extend(message.get("body", b"")[:ERROR_PREVIEW - len(error_body)])
             await send(message)
 
         length = headers.get("content-length")
@@ -134,6 +154,7 @@ class RequestContextMiddleware:
             response = error_response(413, f"request body is {length} bytes; the limit is {self.max_body}")
             await response(scope, receive, send_with_id)
             self._count(endpoint, 413, started)
+            self._log(scope, headers, 413, started, response.body)
             request_id_var.reset(token)
             return None
         seen = 0
@@ -153,14 +174,45 @@ class RequestContextMiddleware:
             response = error_response(413, f"request body exceeds the limit of {self.max_body} bytes")
             await response(scope, receive, send_with_id)
         finally:
+            self._log(scope, headers, status_holder["status"], started, bytes(error_body))
             request_id_var.reset(token)
         self._count(endpoint, status_holder["status"], started)
         return None
+
+    def _log(self, scope, headers: dict[str, str], status: int, started: float, body: bytes) -> None:
+        path = scope.get("path", "")
+        if not self.access_log or (status < 400 and (path in QUIET_PATHS or path.startswith("/static/"))):
+            return
+        method, client = scope.get("method", ""), scope.get("client")
+        fields: dict[str, Any] = {"method": method, "path": _printable(path, 200), "status": status,
+                                  "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                                  "client": client[0] if client else None,
+                                  "user_agent": _printable(headers.get("user-agent", ""), 120)}
+        if status >= 400:
+            fields["error"] = _error_message(body)
+        message = f"{method} {fields['path']} {status} {fields['duration_ms']}ms"
+        if status >= 400 and fields["error"]:
+            message += f": {fields['error']}"
+        access_log.info(message, extra={"fields": fields})
 
     def _count(self, endpoint: str, status: int, started: float) -> None:
         if endpoint.startswith("/v1/"):
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _printable(text: str, limit: int) -> str:
+    """Client-sent text made safe for a log line: no control characters, bounded."""
+    text = text[:limit]
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _error_message(body: bytes) -> str | None:
+    """The message of one of our error bodies (`{"error": {"message": ...}}`), from its first bytes."""
+    try:
+        return _printable(str(json.loads(body)["error"]["message"]), 300)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -270,7 +322,7 @@ def _add_native_routes(app: FastAPI) -> None:
         max_new_tokens = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(
             body.max_new_tokens, settings.max_new_tokens)  # the default, within this server's limit
         params = UnderstandParams(body.prompt or "", images, max_new_tokens, body.temperature, body.top_p,
-                                  body.seed, messages=messages)
+                                  body.seed, messages=messages, **body.extensions())
         service: Service = request.app.state.service
         ticket = await service.submit_understand(params, origin_of(request), stream=body.stream,
                                                  require_image=messages is None)
@@ -287,18 +339,18 @@ def _add_native_routes(app: FastAPI) -> None:
         _auth(request)
         service: Service = request.app.state.service
         params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed,
-                                body.steps)
+                                body.steps, body.output_format, body.output_compression)
         ticket = await service.submit_generate(params, origin_of(request), stream=body.stream)
         if body.stream:
             return sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        pngs = J.result_pngs(event)
-        if body.n == 1 and "image/png" in request.headers.get("accept", ""):
-            return Response(pngs[0], media_type="image/png",
+        media_type = f"image/{event.get('format', 'png')}"
+        if body.n == 1 and media_type in request.headers.get("accept", ""):
+            return Response(J.result_images(event)[0], media_type=media_type,
                             headers={"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id})
-        return {"id": ticket.job_id, "seed": event["seed"], "images": [{"b64_png": p} for p in event["pngs"]]}
+        return _images_body(ticket.job_id, event)
 
 
 async def _read_understand(request: Request, settings: Settings) -> tuple[UnderstandBody, list[bytes]]:
@@ -395,5 +447,12 @@ def _generate_sse(event: dict[str, Any], job_id: str) -> list[Any]:
     if event["type"] == "progress":
         return [{"step": event["step"], "total": event["total"]}]
     if event["type"] == "result":
-        return [{"id": job_id, "seed": event["seed"], "images": [{"b64_png": p} for p in event["pngs"]]}]
+        return [_images_body(job_id, event)]
     return []
+
+
+def _images_body(job_id: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A generation's images in JSON: `b64_png` per image (`b64_jpeg` / `b64_webp` for other output formats)."""
+    fmt = event.get("format", "png")
+    return {"id": job_id, "seed": event["seed"], "output_format": fmt,
+            "images": [{f"b64_{fmt}": p} for p in J.result_b64(event)]}

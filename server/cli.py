@@ -29,8 +29,11 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
                             "default: the checkpoint's own template, else its family")
     if network:
         p.add_argument("--served-model-name", action="append", dest="served_model_name",
-                       help="a name clients send as `model` (repeatable; default: the checkpoint's name)")
+                       help="a name clients send as `model` (repeatable; default: --model as given, its last "
+                            "path component accepted too)")
     if network:
+        p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None, dest="access_log",
+                       help="one log line per request, refusals with their reason (default: on)")
         p.add_argument("--host")
         p.add_argument("--port", type=int)
         p.add_argument("--grpc-port", type=int, dest="grpc_port", help="0 disables gRPC")

@@ -26,13 +26,14 @@ from grpc_reflection.v1alpha import reflection
 
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
-from server.jobs import GenerateParams, UnderstandParams, result_pngs
+from server.jobs import GenerateParams, UnderstandParams, result_images
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
 from server.service import BadRequest, Origin, Service, ServiceUnavailable, Ticket
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("janus.access")
 
 SERVICE_NAME: str = janus_pb2.DESCRIPTOR.services_by_name["Janus"].full_name  # "janus.v1.Janus"
 _METHOD_PREFIX = f"/{SERVICE_NAME}/"
@@ -93,9 +94,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Checks API keys on Janus rpcs and turns their exceptions into statuses (health and
     reflection pass through untouched: probes and `grpcurl list` need no key)."""
 
-    def __init__(self, api_keys: list[str], metrics: Metrics | None = None) -> None:
+    def __init__(self, api_keys: list[str], metrics: Metrics | None = None, access_log: bool = False) -> None:
         self._keys = [key.encode() for key in api_keys]
         self._metrics = metrics
+        self._access_log = access_log
 
     async def intercept_service(
         self,
@@ -105,7 +107,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
             return handler
-        return _guard(handler, self._authorize, _Recorder(self._metrics, handler_call_details.method))
+        return _guard(handler, self._authorize,
+                      _Recorder(self._metrics, handler_call_details.method, self._access_log))
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self._keys:
@@ -129,25 +132,37 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 
 class _Recorder:
-    """Counts one rpc in janus_requests_total / janus_request_duration_seconds (endpoint = rpc path)."""
+    """Counts one rpc in janus_requests_total / janus_request_duration_seconds (endpoint = rpc path) and
+    writes its access log line (the REST middleware's format: a refusal with its reason)."""
 
-    def __init__(self, metrics: Metrics | None, method: str) -> None:
-        self.metrics, self.method = metrics, method
+    def __init__(self, metrics: Metrics | None, method: str, access_log: bool = False) -> None:
+        self.metrics, self.method, self.access_log = metrics, method, access_log
 
     def start(self) -> float:
         return time.perf_counter()
 
     def done(self, started: float, exc: BaseException | None, context: grpc.aio.ServicerContext) -> None:
-        if self.metrics is None:
-            return
+        message = None
         if exc is None:
             code = "OK"
         elif isinstance(exc, grpc.aio.BaseError):  # the handler aborted with a status of its own
             code = context.code().name if isinstance(context.code(), grpc.StatusCode) else "UNKNOWN"
+            message = context.details() if hasattr(context, "details") else None
         else:
-            code = status_for(exc)[0].name
-        self.metrics.requests.labels(self.method, code).inc()
-        self.metrics.request_duration.labels(self.method).observe(time.perf_counter() - started)
+            status, message, _ = status_for(exc)
+            code = status.name
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.requests.labels(self.method, code).inc()
+            self.metrics.request_duration.labels(self.method).observe(seconds)
+        if self.access_log:
+            fields = {"method": "gRPC", "path": self.method, "status": code, "duration_ms": round(seconds * 1000, 1),
+                      "client": context.peer()}
+            line = f"gRPC {self.method} {code} {fields['duration_ms']}ms"
+            if message:
+                fields["error"] = str(message)[:300]
+                line += f": {fields['error']}"
+            access_log.info(line, extra={"fields": fields})
 
 
 def _guard(handler: grpc.RpcMethodHandler, authorize: Callable[[grpc.aio.ServicerContext], None],
@@ -388,7 +403,7 @@ def _understand_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.Und
 
 
 def _generate_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.GenerateResponse:
-    return janus_pb2.GenerateResponse(id=ticket.job_id, seed=event["seed"], png=result_pngs(event))
+    return janus_pb2.GenerateResponse(id=ticket.job_id, seed=event["seed"], png=result_images(event))
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -417,7 +432,7 @@ def create_grpc_server(service: Service, settings: Settings, *, metrics: Metrics
 
     Bind with `server.add_insecure_port("host:port")`, then `await server.start()`; stop with
     `stop_grpc_server`. `start_grpc_server` does all of it from `settings`."""
-    server = grpc.aio.server(interceptors=[StatusInterceptor(settings.api_key, metrics)],
+    server = grpc.aio.server(interceptors=[StatusInterceptor(settings.api_key, metrics, settings.access_log)],
                              options=server_options(settings))
     readiness = Readiness(service, ttl=readiness_ttl)
     janus_pb2_grpc.add_JanusServicer_to_server(JanusServicer(service, readiness), server)

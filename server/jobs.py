@@ -40,6 +40,21 @@ class UnderstandParams:
     # `images` in order.
     messages: list[dict[str, Any]] | None = None
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not returned)
+    # vLLM's sampling extensions (janus_core.sampling.SamplingParams): 0 / 1.0 / False are off
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    # A plain completion (/v1/completions): `prompt` (or `prompt_ids`) is the whole prompt, no chat format
+    raw: bool = False
+    prompt_ids: list[int] | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The keyword arguments of janus_core's SamplingParams."""
+        return dict(temperature=self.temperature, top_p=self.top_p, seed=self.seed, top_k=self.top_k,
+                    min_p=self.min_p, repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+                    ignore_eos=self.ignore_eos)
 
 
 @dataclass
@@ -55,6 +70,8 @@ class GenerateParams:
     top_p: float | None = None
     seed: int | None = None
     steps: int | None = None
+    output_format: str = "png"  # png | jpeg | webp: how the worker encodes the images
+    output_compression: int | None = None  # jpeg / webp quality, 0-100 (None: the encoder's default)
 
 
 @dataclass
@@ -113,9 +130,9 @@ def understand_result(text: str, finish_reason: str, prompt_tokens: int, complet
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
 
 
-def generate_result(seed: int, pngs: list[bytes]) -> dict[str, Any]:
-    return {"type": "result", "kind": "generate", "seed": seed,
-            "pngs": [base64.b64encode(p).decode("ascii") for p in pngs]}
+def generate_result(seed: int, images: list[bytes], output_format: str = "png") -> dict[str, Any]:
+    return {"type": "result", "kind": "generate", "seed": seed, "format": output_format,
+            "images": [base64.b64encode(p).decode("ascii") for p in images]}
 
 
 def error_event(code: str, message: str) -> dict[str, Any]:
@@ -126,5 +143,10 @@ def is_terminal(event: dict[str, Any]) -> bool:
     return event.get("type") in ("result", "error")
 
 
-def result_pngs(event: dict[str, Any]) -> list[bytes]:
-    return [base64.b64decode(s) for s in event.get("pngs", [])]
+def result_images(event: dict[str, Any]) -> list[bytes]:
+    """A generation result's encoded images (in `event["format"]`)."""
+    return [base64.b64decode(s) for s in result_b64(event)]
+
+
+def result_b64(event: dict[str, Any]) -> list[str]:
+    return event.get("images", event.get("pngs", []))  # "pngs": what workers before output formats sent

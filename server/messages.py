@@ -23,7 +23,7 @@ from server.settings import Settings
 
 async def read_messages(messages: list[ChatMessage], settings: Settings) -> tuple[list[dict[str, Any]], list[bytes]]:
     """Job messages and every image of the conversation in order (fetched or decoded from base64)."""
-    count = sum(1 for m in messages if not isinstance(m.content, str)
+    count = sum(1 for m in messages if isinstance(m.content, list)
                 for part in m.content if isinstance(part, ImagePart))
     if count > settings.max_images:
         raise BadRequest(f"the conversation has {count} images; at most {settings.max_images} are allowed "
@@ -32,8 +32,8 @@ async def read_messages(messages: list[ChatMessage], settings: Settings) -> tupl
     images: list[bytes] = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, str):
-            out.append({"role": role, "text": message.content, "images": 0})
+        if not isinstance(message.content, list):  # a string, or an assistant turn without content
+            out.append({"role": role, "text": message.content or "", "images": 0})
             continue
         texts: list[str] = []
         found = 0

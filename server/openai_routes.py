@@ -1,7 +1,10 @@
-"""OpenAI-compatible surfaces over the same jobs: /v1/chat/completions and /v1/images/generations.
+"""OpenAI-compatible surfaces over the same jobs: /v1/chat/completions, /v1/completions (legacy, as vLLM
+serves it) and /v1/images/generations.
 
 OpenAI SDK clients work unchanged. Chat renders the whole conversation (system, user and assistant
-turns, images in any user turn; see `server.messages`). `model` must be one of the served names
+turns, images in any user turn; see `server.messages`); completions take the prompt as given (text or
+token ids, no chat format, no images). Both honour vLLM's sampling extensions (`top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`). `model` must be one of the served names
 (`--served-model-name`, default the checkpoint's name), as vLLM does: another is a 404
 `model_not_found`. Options that would change the answer and that the model cannot honour are a
 400, never silently ignored.
@@ -14,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from server import jobs as J
 from server.http_common import (
     HTTPError,
     check_api_key,
@@ -25,7 +29,7 @@ from server.http_common import (
 )
 from server.jobs import GenerateParams, UnderstandParams
 from server.messages import read_messages
-from server.schemas import ChatCompletionsBody, ImagesGenerationsBody
+from server.schemas import ChatCompletionsBody, CompletionsBody, ImagesGenerationsBody, OpenAIOptions
 from server.service import BadRequest, Service
 from server.settings import Settings
 
@@ -36,15 +40,14 @@ def add_openai_routes(app: FastAPI) -> None:
         check_api_key(request, request.app.state.settings.api_key)
         settings: Settings = request.app.state.settings
         model = check_model(request, body.model)
-        stop = _refuse_unsupported(body)
+        _refuse_chat_options(body)
+        stop = _common_options(body)
         messages, images = await read_messages(body.messages, settings)
         for name in ("max_tokens", "max_completion_tokens"):  # both are checked, whichever is used
-            given = getattr(body, name)
-            if given is not None and given > settings.max_new_tokens:
-                raise BadRequest(f"{name} must be at most {settings.max_new_tokens}, got {given}")
+            _check_max_tokens(settings, name, getattr(body, name))
         max_tokens = body.max_completion_tokens or body.max_tokens or min(256, settings.max_new_tokens)
         params = UnderstandParams("", images, max_tokens, body.temperature, body.top_p, body.seed,
-                                  messages=messages, stop=stop)
+                                  messages=messages, stop=stop, **body.extensions())
         service: Service = request.app.state.service
         ticket = await service.submit_understand(params, origin_of(request), stream=body.stream, require_image=False)
         created = int(time.time())
@@ -78,6 +81,48 @@ def add_openai_routes(app: FastAPI) -> None:
             "usage": _usage(event),
         }
 
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(body: CompletionsBody, request: Request):
+        check_api_key(request, request.app.state.settings.api_key)
+        settings: Settings = request.app.state.settings
+        model = check_model(request, body.model)
+        _refuse_completion_options(body)
+        stop = _common_options(body)
+        text, ids = _one_prompt(body.prompt)
+        _check_max_tokens(settings, "max_tokens", body.max_tokens)
+        params = UnderstandParams(text or "", [], body.max_tokens or 16, body.temperature, body.top_p, body.seed,
+                                  stop=stop, raw=True, prompt_ids=ids, **body.extensions())
+        service: Service = request.app.state.service
+        ticket = await service.submit_understand(params, origin_of(request), stream=body.stream, require_image=False)
+        created = int(time.time())
+        completion_id = f"cmpl-{ticket.job_id}"
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        def body_of(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, **extra}
+
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            def render(event: dict[str, Any]) -> list[Any]:
+                if event["type"] == "delta":
+                    return [body_of([choice(event["text"], None)])]
+                if event["type"] != "result":
+                    return []
+                out = [body_of([choice("", event["finish_reason"])])]
+                if include_usage:
+                    out.append(body_of([], usage=_usage(event)))
+                return out
+
+            return sse_response(stream_job(service, ticket, render), ticket)
+        event = await wait_for_result(service, ticket, request)
+        if event["type"] == "error":
+            raise job_error(event)
+        return body_of([choice(event["text"], event["finish_reason"])], usage=_usage(event))
+
     @app.post("/v1/images/generations", tags=["openai"])
     async def images_generations(body: ImagesGenerationsBody, request: Request):
         check_api_key(request, request.app.state.settings.api_key)
@@ -98,28 +143,69 @@ def add_openai_routes(app: FastAPI) -> None:
         if body.temperature is not None:
             params.temperature = body.temperature
         params.steps = body.steps
+        params.output_format, params.output_compression = body.output_format, body.output_compression
         service: Service = request.app.state.service
         ticket = await service.submit_generate(params, origin_of(request))
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
         return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": None}
-                                                       for p in event["pngs"]]}
+                                                       for p in J.result_b64(event)],
+                "output_format": event.get("format", "png"), "size": native}
 
 
 def check_model(request: Request, name: str | None) -> str:
     """The model name to answer with; a name we do not serve is a 404 that lists the served ones."""
-    served: list[str] = request.app.state.model_info.names
-    if name is None or name in served:
+    info = request.app.state.model_info
+    served: list[str] = info.names
+    if name is None or name in info.accepted:
         return name or served[0]
     raise HTTPError(404, f"the model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                     "model_not_found")
 
 
-def _refuse_unsupported(body: ChatCompletionsBody) -> list[str]:
-    """400 for options that would change the answer and that we cannot honour; returns the stop strings."""
-    if body.n != 1:
-        raise BadRequest(f"n={body.n} is not supported; this server returns one choice (n=1)")
+def _common_options(body: OpenAIOptions) -> list[str]:
+    """400 for shared options that would change the answer and that we cannot honour; returns the stop strings."""
+    refused = body.unsupported()
+    if refused:
+        raise BadRequest("; ".join(refused))
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise BadRequest(f"stop takes at most 4 non-empty strings, got {len(stop)}")
+    return stop
+
+
+def _check_max_tokens(settings: Settings, name: str, given: int | None) -> None:
+    if given is not None and given > settings.max_new_tokens:
+        raise BadRequest(f"{name} must be at most {settings.max_new_tokens}, got {given}")
+
+
+def _one_prompt(prompt: str | list) -> tuple[str | None, list[int] | None]:
+    """A completion's prompt as text or token ids; a batch of several prompts is a 400."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if not prompt:
+        raise BadRequest("prompt is an empty list")
+    if isinstance(prompt[0], int):
+        return None, list(prompt)
+    if len(prompt) != 1:
+        raise BadRequest(f"prompt holds {len(prompt)} prompts; this server takes one per request (send several "
+                         "requests: they are batched together)")
+    return (prompt[0], None) if isinstance(prompt[0], str) else (None, list(prompt[0]))
+
+
+def _refuse_completion_options(body: CompletionsBody) -> None:
+    if body.echo:
+        raise BadRequest("echo is not supported by this server")
+    if body.logprobs is not None:
+        raise BadRequest("logprobs are not supported by this server")
+    if body.best_of not in (None, 1):
+        raise BadRequest(f"best_of={body.best_of} is not supported (only 1)")
+    if body.suffix:
+        raise BadRequest("suffix (insertion) is not supported by this model")
+
+
+def _refuse_chat_options(body: ChatCompletionsBody) -> None:
     if body.logprobs or body.top_logprobs:
         raise BadRequest("logprobs are not supported by this server")
     if body.tools:
@@ -128,10 +214,6 @@ def _refuse_unsupported(body: ChatCompletionsBody) -> list[str]:
         raise BadRequest("tool_choice is not supported by this model (only 'none')")
     if body.response_format is not None and body.response_format.type != "text":
         raise BadRequest(f"response_format {body.response_format.type!r} is not supported; only 'text'")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 or not all(stop):
-        raise BadRequest(f"stop takes at most 4 non-empty strings, got {len(stop)}")
-    return stop
 
 
 def _usage(event: dict[str, Any]) -> dict[str, int]:

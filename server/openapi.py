@@ -99,6 +99,7 @@ def describe(doc: dict[str, Any], settings: Settings, native_size: str,
             prop.pop("anyOf", None)
             prop.pop("type", None)
             prop["enum"] = values
+    _document_openai_refusals(schemas, settings)
     content = schemas.get("ChatMessage", {}).get("properties", {}).get("content", {})
     for branch in content.get("anyOf", []):
         if branch.get("type") == "array":  # images per message, as the chat route counts them
@@ -111,6 +112,40 @@ def describe(doc: dict[str, Any], settings: Settings, native_size: str,
     if settings.auth_enabled:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc
+
+
+# OpenAI options the server refuses unless they keep their defaults (each is a 400 naming it): the document
+# says exactly which values pass.
+OPENAI_FIXED: dict[str, dict[str, Any]] = {
+    "n": {"type": "integer", "enum": [1], "default": 1},
+    "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
+    "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
+    "logit_bias": {"type": ["object", "null"], "maxProperties": 0},
+}
+COMPLETIONS_FIXED: dict[str, dict[str, Any]] = {
+    "echo": {"type": "boolean", "enum": [False], "default": False},
+    "logprobs": {"type": "null"},
+    "best_of": {"type": ["integer", "null"], "enum": [1, None]},
+    "suffix": {"type": ["string", "null"], "maxLength": 0},
+}
+
+
+def _document_openai_refusals(schemas: dict[str, Any], settings: Settings) -> None:
+    for name, fixed in (("ChatCompletionsBody", OPENAI_FIXED), ("CompletionsBody", OPENAI_FIXED | COMPLETIONS_FIXED)):
+        props = schemas.get(name, {}).get("properties", {})
+        for field, schema in fixed.items():
+            if field in props:
+                props[field] = {**schema, "description": props[field].get("description", "")}
+    prompt = schemas.get("CompletionsBody", {}).get("properties", {}).get("prompt")
+    if prompt is not None:  # one prompt: text, token ids, or a list holding one of either
+        text = {"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars, "pattern": NON_BLANK}
+        ids = {"type": "array", "minItems": 1, "maxItems": settings.max_prompt_chars,
+               "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+        prompt.clear()
+        prompt.update({"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}, ids,
+                                 {"type": "array", "items": ids, "minItems": 1, "maxItems": 1}],
+                       "description": "Text or token ids (within the model's vocabulary, no image placeholder); "
+                                      "a list holds one prompt."})
 
 
 def _apply_bounds(schema: dict[str, Any], settings: Settings) -> None:

@@ -47,8 +47,12 @@ async def open_queue(settings: Settings) -> JobQueue:
 
 
 def model_info(settings: Settings) -> ModelInfo:
-    name = Path(settings.model).name if settings.model else "janus-pro"
-    return ModelInfo(name=name or "janus-pro", served_names=list(settings.served_model_name))
+    """Served as `--model` was given (a hub id or a path, as vLLM does: clients such as guidellm load the
+    tokenizer by that name), with its last component as an alias; `--served-model-name` replaces both."""
+    given = (settings.model or "").strip()
+    alias = Path(given).name
+    return ModelInfo(name=given or "janus-pro", served_names=list(settings.served_model_name),
+                     aliases=[alias] if alias and alias != given and not settings.served_model_name else [])
 
 
 def load_engine(settings: Settings):

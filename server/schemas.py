@@ -40,20 +40,20 @@ class _Strict(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # e.g. Anthropic-style `cache_control`, which litellm passes on
     type: Literal["text"]
     text: str
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     url: str = Field(description="A data: URL (base64), or http(s) on a host in JANUS_ALLOWED_IMAGE_HOSTS.")
     detail: Literal["auto", "low", "high"] = Field(
         "auto", description="Accepted for compatibility; every image is read at the model's native size.")
 
 
 class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -67,10 +67,35 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send `name` and the like
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="'developer' is OpenAI's newer name for 'system'.")
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = Field(
+        None, description="Required but for assistant turns, where missing or null means empty.")
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
-class UnderstandBody(_Strict):
+class SamplingExtensions(BaseModel):
+    """vLLM's sampling extensions, as vLLM's OpenAI server takes them (the SDK's `extra_body`)."""
+
+    top_k: Int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1: off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0,
+                                description="Drop tokens below min_p times the most likely one's probability.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0,
+                                             description="Above 1 discourages every token of the prompt and answer.")
+    min_tokens: Int | None = Field(None, ge=0, description="EOS and stop strings count only after this many tokens.")
+    ignore_eos: bool = Field(False, description="Go on past EOS, to the length limit.")
+
+    def extensions(self) -> dict[str, Any]:
+        """Keyword arguments for UnderstandParams (the defaults where unset)."""
+        return dict(top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
+                    repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                    min_tokens=self.min_tokens or 0, ignore_eos=self.ignore_eos)
+
+
+class UnderstandBody(SamplingExtensions, _Strict):
     """Either `prompt` + `images` or `messages` (a whole conversation), not both."""
 
     prompt: str | None = Field(None, min_length=1, description="The question or instruction about the image(s).")
@@ -93,6 +118,10 @@ class UnderstandBody(_Strict):
         return self
 
 
+OutputFormat = Literal["png", "jpeg", "webp"]
+COMPRESSION = "JPEG / WebP quality, 0-100 (default: Pillow's, 75 / 80); PNG is lossless and ignores it."
+
+
 class GenerateBody(_Strict):
     """Unset fields take the model's defaults; a field that means nothing for the model is a 400."""
 
@@ -106,6 +135,8 @@ class GenerateBody(_Strict):
     seed: Int | None = Field(None, ge=0, lt=2**63)
     steps: Int | None = Field(None, ge=1, le=100, description="Flow models (JanusFlow) only: ODE steps, default 30.")
     stream: bool = False
+    output_format: OutputFormat = Field("png", description="How the images are encoded.")
+    output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
 
 
 class ImagesGenerationsBody(BaseModel):
@@ -125,6 +156,8 @@ class ImagesGenerationsBody(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=100.0,
                                       description="VQ models only; default 1.0, 0 means greedy.")
     steps: Int | None = Field(None, ge=1, le=100, description="Flow models (JanusFlow) only: ODE steps, default 30.")
+    output_format: OutputFormat = Field("png", description="How the images are encoded.")
+    output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
 
 
 class StreamOptions(BaseModel):
@@ -137,15 +170,12 @@ class ResponseFormat(BaseModel):
     type: str
 
 
-class ChatCompletionsBody(BaseModel):
-    """OpenAI Chat Completions. Fields that change the answer and that we cannot honour (`logprobs`,
-    `tools`, a non-text `response_format`, `n` > 1) are refused with a 400; others are ignored."""
+class OpenAIOptions(SamplingExtensions):
+    """What chat and legacy completions share. Unknown fields are ignored (OpenAI clients send many);
+    options that would change the answer and that we cannot honour are each refused with a 400 naming them."""
 
     model_config = ConfigDict(extra="ignore")
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Int | None = Field(None, ge=0, lt=2**63)
@@ -153,8 +183,41 @@ class ChatCompletionsBody(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation ends before any of them.")
     n: int = Field(1, ge=1, description="Only 1 is supported.")
+    presence_penalty: float | None = Field(None, description="Not supported: anything but 0 is a 400.")
+    frequency_penalty: float | None = Field(None, description="Not supported: anything but 0 is a 400.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is a 400.")
+
+    def unsupported(self) -> list[str]:
+        """The options given that this server cannot honour, each with what to do instead."""
+        out = [f"n={self.n} is not supported (one choice per request: send several requests)"] if self.n != 1 else []
+        out += [f"{name} is not supported (use repetition_penalty)" for name in ("presence_penalty",
+                                                                                  "frequency_penalty")
+                if getattr(self, name)]
+        return out + (["logit_bias is not supported"] if self.logit_bias else [])
+
+
+class ChatCompletionsBody(OpenAIOptions):
+    """OpenAI Chat Completions. Fields that change the answer and that we cannot honour (`logprobs`,
+    `tools`, a non-text `response_format`, `n` > 1, penalties other than `repetition_penalty`) are refused
+    with a 400; others are ignored."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="Not supported: true is a 400.")
     top_logprobs: int | None = Field(None, ge=0, description="Not supported: a 400.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: a non-empty list is a 400.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Not supported: anything but 'none' is a 400.")
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
+
+
+class CompletionsBody(OpenAIOptions):
+    """OpenAI's legacy Completions, as vLLM serves it: the prompt as given, no chat format."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text or token ids; a list holds one prompt (a batch of several is a 400).")
+    max_tokens: int | None = Field(16, ge=1, description="16 when not given, as OpenAI's default.")
+    echo: bool = Field(False, description="Not supported: true is a 400.")
+    logprobs: int | None = Field(None, ge=0, description="Not supported: a number is a 400.")
+    best_of: int | None = Field(None, ge=1, description="Only 1.")
+    suffix: str | None = Field(None, description="Not supported: a 400.")

@@ -50,10 +50,10 @@ class ServiceUnavailable(Exception):
         self.retry_after = retry_after
 
 
-def _check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
+def _check_sampling(temperature: float, top_p: float, seed: int | None, **extensions: Any) -> None:
     """The engine's own rules (SamplingParams), answered at the edge as a 400."""
     try:
-        SamplingParams(temperature, top_p, seed)
+        SamplingParams(temperature, top_p, seed, **extensions)
     except (InvalidRequestError, TypeError) as exc:
         raise BadRequest(str(exc)) from exc
 
@@ -100,8 +100,24 @@ def _check_messages(settings: Settings, p: UnderstandParams) -> None:
         raise BadRequest(f"the messages refer to {wanted} image(s) but {len(p.images)} were sent")
 
 
+def _check_raw_prompt(settings: Settings, p: UnderstandParams) -> None:
+    """A plain completion's prompt: text (any non-empty string) or token ids, and no images."""
+    if p.images or p.messages is not None:
+        raise BadRequest("a plain completion takes a prompt only: no images, no messages")
+    if p.prompt_ids is None:
+        _check_prompt(settings, p.prompt)
+        return
+    ids = p.prompt_ids
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and 0 <= t < 2**31 for t in ids):
+        raise BadRequest("a prompt of token ids must be a non-empty list of non-negative integers")
+    if len(ids) > settings.max_prompt_chars:
+        raise BadRequest(f"prompt is {len(ids)} tokens; the limit is {settings.max_prompt_chars}", 413)
+
+
 def validate_understand(settings: Settings, p: UnderstandParams, *, require_image: bool = True) -> None:
-    if p.messages is not None:
+    if p.raw or p.prompt_ids is not None:
+        _check_raw_prompt(settings, p)
+    elif p.messages is not None:
         _check_messages(settings, p)
     else:
         _check_prompt(settings, p.prompt)
@@ -117,9 +133,13 @@ def validate_understand(settings: Settings, p: UnderstandParams, *, require_imag
             raise BadRequest(f"images[{i}] is {len(data)} bytes; the limit is {settings.max_image_bytes}", 413)
     if not (1 <= p.max_new_tokens <= settings.max_new_tokens):
         raise BadRequest(f"max_new_tokens must be between 1 and {settings.max_new_tokens}, got {p.max_new_tokens}")
-    _check_sampling(p.temperature, p.top_p, p.seed)
+    _check_sampling(**p.sampling())
+    if p.min_tokens > p.max_new_tokens:
+        raise BadRequest(f"min_tokens ({p.min_tokens}) must be at most the answer's maximum length "
+                         f"({p.max_new_tokens})")
 
 
+OUTPUT_FORMATS = ("png", "jpeg", "webp")  # janus_core.generation.IMAGE_FORMATS
 MAX_STEPS = 100  # janus_core.flow_loading.MAX_STEPS (the API layer does not import the model runtime's torch)
 
 
@@ -133,6 +153,10 @@ def validate_generate(settings: Settings, p: GenerateParams, generator: str | No
         raise BadRequest(f"cfg_weight must be between 0 and 100, got {p.cfg_weight}")
     if p.steps is not None and not (1 <= p.steps <= MAX_STEPS):
         raise BadRequest(f"steps must be between 1 and {MAX_STEPS}, got {p.steps}")
+    if p.output_format not in OUTPUT_FORMATS:
+        raise BadRequest(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {p.output_format!r}")
+    if p.output_compression is not None and not (0 <= p.output_compression <= 100):
+        raise BadRequest(f"output_compression must be between 0 and 100, got {p.output_compression}")
     _check_sampling(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p, p.seed)
     if generator == "vq" and p.steps is not None:
         raise BadRequest("steps applies to rectified-flow models (JanusFlow); this model generates VQ tokens, "

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_json: bool = True  # false: plain text log lines
+    access_log: bool = True  # one line per HTTP request (and gRPC call), refusals with their reason
 
     @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from janus_core.engine import (
     UnderstandRequest,
 )
 from janus_core.errors import InvalidRequestError
-from janus_core.generation import GenerateResult, encode_png
+from janus_core.generation import IMAGE_FORMATS, GenerateResult, encode_image
 from janus_core.images import decode_image
 from janus_core.sampling import SamplingParams
 from janus_core.understanding import UnderstandResult
@@ -124,7 +124,7 @@ class Worker:
             return
         try:
             request = await asyncio.to_thread(self._to_request, job)
-        except InvalidRequestError as exc:
+        except (InvalidRequestError, TypeError, ValueError) as exc:  # a queue may carry anything
             await self.queue.finish(job.id, J.error_event(J.INVALID_ARGUMENT, str(exc)))
             return
         running = _Running(job)
@@ -142,10 +142,12 @@ class Worker:
                                    min_side=self.settings.min_image_side, label=f"images[{i}]")
                       for i, data in enumerate(p.images)]
             messages = conversation(p.messages) if p.messages is not None else None
-            return UnderstandRequest(job.id, p.prompt, images, p.max_new_tokens,
-                                     SamplingParams(p.temperature, p.top_p, p.seed), messages=messages,
-                                     stop=[s for s in p.stop if isinstance(s, str) and s])
+            return UnderstandRequest(job.id, p.prompt, images, p.max_new_tokens, SamplingParams(**p.sampling()),
+                                     messages=messages, stop=[s for s in p.stop if isinstance(s, str) and s],
+                                     raw=bool(p.raw), prompt_ids=p.prompt_ids)
         assert isinstance(p, GenerateParams)
+        if p.output_format not in IMAGE_FORMATS:
+            raise InvalidRequestError(f"output_format must be one of {', '.join(IMAGE_FORMATS)}")
         given = frozenset(name for name in ("temperature", "top_p") if getattr(p, name) is not None)
         sampling = SamplingParams(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p,
                                   p.seed)
@@ -167,7 +169,7 @@ class Worker:
                         await self.queue.publish(job.id, J.progress_event(out.step, out.total))
                 elif isinstance(out, FinishedOutput):
                     await self._flush_text(running, out)
-                    await self.queue.finish(job.id, await self._result_event(out))
+                    await self.queue.finish(job.id, await self._result_event(job, out))
                     log.info("finished job %s in %.3f s", job.id, time.time() - running.started)
                     return
                 elif isinstance(out, FailedOutput):
@@ -204,14 +206,15 @@ class Worker:
             if self.metrics:
                 self.metrics.ttft.observe(time.time() - running.started)
 
-    async def _result_event(self, out: FinishedOutput) -> dict:
+    async def _result_event(self, job: Job, out: FinishedOutput) -> dict:
         result = out.result
         if isinstance(result, UnderstandResult):
             return J.understand_result(result.text, result.finish_reason, result.prompt_tokens,
                                        result.completion_tokens)
-        assert isinstance(result, GenerateResult)
+        assert isinstance(result, GenerateResult) and isinstance(job.params, GenerateParams)
+        fmt, quality = job.params.output_format, job.params.output_compression
         return await asyncio.to_thread(
-            lambda: J.generate_result(result.seed, [encode_png(img) for img in result.images]))
+            lambda: J.generate_result(result.seed, [encode_image(img, fmt, quality) for img in result.images], fmt))
 
     @staticmethod
     def _failure_event(running: _Running, out: FailedOutput) -> dict:

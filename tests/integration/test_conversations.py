@@ -162,6 +162,10 @@ def test_stop_strings(client, model):
     ({"logprobs": True}, "logprobs are not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
+    ({"presence_penalty": 0.3, "frequency_penalty": 0.2}, "presence_penalty is not supported (use repetition_penalty); "
+                                                          "frequency_penalty is not supported"),
+    ({"logit_bias": {"5": 2.0}}, "logit_bias is not supported"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format 'json_object'"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
 ])

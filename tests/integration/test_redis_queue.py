@@ -26,7 +26,7 @@ from server.jobs import (
     generate_result,
     is_terminal,
     progress_event,
-    result_pngs,
+    result_images,
     understand_result,
 )
 from server.queue import IdempotencyConflict, QueueFull, QueueUnavailable, create_queue
@@ -119,7 +119,7 @@ async def test_round_trip_streams_events_and_stores_the_result(make_queue: MakeQ
     await worker.finish(gen.id, generate_result(7, [b"png-a", b"png-b"]))
     events = await collect(frontend, gen.id)
     assert [e.get("step") for e in events[:-1]] == [1, 2]
-    assert result_pngs(events[-1]) == [b"png-a", b"png-b"]
+    assert result_images(events[-1]) == [b"png-a", b"png-b"]
 
 
 async def test_two_consumers_share_jobs_without_duplicates(make_queue: MakeQueue) -> None:
