@@ -8,6 +8,7 @@ checkout has no new untracked or changed files, and the server wrote nothing but
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -85,6 +86,7 @@ def test_curl_examples(readme_server, workdir):
             assert '"finish_reason"' in result.stdout, result.stdout[:500]
     assert conversations == 1
     assert (workdir / "fox.png").read_bytes().startswith(b"\x89PNG")
+    assert (workdir / "fox.jpg").read_bytes().startswith(b"\xff\xd8\xff")  # output_format jpeg
     _assert_only_log_lines(readme_server)
 
 
@@ -103,7 +105,21 @@ def test_python_examples(readme_server, workdir):
     assert grpc.strip(), "the gRPC conversation printed nothing"
     assert (workdir / "fox2.png").read_bytes().startswith(b"\x89PNG")
     assert (workdir / "fox-0.png").read_bytes().startswith(b"\x89PNG")
+    assert (workdir / "fox3.png").read_bytes().startswith(b"\x89PNG")  # litellm's image_generation
     _assert_only_log_lines(readme_server)
+
+
+def test_guidellm_example(readme_server, workdir):
+    """The guidellm line as written, from the checkout: every request succeeds with its 32 output tokens."""
+    block = next(b for b in _blocks("bash") if "guidellm run" in b)
+    script = _localise(block, readme_server, workdir).replace(".venv/bin/guidellm",
+                                                             str(Path(sys.executable).with_name("guidellm")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(["bash", "-ec", script], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (bench,) = json.loads((workdir / "guidellm.json").read_text())["benchmarks"]
+    assert bench["metrics"]["request_totals"]["errored"] == 0
+    assert [r["output_tokens"] for r in bench["requests"]["successful"]] == [32] * 16
 
 
 def test_grpc_command_line_examples(readme_server, workdir):
