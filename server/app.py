@@ -389,17 +389,19 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[Underst
     if not images:
         raise HTTPError(400, "multipart request has no 'image' file")
     raw: dict[str, Any] = {"prompt": fields.pop("prompt", ""), "images": ["-"] * len(images)}
-    for key, cast in (("max_new_tokens", form_int), ("temperature", float), ("top_p", float), ("seed", form_int)):
+    for key, cast in (("max_new_tokens", form_int), ("temperature", float), ("top_p", float), ("seed", form_int),
+                      ("top_k", form_int), ("min_p", float), ("repetition_penalty", float), ("min_tokens", form_int)):
         if key in fields:
             try:
                 raw[key] = cast(fields.pop(key))
             except ValueError as exc:
                 raise HTTPError(422, f"{key}: not a valid {'integer' if cast is form_int else 'number'}") from exc
-    if "stream" in fields:
-        flag = fields.pop("stream").strip().lower()
-        if flag not in ("true", "false"):
-            raise HTTPError(422, "stream: must be true or false")
-        raw["stream"] = flag == "true"
+    for key in ("stream", "ignore_eos"):
+        if key in fields:
+            flag = fields.pop(key).strip().lower()
+            if flag not in ("true", "false"):
+                raise HTTPError(422, f"{key}: must be true or false")
+            raw[key] = flag == "true"
     if fields:
         raise HTTPError(422, f"unknown form field(s): {', '.join(sorted(fields))}")
     return _validate(UnderstandBody, raw), images
