@@ -120,16 +120,64 @@ async def wait_for_result(service: Service, ticket: Ticket, request: Request) ->
             task.cancel()
 
 
-def sse_response(events: AsyncIterator[bytes], ticket: Ticket) -> StreamingResponse:
+def sse_response(events: AsyncIterator[bytes], ticket: Ticket | list[Ticket]) -> StreamingResponse:
     """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering); `X-Job-Id` names the job
-    from the first byte (a client that re-attaches with its Idempotency-Key sees the same id)."""
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": ticket.job_id}
+    (jobs, comma-separated) from the first byte (a client that re-attaches with its Idempotency-Key sees the
+    same id)."""
+    ids = ",".join(t.job_id for t in ticket) if isinstance(ticket, list) else ticket.job_id
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": ids}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 def sse(data: Any) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
+
+
+async def stream_jobs(service: Service, tickets: list[Ticket], render, finish=None) -> AsyncIterator[bytes]:
+    """Server-sent events for several jobs at once (the choices of one request), interleaved as they come:
+    `render(i, event)` returns the payloads for job i's event, `finish()` those sent once every job has ended.
+    A job's error ends the stream (after an error event); the jobs still running then, or when the client
+    goes away, are abandoned."""
+    merged: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
+
+    async def pump(i: int, ticket: Ticket) -> None:
+        async for event in service.follow(ticket):
+            await merged.put((i, event))
+            if J.is_terminal(event):
+                return
+        await merged.put((i, J.error_event(J.UNAVAILABLE, "the job's event stream ended without a result")))
+
+    pumps = [asyncio.ensure_future(pump(i, t)) for i, t in enumerate(tickets)]
+    running = set(range(len(tickets)))
+    try:
+        while running:
+            i, event = await merged.get()
+            if J.is_terminal(event):
+                running.discard(i)
+            if event.get("type") == "error":
+                yield sse({"error": {"code": event.get("code"), "message": event.get("message")}})
+                break
+            for payload in render(i, event):
+                yield sse(payload)
+        else:
+            for payload in finish() if finish is not None else []:
+                yield sse(payload)
+        yield sse("[DONE]")
+    finally:
+        for task in pumps:
+            task.cancel()
+        for i in running:
+            await asyncio.shield(service.abandon(tickets[i]))
+
+
+async def wait_for_results(service: Service, tickets: list[Ticket], request: Request) -> list[dict[str, Any]]:
+    """Every job's terminal event (as `wait_for_result`, together); the first error raises once all have ended."""
+    events = await asyncio.gather(*(wait_for_result(service, t, request) for t in tickets))
+    for event in events:
+        if event["type"] == "error":
+            raise job_error(event)
+    return list(events)
 
 
 async def stream_job(service: Service, ticket: Ticket, render) -> AsyncIterator[bytes]:

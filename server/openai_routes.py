@@ -25,11 +25,13 @@ from server.http_common import (
     origin_of,
     sse_response,
     stream_job,
+    stream_jobs,
     wait_for_result,
+    wait_for_results,
 )
 from server.jobs import GenerateParams, UnderstandParams
 from server.messages import read_messages
-from server.schemas import ChatCompletionsBody, CompletionsBody, ImagesGenerationsBody, OpenAIOptions
+from server.schemas import MAX_PROMPTS, ChatCompletionsBody, CompletionsBody, ImagesGenerationsBody, OpenAIOptions
 from server.service import BadRequest, Service
 from server.settings import Settings
 
@@ -88,17 +90,28 @@ def add_openai_routes(app: FastAPI) -> None:
         model = check_model(request, body.model)
         _refuse_completion_options(body)
         stop = _common_options(body)
-        text, ids = _one_prompt(body.prompt)
+        prompts = _prompts(body.prompt)
         _check_max_tokens(settings, "max_tokens", body.max_tokens)
-        params = UnderstandParams(text or "", [], body.max_tokens or 16, body.temperature, body.top_p, body.seed,
-                                  stop=stop, raw=True, prompt_ids=ids, **body.extensions())
+        origin = origin_of(request)
+        if len(prompts) > 1 and origin.idempotency_key is not None:
+            raise BadRequest("an Idempotency-Key covers one prompt; send several prompts as several requests")
         service: Service = request.app.state.service
-        ticket = await service.submit_understand(params, origin_of(request), stream=body.stream, require_image=False)
+        tickets = []
+        try:
+            for text, ids in prompts:  # one job per prompt: the engine batches them with everything else
+                params = UnderstandParams(text or "", [], body.max_tokens or 16, body.temperature, body.top_p,
+                                          body.seed, stop=stop, raw=True, prompt_ids=ids, **body.extensions())
+                tickets.append(await service.submit_understand(params, origin, stream=body.stream,
+                                                               require_image=False))
+        except BaseException:
+            for ticket in tickets:  # all or nothing: a refused prompt (or a full queue) stops the others
+                await service.abandon(ticket)
+            raise
         created = int(time.time())
-        completion_id = f"cmpl-{ticket.job_id}"
+        completion_id = f"cmpl-{tickets[0].job_id}"
 
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(i: int, text: str, finish: str | None) -> dict[str, Any]:
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
 
         def body_of(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
@@ -106,22 +119,23 @@ def add_openai_routes(app: FastAPI) -> None:
 
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
+            results: list[dict[str, Any]] = []
 
-            def render(event: dict[str, Any]) -> list[Any]:
+            def render(i: int, event: dict[str, Any]) -> list[Any]:
                 if event["type"] == "delta":
-                    return [body_of([choice(event["text"], None)])]
+                    return [body_of([choice(i, event["text"], None)])]
                 if event["type"] != "result":
                     return []
-                out = [body_of([choice("", event["finish_reason"])])]
-                if include_usage:
-                    out.append(body_of([], usage=_usage(event)))
-                return out
+                results.append(event)
+                return [body_of([choice(i, "", event["finish_reason"])])]
 
-            return sse_response(stream_job(service, ticket, render), ticket)
-        event = await wait_for_result(service, ticket, request)
-        if event["type"] == "error":
-            raise job_error(event)
-        return body_of([choice(event["text"], event["finish_reason"])], usage=_usage(event))
+            def finish() -> list[Any]:  # OpenAI's shape: one more chunk, no choices, the usage of them all
+                return [body_of([], usage=_usage(*results))] if include_usage else []
+
+            return sse_response(stream_jobs(service, tickets, render, finish), tickets)
+        events = await wait_for_results(service, tickets, request)
+        return body_of([choice(i, e["text"], e["finish_reason"]) for i, e in enumerate(events)],
+                       usage=_usage(*events))
 
     @app.post("/v1/images/generations", tags=["openai"])
     async def images_generations(body: ImagesGenerationsBody, request: Request):
@@ -180,18 +194,17 @@ def _check_max_tokens(settings: Settings, name: str, given: int | None) -> None:
         raise BadRequest(f"{name} must be at most {settings.max_new_tokens}, got {given}")
 
 
-def _one_prompt(prompt: str | list) -> tuple[str | None, list[int] | None]:
-    """A completion's prompt as text or token ids; a batch of several prompts is a 400."""
+def _prompts(prompt: str | list) -> list[tuple[str | None, list[int] | None]]:
+    """A completion's prompts, each as text or token ids: a string, token ids, or a list of either."""
     if isinstance(prompt, str):
-        return prompt, None
+        return [(prompt, None)]
     if not prompt:
         raise BadRequest("prompt is an empty list")
     if isinstance(prompt[0], int):
-        return None, list(prompt)
-    if len(prompt) != 1:
-        raise BadRequest(f"prompt holds {len(prompt)} prompts; this server takes one per request (send several "
-                         "requests: they are batched together)")
-    return (prompt[0], None) if isinstance(prompt[0], str) else (None, list(prompt[0]))
+        return [(None, list(prompt))]
+    if len(prompt) > MAX_PROMPTS:
+        raise BadRequest(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} in one request")
+    return [(p, None) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
 
 def _refuse_completion_options(body: CompletionsBody) -> None:
@@ -216,9 +229,11 @@ def _refuse_chat_options(body: ChatCompletionsBody) -> None:
         raise BadRequest(f"response_format {body.response_format.type!r} is not supported; only 'text'")
 
 
-def _usage(event: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
-            "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+def _usage(*events: dict[str, Any]) -> dict[str, int]:
+    """Token counts of one or more results, summed."""
+    prompt = sum(e["prompt_tokens"] for e in events)
+    completion = sum(e["completion_tokens"] for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _chunk(chunk_id: str, created: int, model: str, delta: dict, finish: str | None) -> dict[str, Any]:

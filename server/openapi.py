@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.schemas import NON_BLANK, UnderstandBody
+from server.schemas import MAX_PROMPTS, NON_BLANK, UnderstandBody
 from server.settings import Settings
 
 ERROR_SCHEMA = {
@@ -142,10 +142,10 @@ def _document_openai_refusals(schemas: dict[str, Any], settings: Settings) -> No
         ids = {"type": "array", "minItems": 1, "maxItems": settings.max_prompt_chars,
                "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
         prompt.clear()
-        prompt.update({"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}, ids,
-                                 {"type": "array", "items": ids, "minItems": 1, "maxItems": 1}],
-                       "description": "Text or token ids (within the model's vocabulary, no image placeholder); "
-                                      "a list holds one prompt."})
+        prompt.update({"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}, ids,
+                                 {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}],
+                       "description": "Text or token ids (within the model's vocabulary, no image placeholder), "
+                                      f"or a list of up to {MAX_PROMPTS} prompts: one choice each, in order."})
 
 
 def _apply_bounds(schema: dict[str, Any], settings: Settings) -> None:

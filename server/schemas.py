@@ -211,11 +211,14 @@ class ChatCompletionsBody(OpenAIOptions):
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
 
 
+MAX_PROMPTS = 16  # prompts in one completions request (each is a job)
+
+
 class CompletionsBody(OpenAIOptions):
     """OpenAI's legacy Completions, as vLLM serves it: the prompt as given, no chat format."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text or token ids; a list holds one prompt (a batch of several is a 400).")
+        description="Text or token ids, or a list of several prompts (one choice each, in order).")
     max_tokens: int | None = Field(16, ge=1, description="16 when not given, as OpenAI's default.")
     echo: bool = Field(False, description="Not supported: true is a 400.")
     logprobs: int | None = Field(None, ge=0, description="Not supported: a number is a 400.")

@@ -160,13 +160,36 @@ def test_ignore_eos_and_min_tokens_reach_the_sampler(client, model, route):
         assert floor >= tokens + 5
 
 
+def test_completions_of_several_prompts_equal_one_at_a_time(client, model):
+    """A list of prompts: one choice each, in order, as each alone gives; usage sums them; streamed too."""
+    prompts = ["The quick brown fox", "Once upon", "A"]
+    alone = [client.completions.create(model=model, prompt=p, max_tokens=10, temperature=0.7, seed=9) for p in prompts]
+    together = client.completions.create(model=model, prompt=prompts, max_tokens=10, temperature=0.7, seed=9)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]
+    assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    chunks = list(client.completions.create(model=model, prompt=prompts, max_tokens=10, temperature=0.7, seed=9,
+                                            stream=True, stream_options={"include_usage": True}))
+    for i, one in enumerate(alone):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == one.choices[0].text
+        assert mine[-1].finish_reason == one.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == together.usage.total_tokens
+    ids = client.completions.create(model=model, prompt=[[5, 6, 7], [8, 9]], max_tokens=4, temperature=0)
+    assert [c.text for c in ids.choices] == [client.completions.create(model=model, prompt=p, max_tokens=4,
+                                                                       temperature=0).choices[0].text
+                                             for p in ([5, 6, 7], [8, 9])]
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"n": 2}, "n=2"),
     ({"echo": True}, "echo"),
     ({"logprobs": 1}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"best_of": 3}, "best_of=3"),
-    ({"prompt": ["a", "b"]}, "2 prompts"),
+    ({"prompt": ["a"] * 17}, "at most 16"),
+    ({"prompt": [[5, 6], [0, 10**6]]}, "outside the vocabulary"),
     ({"prompt": []}, "empty"),
     ({"extra_body": {"min_p": 2}}, "min_p"),
     ({"extra_body": {"min_tokens": 50}}, "min_tokens (50)"),
@@ -224,3 +247,11 @@ def test_refusals_are_in_the_access_log(server):
     (entry,) = lines
     assert entry["logger"] == "janus.access" and entry["status"] == 400 and entry["path"] == "/v1/completions"
     assert "n=5" in entry["error"] and entry["method"] == "POST" and entry["duration_ms"] >= 0
+
+
+def test_a_failing_prompt_ends_the_stream_of_several_with_its_error(server, model):
+    body = {"model": model, "prompt": [[5, 6, 7], [0, 10**6]], "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and len(r.headers["x-job-id"].split(",")) == 2
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "outside the vocabulary" in events[-2]
