@@ -39,11 +39,8 @@ from server.settings import Settings
 def add_openai_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionsBody, request: Request):
-        check_api_key(request, request.app.state.settings.api_key)
-        settings: Settings = request.app.state.settings
-        model = check_model(request, body.model)
+        settings, model, stop = _begin(request, body)
         _refuse_chat_options(body)
-        stop = _common_options(body)
         messages, images = await read_messages(body.messages, settings)
         for name in ("max_tokens", "max_completion_tokens"):  # both are checked, whichever is used
             _check_max_tokens(settings, name, getattr(body, name))
@@ -85,11 +82,8 @@ def add_openai_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionsBody, request: Request):
-        check_api_key(request, request.app.state.settings.api_key)
-        settings: Settings = request.app.state.settings
-        model = check_model(request, body.model)
+        settings, model, stop = _begin(request, body)
         _refuse_completion_options(body)
-        stop = _common_options(body)
         prompts = _prompts(body.prompt)
         _check_max_tokens(settings, "max_tokens", body.max_tokens)
         origin = origin_of(request)
@@ -176,6 +170,13 @@ def check_model(request: Request, name: str | None) -> str:
         return name or served[0]
     raise HTTPError(404, f"the model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                     "model_not_found")
+
+
+def _begin(request: Request, body: OpenAIOptions) -> tuple[Settings, str, list[str]]:
+    """What both text routes check first: the API key, the model (the name to answer with), the options they
+    share (the stop strings)."""
+    check_api_key(request, request.app.state.settings.api_key)
+    return request.app.state.settings, check_model(request, body.model), _common_options(body)
 
 
 def _common_options(body: OpenAIOptions) -> list[str]:

@@ -434,3 +434,18 @@ def test_ignore_eos_and_min_tokens(eos_model, images):
     alone = run(Engine(eos_model), [UnderstandRequest("min-sampled", "hello", [images[1]], max_new_tokens=9,
                                                       params=SamplingParams(min_tokens=5, **sampled))])
     assert alone.result("min-sampled").token_ids == least_sampled.token_ids
+
+
+def test_seeded_extensions_same_alone_and_batched(lm, images):
+    """A seeded request with every extension draws the same tokens alone and in a crowd of other requests."""
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, min_p=0.02, repetition_penalty=1.3, min_tokens=3,
+                            seed=21)
+
+    def req() -> UnderstandRequest:
+        return UnderstandRequest("x", "Describe this image.", [images[1]], max_new_tokens=14, params=params)
+
+    alone = run(Engine(lm), [req()]).result("x")
+    crowd = run(Engine(lm, EngineConfig(max_batch_size=8)), [*understand_mix(images), req(), *gen_mix()[:1]])
+    assert crowd.result("x").token_ids == alone.token_ids and len(alone.token_ids) >= 3
+    reference = understand(lm, [images[1]], "Describe this image.", max_new_tokens=14, params=params)
+    assert reference.token_ids == alone.token_ids  # the one-request path (janus_core.understanding) agrees
