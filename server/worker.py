@@ -124,7 +124,7 @@ class Worker:
             return
         try:
             request = await asyncio.to_thread(self._to_request, job)
-        except (InvalidRequestError, TypeError, ValueError) as exc:  # a queue may carry anything
+        except InvalidRequestError as exc:
             await self.queue.finish(job.id, J.error_event(J.INVALID_ARGUMENT, str(exc)))
             return
         running = _Running(job)
