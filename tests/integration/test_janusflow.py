@@ -137,6 +137,18 @@ def test_understanding_on_janusflow(http):
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_completions_and_image_formats_on_janusflow(http):
+    """JanusFlow's LM serves plain completions (with the sampling extensions), and its images any output format."""
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    r = http.post("/v1/completions", json={"model": model, "prompt": "Once upon a time", "max_tokens": 6,
+                                           "temperature": 0.8, "seed": 1, "ignore_eos": True, "top_k": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = http.post("/v1/generate", json={"prompt": PROMPT, "steps": 2, "seed": 3, "output_format": "webp"})
+    assert r.status_code == 200 and r.json()["output_format"] == "webp"
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["b64_webp"]))).format == "WEBP"
+
+
 def test_janus_pro_refuses_steps(server):
     r = httpx.post(f"{server.url}/v1/generate", json={"prompt": PROMPT, "steps": 10}, timeout=60)
     assert r.status_code == 400 and "steps" in r.json()["error"]["message"]
