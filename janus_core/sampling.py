@@ -52,8 +52,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be 0 (off) or a positive number of tokens, got {self.top_k}")
         if not (0.0 <= self.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be between 0 and 1, got {self.min_p}")
-        if not (0.0 < self.repetition_penalty <= 100.0):
-            raise InvalidRequestError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        if not (0.01 <= self.repetition_penalty <= 100.0):  # far below 1, logits / penalty overflows
+            raise InvalidRequestError(f"repetition_penalty must be between 0.01 and 100, got {self.repetition_penalty}")
         if not (0 <= self.min_tokens < 2**31):
             raise InvalidRequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
 

@@ -38,7 +38,7 @@ from server.http_common import (
     wait_for_result,
 )
 from server.jobs import GenerateParams, UnderstandParams
-from server.logs import request_id_var
+from server.logs import printable, request_id_var
 from server.messages import read_messages
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
@@ -184,10 +184,10 @@ class RequestContextMiddleware:
         if not self.access_log or (status < 400 and (path in QUIET_PATHS or path.startswith("/static/"))):
             return
         method, client = scope.get("method", ""), scope.get("client")
-        fields: dict[str, Any] = {"method": method, "path": _printable(path, 200), "status": status,
+        fields: dict[str, Any] = {"method": method, "path": printable(path, 200), "status": status,
                                   "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                                   "client": client[0] if client else None,
-                                  "user_agent": _printable(headers.get("user-agent", ""), 120)}
+                                  "user_agent": printable(headers.get("user-agent", ""), 120)}
         if status >= 400:
             fields["error"] = _error_message(body)
         message = f"{method} {fields['path']} {status} {fields['duration_ms']}ms"
@@ -201,16 +201,10 @@ class RequestContextMiddleware:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
 
 
-def _printable(text: str, limit: int) -> str:
-    """Client-sent text made safe for a log line: no control characters, bounded."""
-    text = text[:limit]
-    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
-
-
 def _error_message(body: bytes) -> str | None:
     """The message of one of our error bodies (`{"error": {"message": ...}}`), from its first bytes."""
     try:
-        return _printable(str(json.loads(body)["error"]["message"]), 300)
+        return printable(str(json.loads(body)["error"]["message"]), 300)
     except (ValueError, KeyError, TypeError):
         return None
 

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_images
+from server.logs import printable
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
 from server.service import BadRequest, Origin, Service, ServiceUnavailable, Ticket
@@ -160,7 +161,7 @@ class _Recorder:
                       "client": context.peer()}
             line = f"gRPC {self.method} {code} {fields['duration_ms']}ms"
             if message:
-                fields["error"] = str(message)[:300]
+                fields["error"] = printable(str(message), 300)
                 line += f": {fields['error']}"
             access_log.info(line, extra={"fields": fields})
 

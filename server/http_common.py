@@ -142,11 +142,14 @@ async def stream_jobs(service: Service, tickets: list[Ticket], render, finish=No
     merged: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
 
     async def pump(i: int, ticket: Ticket) -> None:
-        async for event in service.follow(ticket):
-            await merged.put((i, event))
-            if J.is_terminal(event):
-                return
-        await merged.put((i, J.error_event(J.UNAVAILABLE, "the job's event stream ended without a result")))
+        try:
+            async for event in service.follow(ticket):
+                await merged.put((i, event))
+                if J.is_terminal(event):
+                    return
+            await merged.put((i, J.error_event(J.UNAVAILABLE, "the job's event stream ended without a result")))
+        except Exception as exc:  # the stream must end with an error, not wait for ever
+            await merged.put((i, J.error_event(J.UNAVAILABLE, f"following the job failed: {exc}")))
 
     pumps = [asyncio.ensure_future(pump(i, t)) for i, t in enumerate(tickets)]
     running = set(range(len(tickets)))
@@ -167,17 +170,33 @@ async def stream_jobs(service: Service, tickets: list[Ticket], render, finish=No
     finally:
         for task in pumps:
             task.cancel()
-        for i in running:
-            await asyncio.shield(service.abandon(tickets[i]))
+        # one shielded await: a hang-up cancels this generator at every await, so a loop would stop at its first
+        await asyncio.shield(abandon_all(service, [tickets[i] for i in running]))
+
+
+async def abandon_all(service: Service, tickets: list[Ticket]) -> None:
+    await asyncio.gather(*(service.abandon(t) for t in tickets))
 
 
 async def wait_for_results(service: Service, tickets: list[Ticket], request: Request) -> list[dict[str, Any]]:
-    """Every job's terminal event (as `wait_for_result`, together); the first error raises once all have ended."""
-    events = await asyncio.gather(*(wait_for_result(service, t, request) for t in tickets))
-    for event in events:
-        if event["type"] == "error":
-            raise job_error(event)
-    return list(events)
+    """Every job's terminal event (as `wait_for_result`, together). The first error raises at once, and the jobs
+    still running are abandoned; so are they all if this request is cancelled."""
+    waits = [asyncio.ensure_future(wait_for_result(service, t, request)) for t in tickets]
+    try:
+        pending = set(waits)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                event = task.result()  # a 499 (the client went away) raises here
+                if event["type"] == "error":
+                    raise job_error(event)
+        return [task.result() for task in waits]
+    finally:
+        unfinished = [t for t, task in zip(tickets, waits, strict=True) if not task.done()]
+        for task in waits:
+            task.cancel()
+        if unfinished:
+            await asyncio.shield(abandon_all(service, unfinished))
 
 
 async def stream_job(service: Service, ticket: Ticket, render) -> AsyncIterator[bytes]:

@@ -21,6 +21,12 @@ _warned: set[tuple[str, str, int]] = set()
 _MAX_DISTINCT_WARNINGS = 256  # a warning whose text changes every call must not grow this for ever
 
 
+def printable(text: str, limit: int) -> str:
+    """Client-sent text made safe for a log line: no control characters (no forged lines), bounded."""
+    text = text[:limit]
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -93,7 +93,8 @@ def add_openai_routes(app: FastAPI) -> None:
         tickets = []
         try:
             for text, ids in prompts:  # one job per prompt: the engine batches them with everything else
-                params = UnderstandParams(text or "", [], body.max_tokens or 16, body.temperature, body.top_p,
+                max_tokens = body.max_tokens or min(16, settings.max_new_tokens)
+                params = UnderstandParams(text or "", [], max_tokens, body.temperature, body.top_p,
                                           body.seed, stop=stop, raw=True, prompt_ids=ids, **body.extensions())
                 tickets.append(await service.submit_understand(params, origin, stream=body.stream,
                                                                require_image=False))

@@ -80,12 +80,13 @@ class ChatMessage(BaseModel):
 class SamplingExtensions(BaseModel):
     """vLLM's sampling extensions, as vLLM's OpenAI server takes them (the SDK's `extra_body`)."""
 
-    top_k: Int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1: off.")
+    top_k: Int | None = Field(None, ge=-1, lt=2**31, description="Keep the k most likely tokens; 0 or -1: off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0,
                                 description="Drop tokens below min_p times the most likely one's probability.")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0,
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0,
                                              description="Above 1 discourages every token of the prompt and answer.")
-    min_tokens: Int | None = Field(None, ge=0, description="EOS and stop strings count only after this many tokens.")
+    min_tokens: Int | None = Field(None, ge=0, lt=2**31,
+                                   description="EOS and stop strings count only after this many tokens.")
     ignore_eos: bool = Field(False, description="Go on past EOS, to the length limit.")
 
     def extensions(self) -> dict[str, Any]:
@@ -219,7 +220,8 @@ class CompletionsBody(OpenAIOptions):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text or token ids, or a list of several prompts (one choice each, in order).")
-    max_tokens: int | None = Field(16, ge=1, description="16 when not given, as OpenAI's default.")
+    max_tokens: int | None = Field(None, ge=1, description="16 when not given (OpenAI's default), within the "
+                                                          "server's limit.")
     echo: bool = Field(False, description="Not supported: true is a 400.")
     logprobs: int | None = Field(None, ge=0, description="Not supported: a number is a 400.")
     best_of: int | None = Field(None, ge=1, description="Only 1.")

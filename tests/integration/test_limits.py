@@ -100,3 +100,25 @@ def test_client_disconnect_cancels_the_job(roomy_server):
     fast = httpx.post(roomy_server.url + "/v1/understand",
                       json={"prompt": "q", "images": [IMAGE], "max_new_tokens": 2}, timeout=10)
     assert fast.status_code == 200
+
+
+# Plain completions of several prompts: each a job that runs to its max_tokens (ignore_eos) unless cancelled.
+LONG = {"max_tokens": 880, "ignore_eos": True, "temperature": 0}
+
+
+def test_hanging_up_on_several_prompts_cancels_every_job(roomy_server):
+    tokens_before = metric(roomy_server.url, "janus_generated_tokens_total")
+    body = {"prompt": ["one", "two", "three"], "stream": True, **LONG}
+    with httpx.stream("POST", roomy_server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+    assert tokens_after_stop(roomy_server.url, tokens_before) < 3 * LONG["max_tokens"] / 2
+
+
+def test_a_refused_prompt_stops_the_others_at_once(roomy_server):
+    """Not streamed: the first error answers, and the prompts still running are cancelled, not waited for."""
+    tokens_before = metric(roomy_server.url, "janus_generated_tokens_total")
+    r = httpx.post(roomy_server.url + "/v1/completions", json={"prompt": [[5, 6, 7], [0, 10**6]], **LONG}, timeout=60)
+    assert r.status_code == 400 and "outside the vocabulary" in r.text
+    assert tokens_after_stop(roomy_server.url, tokens_before) < LONG["max_tokens"] / 2
