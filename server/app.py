@@ -38,7 +38,7 @@ from server.http_common import (
     wait_for_result,
 )
 from server.jobs import GenerateParams, UnderstandParams
-from server.logs import printable, request_id_var
+from server.logs import log_access, printable, request_id_var
 from server.messages import read_messages
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
@@ -108,7 +108,6 @@ class _BodyTooLarge(Exception):
     pass
 
 
-access_log = logging.getLogger("janus.access")
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/favicon.ico"})  # probes and scrapes, when they succeed
 ERROR_PREVIEW = 2048  # bytes of an error body read for the access log's `error`
 
@@ -183,17 +182,10 @@ class RequestContextMiddleware:
         path = scope.get("path", "")
         if not self.access_log or (status < 400 and (path in QUIET_PATHS or path.startswith("/static/"))):
             return
-        method, client = scope.get("method", ""), scope.get("client")
-        fields: dict[str, Any] = {"method": method, "path": printable(path, 200), "status": status,
-                                  "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                                  "client": client[0] if client else None,
-                                  "user_agent": printable(headers.get("user-agent", ""), 120)}
-        if status >= 400:
-            fields["error"] = _error_message(body)
-        message = f"{method} {fields['path']} {status} {fields['duration_ms']}ms"
-        if status >= 400 and fields["error"]:
-            message += f": {fields['error']}"
-        access_log.info(message, extra={"fields": fields})
+        client = scope.get("client")
+        log_access(scope.get("method", ""), path, status, time.perf_counter() - started,
+                   _error_message(body) if status >= 400 else None, client=client[0] if client else None,
+                   user_agent=printable(headers.get("user-agent", ""), 120))
 
     def _count(self, endpoint: str, status: int, started: float) -> None:
         if endpoint.startswith("/v1/"):
@@ -204,7 +196,7 @@ class RequestContextMiddleware:
 def _error_message(body: bytes) -> str | None:
     """The message of one of our error bodies (`{"error": {"message": ...}}`), from its first bytes."""
     try:
-        return printable(str(json.loads(body)["error"]["message"]), 300)
+        return str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return None
 

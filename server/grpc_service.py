@@ -27,14 +27,13 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_images
-from server.logs import printable
+from server.logs import log_access
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
 from server.service import BadRequest, Origin, Service, ServiceUnavailable, Ticket
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("janus.access")
 
 SERVICE_NAME: str = janus_pb2.DESCRIPTOR.services_by_name["Janus"].full_name  # "janus.v1.Janus"
 _METHOD_PREFIX = f"/{SERVICE_NAME}/"
@@ -157,13 +156,7 @@ class _Recorder:
             self.metrics.requests.labels(self.method, code).inc()
             self.metrics.request_duration.labels(self.method).observe(seconds)
         if self.access_log:
-            fields = {"method": "gRPC", "path": self.method, "status": code, "duration_ms": round(seconds * 1000, 1),
-                      "client": context.peer()}
-            line = f"gRPC {self.method} {code} {fields['duration_ms']}ms"
-            if message:
-                fields["error"] = printable(str(message), 300)
-                line += f": {fields['error']}"
-            access_log.info(line, extra={"fields": fields})
+            log_access("gRPC", self.method, code, seconds, str(message) if message else None, client=context.peer())
 
 
 def _guard(handler: grpc.RpcMethodHandler, authorize: Callable[[grpc.aio.ServicerContext], None],

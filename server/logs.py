@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import warnings
+from typing import Any
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -25,6 +26,22 @@ def printable(text: str, limit: int) -> str:
     """Client-sent text made safe for a log line: no control characters (no forged lines), bounded."""
     text = text[:limit]
     return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+_access = logging.getLogger("janus.access")
+
+
+def log_access(method: str, path: str, status: int | str, seconds: float, error: str | None = None,
+               **extra: Any) -> None:
+    """One access log line, the same for REST and gRPC: "METHOD PATH STATUS 12.3ms[: error]", every part also a
+    JSON field. `path` and `error` may come from the client: they are made printable and bounded here."""
+    fields: dict[str, Any] = {"method": method, "path": printable(path, 200), "status": status,
+                              "duration_ms": round(seconds * 1000, 1), **extra}
+    line = f"{method} {fields['path']} {status} {fields['duration_ms']}ms"
+    if error:
+        fields["error"] = printable(error, 300)
+        line += f": {fields['error']}"
+    _access.info(line, extra={"fields": fields})
 
 
 class JsonFormatter(logging.Formatter):

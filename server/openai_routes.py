@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from server import jobs as J
 from server.http_common import (
     HTTPError,
+    abandon_all,
     check_api_key,
     job_error,
     origin_of,
@@ -90,17 +91,16 @@ def add_openai_routes(app: FastAPI) -> None:
         if len(prompts) > 1 and origin.idempotency_key is not None:
             raise BadRequest("an Idempotency-Key covers one prompt; send several prompts as several requests")
         service: Service = request.app.state.service
+        max_tokens = body.max_tokens or min(16, settings.max_new_tokens)
         tickets = []
         try:
             for text, ids in prompts:  # one job per prompt: the engine batches them with everything else
-                max_tokens = body.max_tokens or min(16, settings.max_new_tokens)
                 params = UnderstandParams(text or "", [], max_tokens, body.temperature, body.top_p,
                                           body.seed, stop=stop, raw=True, prompt_ids=ids, **body.extensions())
                 tickets.append(await service.submit_understand(params, origin, stream=body.stream,
                                                                require_image=False))
-        except BaseException:
-            for ticket in tickets:  # all or nothing: a refused prompt (or a full queue) stops the others
-                await service.abandon(ticket)
+        except BaseException:  # all or nothing: a refused prompt (or a full queue) stops the others
+            await abandon_all(service, tickets)
             raise
         created = int(time.time())
         completion_id = f"cmpl-{tickets[0].job_id}"

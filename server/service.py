@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from janus_core.conversation import Message, check_conversation
 from janus_core.errors import InvalidRequestError
@@ -30,7 +30,7 @@ from server.jobs import (
 )
 from server.logs import request_id_var
 from server.queue import IdempotencyConflict, JobQueue
-from server.schemas import NON_BLANK
+from server.schemas import NON_BLANK, OutputFormat
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _check_messages(settings: Settings, p: UnderstandParams) -> None:
 
 
 def _check_raw_prompt(settings: Settings, p: UnderstandParams) -> None:
-    """A plain completion's prompt: text (any non-empty string) or token ids, and no images."""
+    """A plain completion's prompt: text (with a non-blank character) or token ids, and no images."""
     if p.images or p.messages is not None:
         raise BadRequest("a plain completion takes a prompt only: no images, no messages")
     if p.prompt_ids is None:
@@ -139,7 +139,7 @@ def validate_understand(settings: Settings, p: UnderstandParams, *, require_imag
                          f"({p.max_new_tokens})")
 
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")  # janus_core.generation.IMAGE_FORMATS
+OUTPUT_FORMATS = get_args(OutputFormat)  # as janus_core.generation.IMAGE_FORMATS
 MAX_STEPS = 100  # janus_core.flow_loading.MAX_STEPS (the API layer does not import the model runtime's torch)
 
 

@@ -96,3 +96,21 @@ def test_command_line_names_each_image_with_its_own_seed(server, tmp_path, capsy
     alone = httpx.post(server.url + "/v1/generate", json={"prompt": "a fox", "seed": 8}, timeout=60,
                        headers={"Accept": "image/png"})
     assert (tmp_path / "fox-1.png").read_bytes() == alone.content
+
+
+def test_a_refused_call_is_in_the_access_log(server, client):
+    """gRPC calls get the REST access log's line: the rpc, its status and the refusal's reason."""
+    import json
+    import time
+
+    with pytest.raises(grpc.RpcError):
+        client.generate("a fox", n=999)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the line is written as the call ends: wait for it to appear
+        lines = [json.loads(line) for line in server.log().splitlines()
+                 if '"janus.access"' in line and "/janus.v1.Janus/Generate" in line and "n must be" in line]
+        if lines:
+            break
+        time.sleep(0.05)
+    assert lines[-1]["status"] == "INVALID_ARGUMENT" and lines[-1]["method"] == "gRPC"
+    assert lines[-1]["msg"].startswith("gRPC /janus.v1.Janus/Generate INVALID_ARGUMENT ")
