@@ -16,34 +16,69 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from janus_core.errors import InvalidRequestError
 
+# What a client may send: the formats the model's users have, none of Pillow's long tail (EPS runs
+# Ghostscript; PSD, TGA, JPEG 2000 and the rest only widen what a crafted file can reach).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
-def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, label: str = "image") -> Image.Image:
-    """Return an RGB image or raise `InvalidRequestError` naming what is wrong with it."""
+
+def open_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, label: str = "image") -> Image.Image:
+    """The image with only its header read: format and size checked, no pixel decoded yet."""
     if not data:
         raise InvalidRequestError(f"{label} is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidRequestError(
-                    f"{label} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            if min(width, height) < min_side:
-                raise InvalidRequestError(f"{label} is {width}x{height}; each side must be at least {min_side} pixels")
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
-    except InvalidRequestError:
-        raise
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequestError(f"{label} is not a decodable image (accepted: {', '.join(FORMATS)}; "
+                                  f"{type(exc).__name__}: {exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidRequestError(f"{label} is truncated or corrupt ({exc})") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidRequestError(f"{label} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if min(width, height) < min_side:
+        raise InvalidRequestError(f"{label} is {width}x{height}; each side must be at least {min_side} pixels")
+    return image
+
+
+def check_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, label: str = "image") -> None:
+    """Decode the pixels once, in the file's own mode (no conversion copies), to refuse a broken file."""
+    _load(open_image(data, max_pixels=max_pixels, min_side=min_side, label=label), label)
+
+
+def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, label: str = "image") -> Image.Image:
+    """Return an RGB image or raise `InvalidRequestError` naming what is wrong with it."""
+    image = _load(open_image(data, max_pixels=max_pixels, min_side=min_side, label=label), label)
+    ImageOps.exif_transpose(image, in_place=True)  # turned upright; without an orientation, no copy
+    return _to_rgb(image)
+
+
+def _load(image: Image.Image, label: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequestError(f"{label} is not a decodable image ({type(exc).__name__}: {exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidRequestError(f"{label} is truncated or corrupt ({exc})") from exc
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I;16B", ...) or 32-bit ints holding it
-        scaled = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
-        image = Image.fromarray(scaled)  # uint8 2-D: mode "L"
+        # round(v / 257) in integers, a band of rows at a time: no full-size copy beyond the 8-bit result
+        width, height = image.size
+        out = np.empty((height, width), dtype=np.uint8)
+        for top in range(0, height, STRIP_ROWS):
+            values = np.asarray(image.crop((0, top, width, min(top + STRIP_ROWS, height))))
+            values = np.clip(values, 0, 65535).astype(np.uint16, copy=False)
+            quotient, remainder = np.divmod(values, np.uint16(257))
+            quotient += remainder >= 129
+            out[top:top + len(quotient)] = quotient
+        image = Image.fromarray(out)  # uint8 2-D: mode "L"
     return image.convert("RGB")
+
+
+STRIP_ROWS = 256

@@ -25,9 +25,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import jobs as J
+from server.edge import KeyGuard, rate_limited_response
 from server.http_common import (
     HTTPError,
-    check_api_key,
     decode_image_payload,
     error_body,
     error_response,
@@ -38,6 +38,7 @@ from server.http_common import (
     wait_for_result,
 )
 from server.jobs import GenerateParams, UnderstandParams
+from server.keys import RateLimited
 from server.logs import log_access, printable, request_id_var
 from server.messages import read_messages
 from server.metrics import Metrics
@@ -77,12 +78,16 @@ class ModelInfo:
 
 
 def create_app(settings: Settings, service: Service, metrics: Metrics, model_info: ModelInfo | None = None) -> FastAPI:
-    app = FastAPI(title="janus-server", version="0.1.0",
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which an air-gapped cluster cannot reach
+    # and a key-protected server should not ask its users' browsers to trust. /openapi.json is the contract.
+    app = FastAPI(title="janus-server", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Inference server for DeepSeek Janus-Pro: image understanding and generation.")
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
     app.state.model_info = model_info or ModelInfo()
+    # the key is checked inside the request context (its refusals are logged and counted) and before any body
+    app.add_middleware(KeyGuard, settings=settings, keys=service.keys, quotas=service.quotas, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
@@ -132,7 +137,6 @@ class RequestContextMiddleware:
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
-        endpoint = scope.get("path", "")
         started = time.perf_counter()
         status_holder = {"status": 500}
 
@@ -152,7 +156,7 @@ class RequestContextMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             response = error_response(413, f"request body is {length} bytes; the limit is {self.max_body}")
             await response(scope, receive, send_with_id)
-            self._count(endpoint, 413, started)
+            self._count(scope, 413, started)
             self._log(scope, headers, 413, started, response.body)
             request_id_var.reset(token)
             return None
@@ -175,7 +179,7 @@ class RequestContextMiddleware:
         finally:
             self._log(scope, headers, status_holder["status"], started, bytes(error_body))
             request_id_var.reset(token)
-        self._count(endpoint, status_holder["status"], started)
+        self._count(scope, status_holder["status"], started)
         return None
 
     def _log(self, scope, headers: dict[str, str], status: int, started: float, body: bytes) -> None:
@@ -185,12 +189,33 @@ class RequestContextMiddleware:
         client = scope.get("client")
         log_access(scope.get("method", ""), path, status, time.perf_counter() - started,
                    _error_message(body) if status >= 400 else None, client=client[0] if client else None,
-                   user_agent=printable(headers.get("user-agent", ""), 120))
+                   user_agent=printable(headers.get("user-agent", ""), 120),
+                   **({"key": scope["state"]["key_name"]} if scope.get("state", {}).get("key_name") else {}))
 
-    def _count(self, endpoint: str, status: int, started: float) -> None:
-        if endpoint.startswith("/v1/"):
+    def _count(self, scope, status: int, started: float) -> None:
+        endpoint = _endpoint_label(scope)
+        if endpoint is not None:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+
+UNMATCHED = "unmatched"  # the one label every path that names no route shares
+
+
+def _endpoint_label(scope) -> str | None:
+    """The `endpoint` label of a /v1/ request: its route's path (from a fixed set), or `unmatched` (404s, and
+    whatever a client makes up, must not each become a label); None for other paths (not counted)."""
+    path = scope.get("path", "")
+    if not path.startswith("/v1/"):
+        return None
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    app = scope.get("app")
+    known = getattr(getattr(app, "state", None), "route_paths", None)
+    if known is None and app is not None:
+        known = app.state.route_paths = frozenset(getattr(r, "path", "") for r in app.routes)
+    return path if known and path in known else UNMATCHED
 
 
 def _error_message(body: bytes) -> str | None:
@@ -212,6 +237,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def _bad_request(_: Request, exc: BadRequest):
         return error_response(exc.status, str(exc))
+
+    @app.exception_handler(RateLimited)
+    async def _rate_limited(request: Request, exc: RateLimited):
+        request.app.state.metrics.rate_limited.labels(exc.key).inc()
+        return rate_limited_response(exc)
 
     @app.exception_handler(QueueFull)
     async def _full(_: Request, exc: QueueFull):
@@ -281,15 +311,10 @@ def _add_operational_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models", tags=["openai"])
     async def models(request: Request):
-        _auth(request)
         info: ModelInfo = request.app.state.model_info
         return {"object": "list", "data": [{"id": name, "object": "model", "created": info.created,
                                             "owned_by": "janus-server", "generator": info.generator}
                                            for name in info.names]}
-
-
-def _auth(request: Request) -> None:
-    check_api_key(request, request.app.state.settings.api_key)
 
 
 # --- native routes -------------------------------------------------------------------------------------
@@ -299,7 +324,6 @@ def _add_native_routes(app: FastAPI) -> None:
     # Its two request bodies (JSON, multipart) are documented by server.openapi.
     @app.post("/v1/understand", tags=["janus"])
     async def understand(request: Request):
-        _auth(request)
         settings: Settings = request.app.state.settings
         body, images = await _read_understand(request, settings)
         messages = None
@@ -322,7 +346,6 @@ def _add_native_routes(app: FastAPI) -> None:
 
     @app.post("/v1/generate", tags=["janus"], responses={200: {"content": {"image/png": {}}}})
     async def generate(body: GenerateBody, request: Request):
-        _auth(request)
         service: Service = request.app.state.service
         params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed,
                                 body.steps, body.output_format, body.output_compression)
@@ -350,6 +373,8 @@ async def _read_understand(request: Request, settings: Settings) -> tuple[Unders
         raw = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise HTTPError(400, "request body nests too deeply") from exc
     body = _validate(UnderstandBody, raw)
     # base64 of several MB takes milliseconds: keep it off the event loop
     images = await asyncio.to_thread(

@@ -37,7 +37,17 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--host")
         p.add_argument("--port", type=int)
         p.add_argument("--grpc-port", type=int, dest="grpc_port", help="0 disables gRPC")
-        p.add_argument("--api-key", action="append", dest="api_key", help="accepted API key (repeatable)")
+        p.add_argument("--api-key", action="append", dest="api_key",
+                       help="accepted API key (repeatable); visible to every user of this host in `ps`: prefer "
+                            "JANUS_API_KEY or --api-keys-file")
+        p.add_argument("--api-keys-file", dest="api_keys_file",
+                       help="YAML or JSON file of named keys (sha256 of each) with quotas; reloaded on change")
+        p.add_argument("--require-api-key", action="store_true", default=None, dest="require_api_key",
+                       help="refuse to start without a key")
+        for what, means in (("docs", "/openapi.json"), ("metrics", "/metrics"),
+                            ("reflection", "gRPC server reflection")):
+            p.add_argument(f"--open-{what}", action="store_true", default=None, dest=f"open_{what}",
+                           help=f"serve {means} without a key when keys are set")
         p.add_argument("--max-queue-depth", type=int, dest="max_queue_depth")
         p.add_argument("--request-timeout", type=float, dest="request_timeout")
         p.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None,
@@ -132,6 +142,36 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_keys(settings: Settings, args: argparse.Namespace) -> int | None:
+    """Refuse to start on a broken keys file or, with --require-api-key, without a key; warn where the server
+    listens beyond this host with no key, and where a key sits on the command line."""
+    import logging
+
+    from server.keys import InvalidKeysFile, KeyRing
+
+    log = logging.getLogger("janus_server")
+    try:
+        keys = KeyRing.from_settings(settings)
+    except InvalidKeysFile as exc:
+        print(f"janus-server {args.command}: --api-keys-file: {exc}", file=sys.stderr)
+        return 2
+    if not keys.enabled:
+        if settings.require_api_key:
+            print(f"janus-server {args.command}: no API key is set and --require-api-key (JANUS_REQUIRE_API_KEY) "
+                  "asks for one: set JANUS_API_KEY or --api-keys-file", file=sys.stderr)
+            return 2
+        if settings.host not in LOOPBACK:
+            log.warning("listening on %s with no API key: anyone who reaches this port can use the model; "
+                        "set JANUS_API_KEY or --api-keys-file (or --host 127.0.0.1)", settings.host)
+    if getattr(args, "api_key", None):
+        log.warning("--api-key puts the key on the command line, where any user of this host sees it (ps); "
+                    "prefer JANUS_API_KEY or --api-keys-file")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tiny-model":
@@ -160,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_json)
     from server import runtime
 
+    if args.command in ("serve", "api") and (refused := check_keys(settings, args)) is not None:
+        return refused
     if args.command == "serve":
         local = settings.queue in ("", "memory", "memory://")
         if not settings.model:

@@ -1,8 +1,10 @@
 """gRPC frontend: `janus.v1.Janus` over `Service`, plus grpc.health.v1 and server reflection.
 
 The servicer only converts protobuf <-> job params and events; validation, queueing and deadlines
-live in `Service`, exactly as for REST. Exceptions become gRPC statuses in one place: the
-`StatusInterceptor` (via `status_for`), which also checks `authorization: Bearer KEY` metadata.
+live in `Service`, exactly as for REST. Every call passes one gate, the `StatusInterceptor`: it checks
+`authorization: Bearer KEY` metadata against the service's `KeyRing` (health, and reflection where
+opened, excepted), holds a slot of the key's quotas while a Janus rpc runs, and turns exceptions into
+gRPC statuses in one place (via `status_for`).
 The client's deadline becomes the job's deadline, and a call that ends early (client cancel,
 deadline, disconnect) cancels its job so the worker stops at the next decode step.
 """
@@ -10,14 +12,14 @@ deadline, disconnect) cancels its job so the worker stops at the next decode ste
 from __future__ import annotations
 
 import asyncio
-import hmac
+import inspect
 import logging
 import math
 import struct
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_images
+from server.keys import Key, KeyRing, Quotas, RateLimited, Unauthorized, current_key
 from server.logs import log_access
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
@@ -37,14 +40,13 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = janus_pb2.DESCRIPTOR.services_by_name["Janus"].full_name  # "janus.v1.Janus"
 _METHOD_PREFIX = f"/{SERVICE_NAME}/"
+_HEALTH_PREFIX = f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/"
+_REFLECTION_PREFIX = f"/{reflection.SERVICE_NAME}/"
+_AUTH_HINT = "missing or invalid API key; send metadata 'authorization: Bearer <key>'"
 _MiB = 1024 * 1024
 
 
 # --- errors and the one status mapping ---------------------------------------------------------
-
-
-class Unauthenticated(Exception):
-    """The call lacks `authorization: Bearer KEY` metadata with a valid key."""
 
 
 class JobFailed(Exception):
@@ -75,8 +77,10 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
     """The status code, message and trailing metadata a failed call reports for `exc`."""
     if isinstance(exc, BadRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
-    if isinstance(exc, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc), ()
+    if isinstance(exc, Unauthorized):  # one wording for missing and wrong keys, naming gRPC's metadata
+        return grpc.StatusCode.UNAUTHENTICATED, _AUTH_HINT, ()
+    if isinstance(exc, RateLimited):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), _retry_after(exc.retry_after)
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), _retry_after(exc.retry_after)
     if isinstance(exc, ServiceUnavailable):
@@ -91,38 +95,55 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, Metadata]:
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Checks API keys on Janus rpcs and turns their exceptions into statuses (health and
-    reflection pass through untouched: probes and `grpcurl list` need no key)."""
+    """The gate every call passes: the API key, the key's quotas, and exceptions turned into statuses.
 
-    def __init__(self, api_keys: list[str], metrics: Metrics | None = None, access_log: bool = False) -> None:
-        self._keys = [key.encode() for key in api_keys]
+    Only grpc.health.v1 is open (probes send no key), and server reflection where `open_reflection` says
+    so; every other method, of whatever service or shape, needs a key when keys are configured. Janus
+    rpcs also take a slot of the key's quotas while they run."""
+
+    def __init__(self, keys: KeyRing, quotas: Quotas, metrics: Metrics | None = None, access_log: bool = False,
+                 open_reflection: bool = False) -> None:
+        self._keys = keys
+        self._quotas = quotas
         self._metrics = metrics
         self._access_log = access_log
+        self._open = (_HEALTH_PREFIX, _REFLECTION_PREFIX) if open_reflection else (_HEALTH_PREFIX,)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
+        method = handler_call_details.method
+        if handler is None or method.startswith(self._open):
             return handler
-        return _guard(handler, self._authorize,
-                      _Recorder(self._metrics, handler_call_details.method, self._access_log))
+        gate = _Gate(self._keys, self._quotas if method.startswith(_METHOD_PREFIX) else None)
+        return _guard(handler, gate, _Recorder(self._metrics, method, self._access_log))
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self._keys:
-            return
+
+class _Gate:
+    """Admits one call: `identify` finds the key its `authorization` metadata names (None with auth off), and
+    with `quotas`, `enter` takes a slot of that key's in-flight and per-minute limits, held until `release`."""
+
+    def __init__(self, keys: KeyRing, quotas: Quotas | None) -> None:
+        self._keys = keys
+        self._quotas = quotas
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Key | None:
         metadata = dict(context.invocation_metadata() or ())
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-        given = token.strip().encode()
-        # compare_digest with every key so the time taken does not tell which key almost matched
-        valid = [hmac.compare_digest(given, key) for key in self._keys]
-        if scheme.lower() != "bearer" or not any(valid):
-            raise Unauthenticated("missing or invalid API key; send metadata 'authorization: Bearer <key>'")
+        return self._keys.identify(metadata.get("authorization"))
+
+    def enter(self, key: Key | None) -> None:
+        if self._quotas is not None:
+            self._quotas.enter(key)
+
+    def release(self, key: Key | None) -> None:
+        if self._quotas is not None:
+            self._quotas.leave(key)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, grpc.aio.BaseError):  # context.abort() from inside the handler
         raise exc
     code, message, trailing = status_for(exc)
@@ -132,8 +153,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 
 class _Recorder:
-    """Counts one rpc in janus_requests_total / janus_request_duration_seconds (endpoint = rpc path) and
-    writes its access log line (the REST middleware's format: a refusal with its reason)."""
+    """Counts one rpc in janus_requests_total / janus_request_duration_seconds (endpoint = rpc path), a quota
+    refusal in janus_rate_limited_total, and writes its access log line (the REST middleware's format: a
+    refusal with its reason, and the key's name once the key is known)."""
 
     def __init__(self, metrics: Metrics | None, method: str, access_log: bool = False) -> None:
         self.metrics, self.method, self.access_log = metrics, method, access_log
@@ -141,7 +163,8 @@ class _Recorder:
     def start(self) -> float:
         return time.perf_counter()
 
-    def done(self, started: float, exc: BaseException | None, context: grpc.aio.ServicerContext) -> None:
+    def done(self, started: float, exc: BaseException | None, context: grpc.aio.ServicerContext,
+             key: Key | None) -> None:
         message = None
         if exc is None:
             code = "OK"
@@ -155,48 +178,81 @@ class _Recorder:
         if self.metrics is not None:
             self.metrics.requests.labels(self.method, code).inc()
             self.metrics.request_duration.labels(self.method).observe(seconds)
+            if isinstance(exc, RateLimited):
+                self.metrics.rate_limited.labels(exc.key).inc()
         if self.access_log:
-            log_access("gRPC", self.method, code, seconds, str(message) if message else None, client=context.peer())
+            log_access("gRPC", self.method, code, seconds, str(message) if message else None, client=context.peer(),
+                       **({"key": key.name} if key is not None else {}))
 
 
-def _guard(handler: grpc.RpcMethodHandler, authorize: Callable[[grpc.aio.ServicerContext], None],
-           recorder: _Recorder) -> grpc.RpcMethodHandler:
-    """Wrap a Janus handler (unary-unary or unary-stream) with the auth check, metrics and `_abort`."""
+async def _run_guarded(gate: _Gate, recorder: _Recorder, context: grpc.aio.ServicerContext,
+                       run: Callable[[], Awaitable[Any]]) -> Any:
+    """`run()` (the handler) for an admitted call, with `current_key` set while it runs; an exception from
+    either becomes the call's status. The quota slot is given back however the call ends, cancels included."""
+    started = recorder.start()
+    key = None
+    try:
+        key = gate.identify(context)
+        gate.enter(key)
+    except Exception as exc:  # not admitted: a refusal over quota is still logged with the key's name
+        recorder.done(started, exc, context, key)
+        await _abort(context, exc)
+    token = current_key.set(key)
+    try:
+        result = await run()
+    except Exception as exc:
+        recorder.done(started, exc, context, key)
+        await _abort(context, exc)
+    else:
+        recorder.done(started, None, context, key)
+        return result
+    finally:
+        current_key.reset(token)
+        gate.release(key)
+
+
+async def _respond(handler: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Runs a streaming-response handler inside this coroutine: an async generator's messages are written from
+    here, so the generator runs in the call's task (where `current_key` is set) and, when the call ends early,
+    is closed here (its cleanup, e.g. abandoning the job, runs before the quota slot is given back). A handler
+    that writes through `context.write` itself is just awaited."""
+    responses = handler(request, context)
+    if not inspect.isasyncgen(responses):
+        await responses
+        return
+    try:
+        async for response in responses:
+            await context.write(response)
+    finally:
+        await responses.aclose()
+
+
+def _guard(handler: grpc.RpcMethodHandler, gate: _Gate, recorder: _Recorder) -> grpc.RpcMethodHandler | None:
+    """Wrap a handler of any of the four shapes with `_run_guarded`. A handler of none of them is refused
+    (None: the server answers UNIMPLEMENTED) rather than served without the key check."""
     serializers = {"request_deserializer": handler.request_deserializer,
                    "response_serializer": handler.response_serializer}
+
+    def single(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await _run_guarded(gate, recorder, context, lambda: call(request, context))
+        return guarded
+
+    def streaming(call: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await _run_guarded(gate, recorder, context, lambda: _respond(call, request, context))
+        return guarded
+
     if handler.unary_unary is not None:
-        unary = handler.unary_unary
-
-        async def guarded_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = recorder.start()
-            try:
-                authorize(context)
-                response = await unary(request, context)
-            except Exception as exc:
-                recorder.done(started, exc, context)
-                await _abort(context, exc)
-            else:
-                recorder.done(started, None, context)
-                return response
-
-        return grpc.unary_unary_rpc_method_handler(guarded_unary, **serializers)
+        return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(single(handler.stream_unary), **serializers)
     if handler.unary_stream is not None:
-        stream = handler.unary_stream
-
-        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = recorder.start()
-            try:
-                authorize(context)
-                async for response in stream(request, context):
-                    yield response
-            except Exception as exc:
-                recorder.done(started, exc, context)
-                await _abort(context, exc)
-            else:
-                recorder.done(started, None, context)
-
-        return grpc.unary_stream_rpc_method_handler(guarded_stream, **serializers)
-    return handler
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **serializers)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **serializers)
+    log.error("refusing %s: a handler of no known shape", recorder.method)
+    return None
 
 
 # --- protobuf -> job params (defaults come from the dataclasses, as for REST) -------------------
@@ -269,22 +325,38 @@ class Readiness:
             return self._value
 
 
+MAX_HEALTH_WATCHES = 256  # health needs no key: this bounds what anonymous watchers can hold
+
+
 class HealthServicer(health_aio.HealthServicer):
     """grpc.health.v1: SERVING (for "" and janus.v1.Janus) only while `Service.readiness()` holds.
 
-    Check refreshes the status; each Watch refreshes it every `poll` seconds while it is open."""
+    Check refreshes the status. While any Watch is open, one poller task refreshes it every `poll` seconds
+    (started by the first Watch, stopped when the last ends), so many watchers cost what one does. Watch
+    streams beyond `max_watches` are refused with RESOURCE_EXHAUSTED: each holds one of the server's call
+    slots, and probes need no key."""
 
-    def __init__(self, readiness: Readiness, poll: float = 1.0) -> None:
+    def __init__(self, readiness: Readiness, poll: float = 1.0, max_watches: int = MAX_HEALTH_WATCHES) -> None:
         super().__init__()
         self._readiness = readiness
         self._poll = poll
+        self._max_watches = max_watches
+        self._watches = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._serving: int | None = None  # the status last set; unchanged ones wake no watcher
+        # one refresh at a time, so an older reading never lands after a newer one
+        self._refreshing = asyncio.Lock()
 
     async def refresh(self) -> None:
-        ready, _ = await self._readiness.check()
-        serving = health_pb2.HealthCheckResponse
-        status = serving.SERVING if ready else serving.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.set(name, status)
+        async with self._refreshing:
+            ready, _ = await self._readiness.check()
+            serving = health_pb2.HealthCheckResponse
+            status = serving.SERVING if ready else serving.NOT_SERVING
+            if status == self._serving:
+                return
+            self._serving = status
+            for name in ("", SERVICE_NAME):
+                await self.set(name, status)
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
@@ -292,19 +364,28 @@ class HealthServicer(health_aio.HealthServicer):
         return await super().Check(request, context)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
-        await self.refresh()
-        poller = asyncio.create_task(self._refresh_forever())
+        if self._watches >= self._max_watches:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self._watches} health Watch streams are open, the most this server keeps; "
+                                "retry later or poll Check")
+        self._watches += 1
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._refresh_forever())
         try:
+            await self.refresh()
             await super().Watch(request, context)
         finally:
-            poller.cancel()
+            self._watches -= 1
+            if self._watches == 0 and self._poller is not None:
+                self._poller.cancel()
+                self._poller = None
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._poll)
             try:
                 await self.refresh()
-            except Exception:  # a failed probe must not end the Watch stream
+            except Exception:  # a failed probe must not end the Watch streams
                 log.exception("health refresh failed")
 
 
@@ -421,16 +502,19 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def create_grpc_server(service: Service, settings: Settings, *, metrics: Metrics | None = None,
-                       readiness_ttl: float = 1.0) -> grpc.aio.Server:
+                       readiness_ttl: float = 1.0, max_health_watches: int = MAX_HEALTH_WATCHES) -> grpc.aio.Server:
     """Janus + health + reflection on a grpc.aio server, neither bound nor started.
 
+    Keys and quotas are the service's, the ones REST uses (a reloaded keys file applies to both).
     Bind with `server.add_insecure_port("host:port")`, then `await server.start()`; stop with
     `stop_grpc_server`. `start_grpc_server` does all of it from `settings`."""
-    server = grpc.aio.server(interceptors=[StatusInterceptor(settings.api_key, metrics, settings.access_log)],
-                             options=server_options(settings))
+    interceptor = StatusInterceptor(service.keys, service.quotas, metrics, settings.access_log,
+                                    open_reflection=settings.open_reflection)
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings),
+                             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs)
     readiness = Readiness(service, ttl=readiness_ttl)
     janus_pb2_grpc.add_JanusServicer_to_server(JanusServicer(service, readiness), server)
-    health = HealthServicer(readiness, poll=readiness_ttl)
+    health = HealthServicer(readiness, poll=readiness_ttl, max_watches=max_health_watches)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import binascii
 import json
-import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,18 +52,6 @@ def job_error(event: dict[str, Any]) -> HTTPError:
     status = ERROR_STATUS.get(event.get("code", ""), 500)
     headers = {"Retry-After": "2"} if status == 503 else None
     return HTTPError(status, event.get("message", "the job failed"), event.get("code"), headers)
-
-
-def check_api_key(request: Request, keys: list[str]) -> None:
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                        headers={"WWW-Authenticate": "Bearer"})
-    if not any(secrets.compare_digest(token.strip().encode(), k.encode()) for k in keys):
-        raise HTTPError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def origin_of(request: Request) -> Origin:

@@ -86,7 +86,8 @@ class Job:
     # for; a retry with the same key and fingerprint is answered by this job
     idempotency_key: str | None = None
     fingerprint: str | None = None
-    owner: str | None = None  # who sent it (server.idempotency.caller_of), never the key itself
+    owner: str | None = None  # who sent it (an API key's name, or server.idempotency.caller_of), never the key
+    weight: float = 1.0  # the owner's share of dispatch (server.queue.fair)
     request_id: str | None = None  # the client's X-Request-Id (or gRPC call), for logs across processes
 
     def expired(self, now: float | None = None) -> bool:
@@ -111,7 +112,8 @@ class Job:
         return cls(kind=data["kind"], params=params, id=data["id"], deadline=float(data["deadline"]),
                    stream=bool(data.get("stream", False)), created=float(data.get("created", time.time())),
                    idempotency_key=data.get("idempotency_key"), fingerprint=data.get("fingerprint"),
-                   owner=data.get("owner"), request_id=data.get("request_id"))
+                   owner=data.get("owner"), request_id=data.get("request_id"),
+                   weight=float(data.get("weight", 1.0)))
 
 
 # --- events (plain dicts so they serialise unchanged through Redis) --------------------------------

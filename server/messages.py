@@ -10,6 +10,10 @@ Conversation rules (order of roles, where images may be) are janus_core's, check
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import socket
+import weakref
 from typing import Any
 from urllib.parse import urlparse
 
@@ -51,22 +55,62 @@ async def read_messages(messages: list[ChatMessage], settings: Settings) -> tupl
 async def fetch_image(url: str, label: str, settings: Settings) -> bytes:
     if url.startswith("data:"):
         return decode_image_payload(url, 0, settings.max_image_bytes, label=label)
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - a malformed port raises here, not later
+    except ValueError as exc:  # e.g. full-width characters in the host that NFKC turns into '/' or '@'
+        raise BadRequest(f"{label} is not a valid URL ({exc})") from exc
     if parsed.scheme not in ("http", "https"):
         raise BadRequest(f"{label} must be a data: URL (or an allowed http(s) URL)")
-    if parsed.hostname not in settings.allowed_image_hosts:
-        raise BadRequest(f"{label}: remote image URLs are refused (host {parsed.hostname!r} is not "
+    host = parsed.hostname or ""
+    if host not in settings.allowed_image_hosts:
+        raise BadRequest(f"{label}: remote image URLs are refused (host {host!r} is not "
                          "in JANUS_ALLOWED_IMAGE_HOSTS); send a data: URL")
     try:
-        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client, \
+        async with asyncio.timeout(settings.image_fetch_timeout), _fetch_slots():
+            await _check_address(host, parsed.port or (443 if parsed.scheme == "https" else 80), label, settings)
+            return await _download(url, label, settings.max_image_bytes)
+    except TimeoutError as exc:
+        raise BadRequest(f"{label} could not be fetched within {settings.image_fetch_timeout:g} s") from exc
+
+
+MAX_FETCHES = 8  # remote images fetched at once by this process; more wait their turn (within the deadline)
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _fetch_slots() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    if loop not in _slots:
+        _slots[loop] = asyncio.Semaphore(MAX_FETCHES)
+    return _slots[loop]
+
+
+async def _check_address(host: str, port: int, label: str, settings: Settings) -> None:
+    """Refuse a host that resolves to a private, loopback, link-local or otherwise internal address (a listed
+    name pointing inside the network is how a server is made to fetch from it), unless that address is itself
+    listed in JANUS_ALLOWED_IMAGE_HOSTS."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BadRequest(f"{label}: cannot resolve {host!r} ({exc})") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global and str(address) not in settings.allowed_image_hosts:
+            raise BadRequest(f"{label}: {host!r} resolves to the internal address {address}; list that address "
+                             "in JANUS_ALLOWED_IMAGE_HOSTS to allow it")
+
+
+async def _download(url: str, label: str, max_bytes: int) -> bytes:
+    try:
+        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False, trust_env=False) as client, \
                 client.stream("GET", url) as response:
             if response.status_code != 200:
                 raise BadRequest(f"{label}: fetching it returned HTTP {response.status_code}")
             data = bytearray()
             async for chunk in response.aiter_bytes():
                 data += chunk
-                if len(data) > settings.max_image_bytes:
-                    raise BadRequest(f"{label} is larger than {settings.max_image_bytes} bytes", 413)
+                if len(data) > max_bytes:
+                    raise BadRequest(f"{label} is larger than {max_bytes} bytes", 413)
             return bytes(data)
     except httpx.HTTPError as exc:
         raise BadRequest(f"{label} could not be fetched: {exc}") from exc

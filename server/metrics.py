@@ -59,6 +59,8 @@ class Metrics:
                                  registry=r)
         self.preemptions = Counter("janus_preemptions_total", "Sequences sent back to wait because the KV pool ran "
                                    "dry (recomputed later, same output)", registry=r)
+        self.rate_limited = Counter("janus_rate_limited_total", "Requests refused with 429 over an API key's quota",
+                                    ["key"], registry=r)
         self._last = EngineStats()
         self._last_queue: dict[str, int] = {}
 

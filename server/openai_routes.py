@@ -21,7 +21,6 @@ from server import jobs as J
 from server.http_common import (
     HTTPError,
     abandon_all,
-    check_api_key,
     job_error,
     origin_of,
     sse_response,
@@ -134,7 +133,6 @@ def add_openai_routes(app: FastAPI) -> None:
 
     @app.post("/v1/images/generations", tags=["openai"])
     async def images_generations(body: ImagesGenerationsBody, request: Request):
-        check_api_key(request, request.app.state.settings.api_key)
         check_model(request, body.model)
         info = request.app.state.model_info
         native = f"{info.image_size}x{info.image_size}"
@@ -174,9 +172,8 @@ def check_model(request: Request, name: str | None) -> str:
 
 
 def _begin(request: Request, body: OpenAIOptions) -> tuple[Settings, str, list[str]]:
-    """What both text routes check first: the API key, the model (the name to answer with), the options they
-    share (the stop strings)."""
-    check_api_key(request, request.app.state.settings.api_key)
+    """What both text routes check first (the API key was checked before the body was read): the model (the
+    name to answer with), the options they share (the stop strings)."""
     return request.app.state.settings, check_model(request, body.model), _common_options(body)
 
 

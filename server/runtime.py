@@ -30,7 +30,8 @@ def make_queue(settings: Settings) -> JobQueue:
     return create_queue(settings.queue, max_depth=settings.max_queue_depth, result_ttl=settings.result_ttl,
                         max_deliveries=settings.max_deliveries, claim_idle_timeout=settings.claim_idle_timeout,
                         dead_worker_timeout=settings.dead_worker_timeout, password=password,
-                        tls_ca_certs=settings.queue_tls_ca, max_connections=settings.queue_max_connections)
+                        tls_ca_certs=settings.queue_tls_ca, max_connections=settings.queue_max_connections,
+                        max_results=settings.max_stored_results, max_result_bytes=settings.max_stored_result_bytes)
 
 
 async def open_queue(settings: Settings) -> JobQueue:

@@ -58,6 +58,9 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+MAX_MESSAGES = 256  # turns of one conversation; its text is bounded by max_prompt_chars as well
+MAX_PARTS = 64  # content parts of one message
+
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
@@ -67,7 +70,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send `name` and the like
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="'developer' is OpenAI's newer name for 'system'.")
-    content: str | list[ContentPart] | None = Field(
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = Field(
         None, description="Required but for assistant turns, where missing or null means empty.")
 
     @model_validator(mode="after")
@@ -102,7 +105,8 @@ class UnderstandBody(SamplingExtensions, _Strict):
     prompt: str | None = Field(None, min_length=1, description="The question or instruction about the image(s).")
     images: list[str] | None = Field(None, min_length=1, description="Images as base64 or data: URLs.")
     messages: list[ChatMessage] | None = Field(
-        None, min_length=1, description="A whole conversation instead of prompt + images; images as image_url parts.")
+        None, min_length=1, max_length=MAX_MESSAGES,
+        description="A whole conversation instead of prompt + images; images as image_url parts.")
     max_new_tokens: Int = Field(256, ge=1, description="At most the server's limit (the default is capped to it).")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -202,7 +206,7 @@ class ChatCompletionsBody(OpenAIOptions):
     `tools`, a non-text `response_format`, `n` > 1, penalties other than `repetition_penalty`) are refused
     with a 400; others are ignored."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="Not supported: true is a 400.")

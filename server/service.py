@@ -9,6 +9,7 @@ and decompression bombs at the edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -18,7 +19,7 @@ from typing import Any, get_args
 
 from janus_core.conversation import Message, check_conversation
 from janus_core.errors import InvalidRequestError
-from janus_core.images import decode_image
+from janus_core.images import check_image, open_image
 from janus_core.sampling import SamplingParams
 from server import idempotency
 from server.jobs import (
@@ -28,9 +29,10 @@ from server.jobs import (
     UnderstandParams,
     error_event,
 )
+from server.keys import KeyRing, Quotas, current_key
 from server.logs import request_id_var
 from server.queue import IdempotencyConflict, JobQueue
-from server.schemas import NON_BLANK, OutputFormat
+from server.schemas import MAX_MESSAGES, NON_BLANK, OutputFormat
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ MAX_STOPS = 4  # OpenAI's limit
 
 def _check_messages(settings: Settings, p: UnderstandParams) -> None:
     assert p.messages is not None
+    if len(p.messages) > MAX_MESSAGES:
+        raise BadRequest(f"the conversation has {len(p.messages)} messages; at most {MAX_MESSAGES} are allowed", 413)
     try:
         messages = conversation(p.messages)
     except InvalidRequestError as exc:
@@ -169,14 +173,49 @@ def validate_generate(settings: Settings, p: GenerateParams, generator: str | No
                              "no tokens; seed picks the starting noise): leave it out")
 
 
-def check_images(settings: Settings, images: list[bytes]) -> None:
-    """Decode each image (header checks first) so bad ones are refused before queueing."""
+def image_pixels(settings: Settings, images: list[bytes]) -> list[int]:
+    """Each image's pixel count from its header (format and size checked; nothing decoded)."""
+    out = []
     for i, data in enumerate(images):
         try:
-            decode_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
-                         label=f"images[{i}]")
+            width, height = open_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
+                                       label=f"images[{i}]").size
         except InvalidRequestError as exc:
             raise BadRequest(str(exc)) from exc
+        out.append(width * height)
+    return out
+
+
+def check_images(settings: Settings, images: list[bytes]) -> None:
+    """Decode each image (header checks first) so broken files are refused before queueing."""
+    for i, data in enumerate(images):
+        try:
+            check_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
+                        label=f"images[{i}]")
+        except InvalidRequestError as exc:
+            raise BadRequest(str(exc)) from exc
+
+
+class PixelBudget:
+    """Pixels being decoded at once in this process, bounded (a decode holds up to 4 bytes a pixel): a request
+    whose images would pass the budget waits for others to finish; one larger than it runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
 
 
 @dataclass(frozen=True)
@@ -194,7 +233,8 @@ class Origin:
             key = idempotency.check_key(idempotency_key)
         except idempotency.InvalidIdempotencyKey as exc:
             raise BadRequest(str(exc)) from exc
-        return cls(route, idempotency.caller_of(authorization), key)
+        api_key = current_key.get()  # the key's name where keys are checked; else a hash of any token sent
+        return cls(route, api_key.caller if api_key else idempotency.caller_of(authorization), key)
 
     def fingerprint(self, params: UnderstandParams | GenerateParams, stream: bool) -> str | None:
         return idempotency.fingerprint(self.route, params, stream) if self.idempotency_key is not None else None
@@ -234,6 +274,12 @@ class Service:
         self.queue = queue
         self.expected_workers = expected_workers
         self.local_workers = local_workers
+        # API keys and their quotas, shared by both frontends. A key that states no in-flight limit may hold
+        # at most 3/4 of the queue, so one client cannot shut the others out.
+        self.decoding = PixelBudget(settings.max_image_pixels)
+        self.keys = KeyRing.from_settings(settings)
+        share = settings.max_queue_depth * 3 // 4
+        self.quotas = Quotas(share if self.keys.enabled and share >= 1 else None)
         # server.app.ModelInfo where this process serves the model; its `generator` is known once loaded
         self.model_info: Any = None
 
@@ -251,18 +297,23 @@ class Service:
             check_images(self.settings, params.images)
             return origin.fingerprint(params, stream)
 
-        fingerprint = await asyncio.to_thread(check)
+        pixels = sum(image_pixels(self.settings, params.images))  # headers only: cheap, on the loop
+        async with self.decoding.hold(pixels):
+            fingerprint = await asyncio.to_thread(check)
         return await self._submit(Job("understand", params, deadline=self.deadline(timeout), stream=stream),
                                   origin, fingerprint)
 
     async def submit_generate(self, params: GenerateParams, origin: Origin, *, stream: bool = False,
                               timeout: float | None = None) -> Ticket:
         validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
+        self.quotas.charge_images(current_key.get(), params.n)
         return await self._submit(Job("generate", params, deadline=self.deadline(timeout), stream=stream),
                                   origin, origin.fingerprint(params, stream))
 
     async def _submit(self, job: Job, origin: Origin, fingerprint: str | None) -> Ticket:
         job.owner, job.request_id = origin.caller, request_id_var.get()
+        api_key = current_key.get()
+        job.weight = api_key.weight if api_key is not None else 1.0
         if origin.idempotency_key is not None:
             job.idempotency_key = idempotency.scoped_key(origin.caller, origin.idempotency_key)
             job.fingerprint = fingerprint

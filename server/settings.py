@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # heartbeat intervals, at least 1 s); claim_idle_timeout stays as the backstop.
     heartbeat_timeout: float = 0.0
     result_ttl: float = 600.0
+    # the in-process queue keeps at most this many finished results, and bytes of them (oldest go first)
+    max_stored_results: int = 1024
+    max_stored_result_bytes: int = 256 * 1024 * 1024
     max_deliveries: int = 3
     claim_idle_timeout: float = 60.0
 
@@ -72,7 +75,16 @@ class Settings(BaseSettings):
 
     # security
     api_key: CsvList = Field(default_factory=list)  # any of these keys is accepted; empty = no auth
+    # Named keys with quotas (YAML or JSON; server.keys): reloaded when the file changes or on SIGHUP.
+    api_keys_file: str | None = None
+    require_api_key: bool = False  # refuse to start without a key (the shipped deployments set it)
+    # With a key set these stay behind it unless opened (e.g. for a Prometheus that sends no key).
+    open_docs: bool = False  # /openapi.json
+    open_metrics: bool = False  # /metrics
+    open_reflection: bool = False  # gRPC server reflection
+    grpc_max_concurrent_rpcs: int = 1024  # calls beyond it are refused with RESOURCE_EXHAUSTED
     allowed_image_hosts: CsvList = Field(default_factory=list)  # hosts that remote image URLs may name
+    image_fetch_timeout: float = 15.0  # seconds for all of one remote image: resolving, connecting, reading
 
     playground: bool = True  # the browser page at / and /playground
 
@@ -124,4 +136,4 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_key)
+        return bool(self.api_key) or self.api_keys_file is not None

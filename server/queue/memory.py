@@ -2,20 +2,27 @@
 
 Everything lives in the event loop of the one process that runs both the API and the worker, so
 there is no serialisation and nothing to reconnect. Bounded: `submit` raises `QueueFull` past
-`max_depth` unfinished jobs. Idempotency keys map to (fingerprint, job id) for as long as the job's
-result is kept; a job that ends in an error releases its key.
+`max_depth` unfinished jobs; waiting jobs leave in fair order across owners (`FairQueue`); a finished
+job drops its input images at once and its result after `result_ttl` (a timer sweeps), or earlier, oldest
+first, when more than `max_results` results or `max_result_bytes` of them are kept. A client following a
+job keeps its result however it was dropped; only re-attaching needs it kept. Idempotency keys map to
+(fingerprint, job id) for as long as the job's result is kept; a job that ends in an error releases its key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.jobs import Job, is_terminal
+from server.jobs import UNAVAILABLE, Job, UnderstandParams, error_event, is_terminal
 from server.queue.base import IdempotencyConflict, JobQueue, QueueFull
+from server.queue.fair import FairQueue
 
 
 class _Entry:
@@ -25,22 +32,31 @@ class _Entry:
         self.changed = asyncio.Event()
         self.cancelled = False
         self.done_at: float | None = None
+        self.size = 0  # bytes of its stored result, once finished
 
 
 class MemoryQueue(JobQueue):
-    OPTIONS = ("max_depth", "result_ttl")
+    OPTIONS = ("max_depth", "result_ttl", "max_results", "max_result_bytes")
 
-    def __init__(self, max_depth: int = 256, result_ttl: float = 600.0) -> None:
+    def __init__(self, max_depth: int = 256, result_ttl: float = 600.0, max_results: int = 1024,
+                 max_result_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_depth = max_depth
         self.result_ttl = result_ttl
-        self._pending: deque[str] = deque()
+        self.max_results = max_results
+        self.max_result_bytes = max_result_bytes
+        self._pending: FairQueue[str] = FairQueue()
         self._entries: dict[str, _Entry] = {}
+        self._finished: OrderedDict[str, _Entry] = OrderedDict()  # in the order they finished
+        self._finished_bytes = 0
+        self._sweeper: asyncio.Task | None = None
         self._keys: dict[str, tuple[str | None, str]] = {}  # idempotency key -> (fingerprint, job id)
         self._available = asyncio.Event()
         self._heartbeats: dict[str, float] = {}
 
     async def submit(self, job: Job) -> str:
         self._expire_results()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
         key = job.idempotency_key
         if key and key in self._keys:
             fingerprint, first = self._keys[key]
@@ -52,14 +68,15 @@ class MemoryQueue(JobQueue):
         self._entries[job.id] = _Entry(job)
         if key:
             self._keys[key] = (job.fingerprint, job.id)
-        self._pending.append(job.id)
+        self._pending.push(job.owner or "", job.id, job.weight)
         self._available.set()
         return job.id
 
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         entry = self._entries.get(job_id)
-        if entry is None:
-            raise KeyError(f"unknown job {job_id}")
+        if entry is None:  # never known, or its result was dropped before this follower came
+            yield error_event(UNAVAILABLE, f"job {job_id} is unknown, or its result is no longer kept")
+            return
         seen = 0
         while True:
             while seen < len(entry.history):
@@ -97,7 +114,7 @@ class MemoryQueue(JobQueue):
                 return []
         jobs: list[Job] = []
         while self._pending and len(jobs) < max_jobs:
-            entry = self._entries.get(self._pending.popleft())
+            entry = self._entries.get(self._pending.pop())
             if entry is not None and entry.done_at is None:
                 jobs.append(entry.job)
         return jobs
@@ -115,8 +132,14 @@ class MemoryQueue(JobQueue):
         entry.history.append(event)
         entry.done_at = time.time()
         entry.changed.set()
+        if isinstance(entry.job.params, UnderstandParams) and entry.job.params.images:
+            entry.job.params = dataclasses.replace(entry.job.params, images=[])  # the worker is done with them
         if event.get("type") == "error":  # nothing was produced: a retry with the key runs again
             self._release_key(entry.job)
+        entry.size = sum(len(json.dumps(e)) for e in entry.history)
+        self._finished[job_id] = entry
+        self._finished_bytes += entry.size
+        self._expire_results()
 
     async def is_cancelled(self, job_id: str) -> bool:
         entry = self._entries.get(job_id)
@@ -127,8 +150,28 @@ class MemoryQueue(JobQueue):
 
     def _expire_results(self) -> None:
         cutoff = time.time() - self.result_ttl
-        for job_id in [k for k, e in self._entries.items() if e.done_at is not None and e.done_at < cutoff]:
-            self._release_key(self._entries.pop(job_id).job)
+        while self._finished:
+            job_id, entry = next(iter(self._finished.items()))
+            assert entry.done_at is not None
+            if (entry.done_at >= cutoff and len(self._finished) <= self.max_results
+                    and self._finished_bytes <= self.max_result_bytes):
+                break
+            del self._finished[job_id]
+            self._finished_bytes -= entry.size
+            self._entries.pop(job_id, None)
+            self._release_key(entry.job)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(max(min(self.result_ttl / 2, 30.0), 0.05))
+            self._expire_results()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
 
     def _release_key(self, job: Job) -> None:
         key = job.idempotency_key

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -80,6 +81,9 @@ class _Claim:
     run: str  # tags published events so followers can tell this run's replays from another's
     idempotency_key: str | None = None  # released if the job fails
     seq: int = 0
+
+
+MEMORY_ADMIT = 0.8  # share of Redis' maxmemory past which new jobs are refused
 
 
 class RedisQueue(JobQueue):
@@ -155,6 +159,8 @@ class RedisQueue(JobQueue):
         self._autoclaim_cursor = "0-0"
         self._claims: dict[str, _Claim] = {}
         self._held: dict[str, Job] = {}  # jobs submitted here, until their follower ends
+        self._memory_checked = -math.inf
+        self._memory = (0, 0)  # Redis' used_memory and maxmemory, as last read
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -177,7 +183,13 @@ class RedisQueue(JobQueue):
     # --- frontend side -------------------------------------------------------------------------
 
     async def submit(self, job: Job) -> str:
-        status, value = await self._retry(lambda: self._submit_once(job), "submitting a job", fail_fast=True)
+        await self._check_memory()
+        try:
+            status, value = await self._retry(lambda: self._submit_once(job), "submitting a job", fail_fast=True)
+        except redis_errors.ResponseError as exc:
+            if "OOM" not in str(exc):
+                raise
+            raise QueueFull("the queue's Redis is at its memory limit (maxmemory)", self.retry_after) from exc
         if status == "full":
             raise QueueFull(f"queue is full ({value} jobs waiting or running, limit {self.max_depth})",
                             retry_after=self.retry_after)
@@ -190,6 +202,23 @@ class RedisQueue(JobQueue):
         # frontend can submit it again even when the one that first submitted it is gone.
         self._hold(job if value == job.id else replace(job, id=value))
         return value
+
+    async def _check_memory(self) -> None:
+        """Admission by bytes: with a `maxmemory`, new jobs stop at `MEMORY_ADMIT` of it, so the results and
+        events of the jobs already admitted still fit (Redis refuses every write past maxmemory). Read at most
+        once a second."""
+        now = time.monotonic()
+        if now - self._memory_checked >= 1.0:
+            self._memory_checked = now
+            try:
+                info = await self.redis.info("memory")
+                self._memory = (int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)))
+            except (*DOWN, redis_errors.RedisError):  # the submit that follows reports an unreachable Redis
+                return
+        used, limit = self._memory
+        if limit and used >= MEMORY_ADMIT * limit:
+            raise QueueFull(f"the queue's Redis holds {used} of its {limit} bytes (maxmemory); new jobs wait until "
+                            "results drain", self.retry_after)
 
     def _submit_once(self, job: Job, *, admit: bool = True) -> Awaitable[Any]:
         idem_ttl = ms(max(job.deadline - time.time(), 0.0) + self.result_ttl) if job.idempotency_key else 0

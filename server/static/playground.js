@@ -177,7 +177,7 @@ function requestEnded() {
 
 async function pollEngine() {
   try {
-    const response = await fetch("/metrics");
+    const response = await fetch("/metrics", { headers: requestHeaders() });
     if (!response.ok) return;
     const text = await response.text();
     const value = (pattern) => {

@@ -36,6 +36,7 @@ EXPECTED = {
     "janus_kv_cache_blocks",
     "janus_kv_cache_capacity_tokens",
     "janus_preemptions_total",
+    "janus_rate_limited_total",
 }
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])janus_[a-z0-9_]+")

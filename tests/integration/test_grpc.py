@@ -8,12 +8,15 @@ is cancelled or expired) without loading a model, so these tests exercise the fr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,8 +28,10 @@ from PIL import Image
 from server import jobs
 from server.grpc_client import Images, JanusClient, Progress
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
-from server.grpc_service import create_grpc_server, status_for, stop_grpc_server
+from server.grpc_service import MAX_HEALTH_WATCHES, create_grpc_server, status_for, stop_grpc_server
 from server.jobs import GenerateParams, Job, UnderstandParams
+from server.keys import current_key
+from server.metrics import Metrics
 from server.queue.memory import MemoryQueue
 from server.service import Service
 from server.settings import Settings
@@ -68,7 +73,7 @@ class FakeWorker:
                 task.add_done_callback(self._tasks.discard)
 
     async def _run(self, job: Job) -> None:
-        self.jobs[job.id] = job
+        self.jobs[job.id] = replace(job)  # as received: the queue drops a finished job's images
         prompt = job.params.prompt
         if prompt.startswith("fail:"):
             await self.queue.finish(job.id, jobs.error_event(prompt[5:], f"worker refused: {prompt}"))
@@ -121,6 +126,7 @@ class FakeWorker:
 @dataclass
 class Stack:
     settings: Settings
+    service: Service
     queue: MemoryQueue
     worker: FakeWorker
     server: grpc.aio.Server
@@ -136,15 +142,20 @@ class Stack:
 
 
 @asynccontextmanager
-async def running(*, worker: bool = True, max_depth: int = 64, **overrides: Any) -> AsyncIterator[Stack]:
+async def running(*, worker: bool = True, max_depth: int = 64, service_class: type[Service] = Service,
+                  metrics: Metrics | None = None, handlers: tuple[grpc.GenericRpcHandler, ...] = (),
+                  **overrides: Any) -> AsyncIterator[Stack]:
+    """The gRPC server on a free loopback port over a MemoryQueue; `handlers` are added next to Janus's."""
     settings = Settings(**overrides)
     queue = MemoryQueue(max_depth=max_depth)
-    server = create_grpc_server(Service(settings, queue), settings, readiness_ttl=0.05)
+    service = service_class(settings, queue)
+    server = create_grpc_server(service, settings, metrics=metrics, readiness_ttl=0.05)
+    server.add_generic_rpc_handlers(handlers)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
-    stack = Stack(settings, queue, FakeWorker(queue), server, target, channel)
+    stack = Stack(settings, service, queue, FakeWorker(queue), server, target, channel)
     tasks = [stack.start_worker()] if worker else []
     try:
         yield stack
@@ -165,6 +176,10 @@ def understand_request(**fields: Any) -> janus_pb2.UnderstandRequest:
     return janus_pb2.UnderstandRequest(**({"prompt": "What is this?", "images": [IMAGE]} | fields))
 
 
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
 async def status_of(awaitable: Any) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await awaitable
@@ -177,6 +192,14 @@ async def drain(call: Any) -> list[Any]:
     while (message := await call.read()) is not grpc.aio.EOF:
         messages.append(message)
     return messages
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Waits for server-side state the client sees no event for (e.g. a cancelled call's cleanup)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.01)
 
 
 # --- the four rpcs -------------------------------------------------------------------------------
@@ -262,6 +285,71 @@ async def test_health_is_serving_only_with_a_live_worker() -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+class CountingService(Service):
+    """Counts readiness checks: what health probing costs the queue."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.checks = 0
+
+    async def readiness(self) -> tuple[bool, str]:
+        self.checks += 1
+        return await super().readiness()
+
+
+def health_pollers() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks() if not task.done()
+            and getattr(task.get_coro(), "__qualname__", "") == "HealthServicer._refresh_forever"]
+
+
+async def first_status(watch: Any) -> Any:
+    """The first status a Watch sends, or the code it was refused with."""
+    try:
+        return (await watch.read()).status
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+
+
+async def test_health_watches_share_one_poller_and_are_capped() -> None:
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    async with running(worker=False, service_class=CountingService) as stack:
+        assert isinstance(stack.service, CountingService)
+        health = health_pb2_grpc.HealthStub(stack.channel)
+        request = health_pb2.HealthCheckRequest(service="janus.v1.Janus")
+        watches = [health.Watch(request) for _ in range(MAX_HEALTH_WATCHES + 44)]
+        firsts = await asyncio.gather(*(first_status(w) for w in watches))
+        opened = [w for w, first in zip(watches, firsts, strict=True) if first == not_serving]
+        assert len(opened) == MAX_HEALTH_WATCHES and firsts.count(Code.RESOURCE_EXHAUSTED) == 44
+        assert len(health_pollers()) == 1  # one for all the streams, not one each
+
+        # The streams still open all hear of the change, from the one poller checking about once per interval.
+        checks, since = stack.service.checks, time.monotonic()
+        stack.start_worker()
+        updates = await asyncio.wait_for(asyncio.gather(*(w.read() for w in opened)), 10)
+        assert {u.status for u in updates} == {serving}
+        assert stack.service.checks - checks <= (time.monotonic() - since) / 0.05 + 2
+
+        for watch in watches:
+            watch.cancel()
+        await eventually(lambda: not health_pollers(), "the poller stops with the last Watch")
+        again = health.Watch(request)  # and the closed streams' places are free again
+        assert await first_status(again) == serving
+        again.cancel()
+
+
+async def test_calls_beyond_the_servers_limit_are_resource_exhausted() -> None:
+    async with running(grpc_max_concurrent_rpcs=2) as stack:
+        health = health_pb2_grpc.HealthStub(stack.channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(2)]
+        for watch in watches:
+            await watch.read()  # both calls are open
+        error = await status_of(stack.stub.Understand(understand_request()))
+        assert error.code() == Code.RESOURCE_EXHAUSTED
+        assert not stack.worker.jobs
+        for watch in watches:
+            watch.cancel()
+
+
 async def test_reflection_lists_and_describes_the_services(stack: Stack) -> None:
     reflect = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
     requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -288,6 +376,145 @@ async def test_api_key_is_required_on_janus_rpcs_only() -> None:
         assert ok.text
         health = health_pb2_grpc.HealthStub(stack.channel)
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def reflected_services(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> set[str]:
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = await drain(reflect.ServerReflectionInfo(iter([request]), metadata=metadata))
+    return {s.name for s in reply.list_services_response.service}
+
+
+async def test_reflection_needs_the_key_unless_opened() -> None:
+    async with running(api_key=["k1"]) as stack:
+        for metadata in [(), bearer("nope")]:
+            error = await status_of(reflected_services(stack.channel, metadata))
+            assert error.code() == Code.UNAUTHENTICATED
+        assert "janus.v1.Janus" in await reflected_services(stack.channel, bearer("k1"))
+        reply = await health_pb2_grpc.HealthStub(stack.channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async with running(api_key=["k1"], open_reflection=True) as stack:
+        assert "janus.v1.Janus" in await reflected_services(stack.channel)
+        error = await status_of(stack.stub.Understand(understand_request()))  # opens reflection only
+        assert error.code() == Code.UNAUTHENTICATED
+
+
+class Echo:
+    """An rpc of each client-streaming shape on raw bytes, answering with the caller's key name: what a
+    service added later would look like to the guard."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def collect(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        self.calls += 1
+        return b"".join([r async for r in requests]) + self._for()
+
+    async def echo(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.calls += 1
+        async for request in requests:
+            yield request + self._for()
+
+    @staticmethod
+    def _for() -> bytes:
+        key = current_key.get()
+        return f" for {key.name if key else None}".encode()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler("test.Echo", {
+            "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
+            "Echo": grpc.stream_stream_rpc_method_handler(self.echo),
+        })
+
+
+class NoShape(grpc.RpcMethodHandler):
+    """A handler of none of the four shapes: nothing the guard knows how to wrap."""
+
+    request_streaming = response_streaming = False
+    request_deserializer = response_serializer = None
+    unary_unary = unary_stream = stream_unary = stream_stream = None
+
+
+async def test_every_rpc_shape_needs_the_key_and_unknown_shapes_are_refused() -> None:
+    echo = Echo()
+    odd = grpc.method_handlers_generic_handler("test.Odd", {"Call": NoShape()})
+    async with running(api_key=["k1"], handlers=(echo.handler(), odd)) as stack:
+        collect = stack.channel.stream_unary("/test.Echo/Collect")
+        bidi = stack.channel.stream_stream("/test.Echo/Echo")
+        for metadata in [(), bearer("nope")]:
+            error = await status_of(collect(iter([b"a", b"b"]), metadata=metadata))
+            assert error.code() == Code.UNAUTHENTICATED
+            error = await status_of(drain(bidi(iter([b"a"]), metadata=metadata)))
+            assert error.code() == Code.UNAUTHENTICATED
+        assert echo.calls == 0
+        # with the key they run, and see whose call it is
+        assert await collect(iter([b"a", b"b"]), metadata=bearer("k1")) == b"ab for default"
+        assert await drain(bidi(iter([b"a", b"b"]), metadata=bearer("k1"))) == [b"a for default", b"b for default"]
+        error = await status_of(stack.channel.unary_unary("/test.Odd/Call")(b"x", metadata=bearer("k1")))
+        assert error.code() == Code.UNIMPLEMENTED
+
+
+# --- keys from a keys file: quotas ---------------------------------------------------------------
+
+
+def keys_file(directory: Path, **limits: dict[str, int]) -> str:
+    """A keys file with one key per name, `<name>-secret`, stored as its sha256 only, with those limits."""
+    lines = ["keys:"]
+    for name, fields in limits.items():
+        lines.append(f"  - name: {name}")
+        lines.append(f"    sha256: {hashlib.sha256(f'{name}-secret'.encode()).hexdigest()}")
+        lines += [f"    {field}: {value}" for field, value in fields.items()]
+    path = directory / "keys.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+async def test_a_key_over_its_in_flight_limit_is_resource_exhausted(tmp_path: Path, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="janus.access")
+    metrics = Metrics()
+    path = keys_file(tmp_path, **{"team-a": {"max_in_flight": 1}, "team-b": {}})
+    team_a, team_b = bearer("team-a-secret"), bearer("team-b-secret")
+    async with running(api_keys_file=path, metrics=metrics) as stack:
+        busy = stack.stub.GenerateStream(janus_pb2.GenerateRequest(prompt="slow"), metadata=team_a)
+        assert (await busy.read()).progress.step == 1  # team-a's one slot is taken
+        for call in (stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox"), metadata=team_a),
+                     drain(stack.stub.UnderstandStream(understand_request(), metadata=team_a))):
+            error = await status_of(call)
+            assert error.code() == Code.RESOURCE_EXHAUSTED
+            assert "'team-a'" in error.details() and "in flight" in error.details()
+            assert dict(error.trailing_metadata())["retry-after"] == "1"
+        served = await stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox"), metadata=team_b)
+        assert len(served.png) == 1
+        assert len(stack.worker.jobs) == 2  # the refused calls queued nothing
+        assert sorted(job.owner for job in stack.worker.jobs.values()) == ["key:team-a", "key:team-b"]
+        assert metrics.registry.get_sample_value("janus_rate_limited_total", {"key": "team-a"}) == 2
+        assert metrics.registry.get_sample_value("janus_rate_limited_total", {"key": "team-b"}) is None
+
+        busy.cancel()  # a cancelled call gives its slot back
+        await eventually(lambda: stack.service.quotas.in_flight("team-a") == 0, "team-a's slot is released")
+        assert len((await stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox"), metadata=team_a)).png) == 1
+        assert stack.service.quotas.in_flight("team-a") == stack.service.quotas.in_flight("team-b") == 0
+
+    access = [r for r in caplog.records if r.name == "janus.access"]
+    refused = [r.fields for r in access if r.fields["status"] == "RESOURCE_EXHAUSTED"]
+    assert [f["key"] for f in refused] == ["team-a", "team-a"]  # the key's name, ...
+    assert not any("secret" in r.getMessage() or "secret" in str(r.fields) for r in access)  # ... never the key
+
+
+async def test_images_per_minute_are_charged_to_the_key_of_a_stream(tmp_path: Path) -> None:
+    """The key is known inside streaming handlers too: Service charges images to it."""
+    path = keys_file(tmp_path, **{"team-c": {"images_per_minute": 3}})
+    team_c = bearer("team-c-secret")
+    async with running(api_keys_file=path) as stack:
+        request = janus_pb2.GenerateRequest(prompt="a fox", n=3)
+        events = await drain(stack.stub.GenerateStream(request, metadata=team_c))
+        assert len(events[-1].result.png) == 3
+        for call in (drain(stack.stub.GenerateStream(request, metadata=team_c)),
+                     stack.stub.Generate(janus_pb2.GenerateRequest(prompt="a fox"), metadata=team_c)):
+            error = await status_of(call)
+            assert error.code() == Code.RESOURCE_EXHAUSTED and "3 images per minute" in error.details()
+            assert 15 <= int(dict(error.trailing_metadata())["retry-after"]) <= 60
+        assert len(stack.worker.jobs) == 1
 
 
 # --- deadlines and cancellation ------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import time
 
 import grpc
 import httpx
@@ -11,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.grpc_client import JanusClient, Progress
 from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import metric, tokens_after_stop
+from tests.integration.servers import metric, start_server, tokens_after_stop
 from tests.integration.test_metrics import scrape, value
 
 IMAGE = png_bytes()
@@ -114,3 +117,45 @@ def test_a_refused_call_is_in_the_access_log(server, client):
         time.sleep(0.05)
     assert lines[-1]["status"] == "INVALID_ARGUMENT" and lines[-1]["method"] == "gRPC"
     assert lines[-1]["msg"].startswith("gRPC /janus.v1.Janus/Generate INVALID_ARGUMENT ")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_hf_dir, tmp_path_factory):
+    """`serve` with a keys file: team-a may send one request a minute, team-b has no limit of its own."""
+    directory = tmp_path_factory.mktemp("keyed")
+    digest = {name: hashlib.sha256(f"{name}-secret".encode()).hexdigest() for name in ("team-a", "team-b")}
+    (directory / "keys.yaml").write_text(f"""keys:
+  - {{name: team-a, sha256: {digest["team-a"]}, requests_per_minute: 1}}
+  - {{name: team-b, sha256: {digest["team-b"]}}}
+""")
+    proc = start_server(["serve", "--model", str(tiny_hf_dir), "--api-keys-file", str(directory / "keys.yaml")],
+                        directory, env={"JANUS_OPEN_METRICS": "true"})
+    yield proc
+    proc.stop()
+
+
+def test_keys_file_quotas_apply_over_grpc(keyed_server):
+    target = f"127.0.0.1:{keyed_server.grpc_port}"
+    with JanusClient(target, api_key="team-a-secret", timeout=60) as team_a, \
+            JanusClient(target, api_key="team-b-secret", timeout=60) as team_b, JanusClient(target) as anonymous:
+        assert team_a.understand("Describe", [IMAGE], max_new_tokens=4).completion_tokens > 0
+        with pytest.raises(grpc.RpcError) as info:
+            team_a.understand("Describe", [IMAGE], max_new_tokens=4)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "'team-a'" in info.value.details() and "per minute" in info.value.details()
+        assert 1 <= int(dict(info.value.trailing_metadata())["retry-after"]) <= 60
+        assert team_b.understand("Describe", [IMAGE], max_new_tokens=4).completion_tokens > 0  # served meanwhile
+        with pytest.raises(grpc.RpcError) as info:
+            anonymous.understand("Describe", [IMAGE], max_new_tokens=4)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert metric(keyed_server.url, "janus_rate_limited_total", key="team-a") == 1
+
+    deadline = time.monotonic() + 30
+    while True:  # access lines are written as calls end: wait for the refusal's
+        lines = [json.loads(line) for line in keyed_server.log().splitlines() if '"janus.access"' in line]
+        refused = [line for line in lines if line["status"] == "RESOURCE_EXHAUSTED"]
+        if refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert [line.get("key") for line in refused] == ["team-a"]
+    assert "-secret" not in keyed_server.log()  # names in logs, never keys
