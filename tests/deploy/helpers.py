@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,6 +65,65 @@ def load_compose(path: Path) -> Obj:
 
 def load_yaml_docs(path: Path) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def compose_default(value: str) -> str:
+    """A compose value with every `${VAR:-default}` / `${VAR-default}` replaced by its default (what it
+    becomes when VAR is unset) and `$$` unescaped; `${VAR:?message}` is left as it is."""
+    value = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", value)
+    return value.replace("$$", "$")
+
+
+# ------------------------------------------------------------------------------------------ sizes
+_K8S_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_DOCKER_UNITS = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+_REDIS_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _size(text: str, units: dict[str, int], what: str) -> int:
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", str(text).strip())
+    if not match or (match.group(2) and match.group(2) not in units):
+        raise ValueError(f"not a {what} size: {text!r}")
+    return int(match.group(1)) * units.get(match.group(2), 1)
+
+
+def k8s_bytes(quantity: str) -> int:
+    """Kubernetes memory quantity ('1Gi', '768Mi', '1G') -> bytes."""
+    return _size(quantity, _K8S_UNITS, "Kubernetes")
+
+
+def docker_bytes(size: str) -> int:
+    """Compose mem_limit ('1g', '768m'; binary units) -> bytes."""
+    return _size(str(size).lower(), _DOCKER_UNITS, "Docker")
+
+
+def redis_bytes(size: str) -> int:
+    """redis.conf memory size ('768mb' binary, '800m' decimal, plain bytes) -> bytes."""
+    return _size(str(size).lower(), _REDIS_UNITS, "Redis")
+
+
+# ------------------------------------------------------------------------------------ shell, Redis
+def shell_words(script: str) -> list[str]:
+    """Words of a `sh -c` script, quotes removed; operators (`;`, `||`, `>&`, ...) are words of their own."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def redis_options(script: str) -> dict[str, list[list[str]]]:
+    """The `--name value ...` options a redis-server start script passes, by name, one list of values
+    per occurrence. Options gathered with `set -- ...` and passed on as "$@" count as well."""
+    options: dict[str, list[list[str]]] = {}
+    current: list[str] | None = None
+    for word in shell_words(script):
+        if word.startswith("--") and len(word) > 2:
+            current = options.setdefault(word[2:], [])
+            current.append([])
+        elif current is not None and word != "$@" and not set(word) <= set("();<>|&"):
+            current[-1].append(word)
+        else:
+            current = None
+    return options
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -1,5 +1,6 @@
 """docker-compose.yml, its CPU override, and the Prometheus / Grafana files it mounts: services, GPU
-reservation, and that every scrape target and datasource URL names a real service and port."""
+reservation, that every scrape target and datasource URL names a real service and port, and what a
+default `docker compose up` exposes (loopback ports, required keys and passwords, no anonymous Grafana)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from .helpers import DEPLOY, REPO, load_compose, split_image
+from .helpers import (
+    DEPLOY,
+    REPO,
+    compose_default,
+    docker_bytes,
+    load_compose,
+    redis_bytes,
+    redis_options,
+    split_image,
+)
 
 COMPOSE = REPO / "docker-compose.yml"
 CPU_OVERRIDE = DEPLOY / "compose" / "cpu.yml"
 WORKER_METRICS_DEFAULT = 9100
+REQUIRED = re.compile(r"^\$\{(\w+):\?.+\}$")  # ${VAR:?message}: compose refuses to start without VAR
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +87,46 @@ def test_api_and_worker_share_the_redis_queue(services):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def _published(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port, as with nothing set."""
+    out = []
+    for port in service.get("ports", []):
+        assert isinstance(port, str), f"use the short syntax: {port}"
+        address, host, container = compose_default(port).split(":")
+        out.append((address, int(host), int(container)))
+    return out
+
+
 def test_api_publishes_rest_and_grpc(services):
-    assert {"8000:8000", "50051:50051"} <= set(services["api"]["ports"])
+    assert {(8000, 8000), (50051, 50051)} <= {(h, c) for _, h, c in _published(services["api"])}
+
+
+@pytest.mark.parametrize("path", [COMPOSE, CPU_OVERRIDE])
+def test_published_ports_bind_loopback_by_default(path):
+    for name, service in load_compose(path)["services"].items():
+        for address, host, _ in _published(service):
+            assert address == "127.0.0.1", f"{path.name}: {name} publishes {host} on {address!r}"
+
+
+def test_api_requires_a_key(services):
+    env = services["api"]["environment"]
+    match = REQUIRED.match(env["JANUS_API_KEY"])
+    assert match and match.group(1) == "JANUS_API_KEY"
+    assert env["JANUS_REQUIRE_API_KEY"] == "true"
+    for flag in ("JANUS_OPEN_METRICS", "JANUS_OPEN_DOCS", "JANUS_OPEN_REFLECTION"):
+        assert env.get(flag, "false") == "false", flag
+
+
+def test_redis_refuses_writes_before_its_memory_limit(services):
+    redis = services["redis"]
+    assert redis["command"][:2] == ["sh", "-c"]
+    options = redis_options(compose_default(redis["command"][2]))
+    limit = redis.get("mem_limit") or redis["deploy"]["resources"]["limits"]["memory"]
+    (maxmemory,) = options["maxmemory"]
+    assert 0 < redis_bytes(maxmemory[0]) <= 0.8 * docker_bytes(limit)
+    assert options["maxmemory-policy"] == [["noeviction"]]
+    assert REQUIRED.match(redis["environment"]["REDISCLI_AUTH"])
+    assert options["requirepass"] == [["$REDISCLI_AUTH"]]
 
 
 def test_worker_reserves_a_gpu_and_caches_models(compose, services):
@@ -117,6 +166,30 @@ def test_prometheus_scrapes_api_and_workers(services):
         assert port in _container_ports(services[host]), f"{host} does not listen on {port}"
     assert ("api", 8000) in targets
     assert ("worker", _worker_metrics_port(services["worker"])) in targets
+
+
+def test_prometheus_sends_the_api_key(compose, services):
+    """The api's /metrics wants the key: Prometheus reads it from a secret holding JANUS_API_KEY."""
+    config = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "janus-api"]
+    assert job["authorization"]["type"] == "Bearer"
+    path = job["authorization"]["credentials_file"]
+    mounted = {f"/run/secrets/{m.get('target', m['source'])}": m for m in services["prometheus"]["secrets"]}
+    assert path in mounted
+    assert mounted[path]["mode"] & 0o004, "Prometheus runs as nobody: the file must be readable to it"
+    assert compose["secrets"][mounted[path]["source"]] == {"environment": "JANUS_API_KEY"}
+
+
+def test_grafana_requires_login(services):
+    grafana = services["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert not {k for k in env if k.startswith("GF_AUTH_ANONYMOUS_")} - {"GF_AUTH_ANONYMOUS_ENABLED"}
+    assert env.get("GF_USERS_ALLOW_SIGN_UP", "false") == "false"
+    assert REQUIRED.match(env["GF_SECURITY_ADMIN_PASSWORD"]), "no default admin password"
+    assert "/etc/grafana/grafana.ini" not in _bind_mounts(grafana), "settings come from GF_* here"
+    for path in (REPO / "deploy/grafana/provisioning").rglob("*.yml"):
+        assert "anonymous" not in path.read_text().lower(), path
 
 
 def test_grafana_provisioning(services):

@@ -3,6 +3,7 @@ each other (selectors, named ports, references, probes, GPU requests, KEDA trigg
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from urllib.parse import urlsplit
 
@@ -14,8 +15,11 @@ from .helpers import (
     by_kind,
     containers,
     find,
+    k8s_bytes,
     kubectl_kustomize,
     pod_specs,
+    redis_bytes,
+    redis_options,
     render,
     render_kustomization,
     schema_errors,
@@ -27,6 +31,15 @@ from .helpers import (
 ALL = list(KUSTOMIZATIONS)
 WITH_GPU = ["base", "gpu"]
 STARTUP_BUDGET_S = 20 * 60
+# What each process writes, besides what its env points at (below): these must be volumes.
+WRITABLE = {"janus-api": ["/tmp"], "janus-worker": ["/tmp"], "janus-redis": ["/data"]}
+# Env vars naming directories a process writes to (caches, temp files); HF_HOME only where the weights
+# are downloaded (the api reads the shared ConfigMap too but never loads a model).
+WRITABLE_ENV = ("TMPDIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
+LOADS_MODELS = {"janus-worker"}
+# All that KEDA's redis-streams scaler and its client send: the handshake, INFO (the lag trigger checks
+# the server version first), XINFO GROUPS (lag), XLEN (lag before the group exists), XPENDING.
+KEDA_READ_COMMANDS = {"hello", "auth", "ping", "select", "info", "xinfo|groups", "xlen", "xpending"}
 
 
 def _key(obj):
@@ -52,6 +65,38 @@ def _gibibytes(quantity: str) -> float:
 
 def _probe_seconds(probe) -> int:
     return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def _environment(objects, container) -> dict[str, str]:
+    """The literal environment of a container: its ConfigMaps (envFrom) and `env` values."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def _secret_keys(objects, container) -> set[tuple[str, str]]:
+    """(Secret, key) pairs a container reads its environment from."""
+    keys = set()
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            secret = find(objects, "Secret", source["secretRef"]["name"])
+            keys |= {(secret["metadata"]["name"], key) for key in secret.get("stringData", {})}
+    return keys
+
+
+def _redis_script(objects) -> tuple[dict, str]:
+    (container,) = containers(find(objects, "Deployment", "janus-redis"))
+    assert container["command"] == ["sh", "-c"]
+    return container, " ".join(container["args"])
+
+
+def _env_from_secret(container, variable: str) -> tuple[str, str]:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == variable]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
 
 
 # ------------------------------------------------------------------------------------- rendering
@@ -171,10 +216,22 @@ def test_references_exist(name):
                     assert ("ConfigMap", source["configMapRef"]["name"]) in names
                 if "secretRef" in source:
                     assert ("Secret", source["secretRef"]["name"]) in names
+            for entry in container.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    assert ref["key"] in find(objects, "Secret", ref["name"]).get("stringData", {}), ref
         for spec in pod_specs(obj):
             for volume in spec.get("volumes", []):
                 if "persistentVolumeClaim" in volume:
                     assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+    for auth in by_kind(objects, "TriggerAuthentication"):
+        for ref in auth["spec"]["secretTargetRef"]:
+            assert ref["key"] in find(objects, "Secret", ref["name"]).get("stringData", {}), ref
+    for monitor in by_kind(objects, "ServiceMonitor"):
+        for endpoint in monitor["spec"]["endpoints"]:
+            if "authorization" in endpoint:
+                ref = endpoint["authorization"]["credentials"]
+                assert ref["key"] in find(objects, "Secret", ref["name"]).get("stringData", {}), ref
     for hpa in by_kind(objects, "HorizontalPodAutoscaler"):
         assert (hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]) in names
     for scaled in by_kind(objects, "ScaledObject"):
@@ -303,6 +360,76 @@ def test_pods_run_as_non_root(name):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_pods_are_locked_down(name):
+    for obj in by_kind(render(name), "Deployment"):
+        (spec,) = pod_specs(obj)
+        where = obj["metadata"]["name"]
+        assert spec.get("automountServiceAccountToken") is False, f"{where}: no pod here calls the Kubernetes API"
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        for container in containers(obj):
+            context = container["securityContext"]
+            assert context.get("readOnlyRootFilesystem") is True, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert not context.get("privileged"), where
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_writable_paths_are_volumes(name):
+    """With read-only images, every directory a process writes to must be a writable volume."""
+    objects = render(name)
+    worker_env = _environment(objects, containers(find(objects, "Deployment", "janus-worker"))[0])
+    # torch.compile's caches default to $HOME (read-only) unless pointed elsewhere
+    assert {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME"} <= set(worker_env)
+    for obj in by_kind(objects, "Deployment"):
+        (spec,) = pod_specs(obj)
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in containers(obj):
+            env = _environment(objects, container)
+            mounts = {
+                m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", []) if not m.get("readOnly")
+            }
+            variables = WRITABLE_ENV + (("HF_HOME",) if obj["metadata"]["name"] in LOADS_MODELS else ())
+            paths = WRITABLE[obj["metadata"]["name"]] + [env[k] for k in variables if k in env]
+            for path in paths:
+                hits = [volume for mount, volume in mounts.items() if path == mount or path.startswith(mount + "/")]
+                assert hits, f"{obj['metadata']['name']}: {path} is not on a writable volume"
+                assert {"emptyDir", "persistentVolumeClaim"} & set(hits[0]), (path, hits[0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_redis_refuses_writes_before_its_memory_limit(name):
+    container, script = _redis_script(render(name))
+    options = redis_options(script)
+    (maxmemory,) = options["maxmemory"]
+    limit = k8s_bytes(container["resources"]["limits"]["memory"])
+    # headroom for the AOF rewrite's copy-on-write, client buffers and fragmentation
+    assert 0 < redis_bytes(maxmemory[0]) <= 0.8 * limit
+    assert options["maxmemory-policy"] == [["noeviction"]]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_api_requires_a_key(name):
+    objects = render(name)
+    (container,) = containers(find(objects, "Deployment", "janus-api"))
+    env = _environment(objects, container)
+    assert env.get("JANUS_REQUIRE_API_KEY") == "true"
+    assert ("janus-api-keys", "JANUS_API_KEY") in _secret_keys(objects, container)
+    for flag in ("JANUS_OPEN_METRICS", "JANUS_OPEN_DOCS", "JANUS_OPEN_REFLECTION"):
+        assert env.get(flag, "false") == "false", f"{flag}: the api port is open to every client"
+
+
+@pytest.mark.parametrize("name", WITH_GPU)
+def test_prometheus_sends_the_api_key(name):
+    objects = render(name)
+    (container,) = containers(find(objects, "Deployment", "janus-api"))
+    (endpoint,) = find(objects, "ServiceMonitor", "janus-api")["spec"]["endpoints"]
+    authorization = endpoint["authorization"]
+    assert authorization["type"] == "Bearer"
+    credentials = authorization["credentials"]
+    assert (credentials["name"], credentials["key"]) in _secret_keys(objects, container)
+
+
 # ---------------------------------------------------------------------------------- queue wiring
 @pytest.mark.parametrize("name", ALL)
 def test_queue_url_points_at_redis_service(name):
@@ -335,3 +462,52 @@ def test_keda_scales_workers_on_stream_lag(name):
     assert host == f"{queue.hostname}.{namespace}.svc.cluster.local"
     assert int(port) == queue.port
     assert meta.get("databaseIndex", "0") == (queue.path.strip("/") or "0")
+
+
+@pytest.mark.parametrize("name", WITH_GPU)
+def test_keda_reads_redis_as_a_read_only_user(name):
+    objects = render(name)
+    (scaled,) = by_kind(objects, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    auth = find(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    refs = {ref["parameter"]: (ref["name"], ref["key"]) for ref in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"username", "password"}
+    # never the queue password that the api and workers use
+    queue_secrets = {
+        name
+        for deployment in by_kind(objects, "Deployment")
+        for container in containers(deployment)
+        for name, _ in _secret_keys(objects, container)
+    }
+    assert not {secret for secret, _ in refs.values()} & queue_secrets
+    assert "janus-queue-auth" not in str(auth)
+
+    # the user KEDA logs in as is the ACL user Redis defines, with the password from the same key
+    container, script = _redis_script(objects)
+    users = {values[0]: values[1:] for values in redis_options(script)["user"]}
+    username = find(objects, "Secret", refs["username"][0])["stringData"][refs["username"][1]]
+    assert username in users and username != "default"
+    rules = users[username]
+    (password_rule,) = [r for r in rules if r.startswith(">")]
+    variable = password_rule[1:].strip("${}")
+    assert _env_from_secret(container, variable) == refs["password"]
+    assert "on" in rules and "nopass" not in rules
+
+    # read-only: a few read commands, one read-only key pattern covering the stream, no channels
+    commands = {r[1:].lower() for r in rules if r.startswith("+")}
+    assert commands <= KEDA_READ_COMMANDS, f"not read-only: {commands - KEDA_READ_COMMANDS}"
+    assert {"info", "xinfo|groups", "xlen"} <= commands, "what the lag trigger calls"
+    assert not any(r.startswith("+@") or r.lower() in {"allcommands", "allkeys", "allchannels"} for r in rules)
+    keys = [r for r in rules if "~" in r]
+    assert keys and all(r.startswith("%R~") for r in keys), keys
+    assert any(fnmatch.fnmatchcase(trigger["metadata"]["stream"], r[3:]) for r in keys)
+    assert not any(r.startswith("&") for r in rules)
+
+
+def test_cpu_overlay_has_no_keda_user():
+    objects = render("cpu")
+    assert by_kind(objects, "TriggerAuthentication") == []
+    assert "janus-keda-redis" not in {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+    container, _ = _redis_script(objects)
+    (entry,) = [e for e in container["env"] if e["name"] == "KEDA_REDIS_PASSWORD"]
+    assert entry["valueFrom"]["secretKeyRef"]["optional"] is True, "Redis must start without KEDA's Secret"

@@ -1,9 +1,10 @@
 """deploy/k8s NetworkPolicies, evaluated: only the api and workers (and KEDA) reach Redis, only the
-api is open to everyone, worker metrics only to the monitoring namespace, everything else dropped.
+api is open to everyone, worker metrics only to the monitoring namespace, everything else dropped;
+going out, the api and workers reach Redis and DNS, workers also HTTPS, Redis nothing.
 
-`admits` implements the parts of NetworkPolicy ingress semantics the manifests use (pod and
-namespace selectors with matchLabels / matchExpressions In, named and numbered ports); the
-policies themselves are schema-checked with the other objects in test_deploy_k8s.py.
+`admits` and `sends` implement the parts of NetworkPolicy ingress and egress semantics the manifests
+use (pod and namespace selectors with matchLabels / matchExpressions In, named and numbered ports,
+protocols); the policies themselves are schema-checked with the other objects in test_deploy_k8s.py.
 """
 
 from __future__ import annotations
@@ -64,12 +65,47 @@ def admits(objects, to_pod: dict[str, str], port: int, from_pod: dict[str, str],
     return False
 
 
+def sends(objects, from_pod: dict[str, str], port: int, to_pod: dict[str, str] | None = None,
+          to_namespace: str = NAMESPACE, protocol: str = "TCP") -> bool:
+    """Would a pod of the janus namespace (labels) reach `to_pod` in `to_namespace` on `port`, or, with
+    `to_pod` None, an address outside the cluster?"""
+    policies = [p for p in by_kind(objects, "NetworkPolicy") if _matches(p["spec"]["podSelector"], from_pod)
+                and "Egress" in p["spec"].get("policyTypes", [])]
+    if not policies:
+        return True  # not isolated
+    namespace_labels = {"kubernetes.io/metadata.name": to_namespace}
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            ports = rule.get("ports", [])
+            assert not any("endPort" in p for p in ports), f"not evaluated here: {rule}"
+            assert not any("ipBlock" in peer for peer in rule.get("to", [])), f"not evaluated here: {rule}"
+            if ports and not any(
+                p.get("protocol", "TCP") == protocol
+                and (p["port"] == port or (to_pod is not None and _port_number(objects, to_pod, p["port"]) == port))
+                for p in ports
+            ):
+                continue
+            peers = rule.get("to")
+            if peers is None:
+                return True
+            if to_pod is None:
+                continue  # pod and namespace selectors never match an outside address
+            for peer in peers:
+                in_namespace = ("namespaceSelector" not in peer and to_namespace == NAMESPACE) or _matches(
+                    peer.get("namespaceSelector"), namespace_labels)
+                pod_ok = "podSelector" not in peer or _matches(peer["podSelector"], to_pod)
+                if in_namespace and pod_ok:
+                    return True
+    return False
+
+
 def _pod(component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "janus", "app.kubernetes.io/component": component}
 
 
 REDIS, API, WORKER = _pod("redis"), _pod("api"), _pod("worker")
 STRANGER = {"app": "something-else"}
+KUBE_DNS = {"k8s-app": "kube-dns"}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -107,9 +143,50 @@ def test_no_default_passwords(name):
     objects = render(name)
     for secret in by_kind(objects, "Secret"):
         for key, value in secret.get("stringData", {}).items():
-            assert value == "", f"Secret {secret['metadata']['name']} ships a value for {key}"
+            if key != "username":  # a user name is no secret (KEDA's Redis user)
+                assert value == "", f"Secret {secret['metadata']['name']} ships a value for {key}"
     redis = next(d for d in by_kind(objects, "Deployment") if d["spec"]["template"]["metadata"]["labels"] == REDIS)
     [container] = containers(redis)
     script = " ".join(container["args"])
     assert "--requirepass" in script and "exit 1" in script  # no password: Redis does not start
     assert "--appendonly yes" in script and "--appendfsync everysec" in script
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_api_and_workers_reach_redis_and_dns(name):
+    objects = render(name)
+    for pod in (API, WORKER):
+        assert sends(objects, pod, 6379, REDIS)
+        assert sends(objects, pod, 53, KUBE_DNS, "kube-system", protocol="UDP")
+        assert sends(objects, pod, 53, KUBE_DNS, "kube-system", protocol="TCP")
+        assert not sends(objects, pod, 53, STRANGER, "kube-system", protocol="UDP")
+        assert not sends(objects, pod, 6379, STRANGER, NAMESPACE)  # another Redis in the namespace
+        assert not sends(objects, pod, 12345, STRANGER, "default")
+    assert not sends(objects, API, 9100, WORKER)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_only_workers_go_out_and_only_to_https(name):
+    objects = render(name)
+    assert sends(objects, WORKER, 443)  # the model hub
+    for port in (80, 22, 6379):
+        assert not sends(objects, WORKER, port)
+    for port in (443, 80):
+        assert not sends(objects, API, port)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_redis_sends_nothing(name):
+    objects = render(name)
+    assert not sends(objects, REDIS, 443)
+    assert not sends(objects, REDIS, 53, KUBE_DNS, "kube-system", protocol="UDP")
+    assert not sends(objects, REDIS, 8000, API)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_pod_is_isolated_going_out(name):
+    objects = render(name)
+    for deployment in by_kind(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert not sends(objects, labels, 12345, STRANGER, "default"), deployment["metadata"]["name"]
+        assert not sends(objects, labels, 12345), deployment["metadata"]["name"]

@@ -10,7 +10,7 @@ import pytest
 
 from server.settings import Settings
 
-from .helpers import DEPLOY, KUSTOMIZATIONS, REPO, by_kind, load_compose, render
+from .helpers import DEPLOY, KUSTOMIZATIONS, REPO, by_kind, containers, load_compose, render
 
 FIELDS = set(Settings.model_fields)
 DOCKERFILE_TEXT = (REPO / "Dockerfile").read_text()
@@ -46,6 +46,9 @@ def _k8s_environments() -> dict[str, dict[str, str]]:
             env.update(config.get("data", {}))
         for secret in by_kind(objects, "Secret"):
             env.update(secret.get("stringData", {}))
+        for deployment in by_kind(objects, "Deployment"):
+            for container in containers(deployment):
+                env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
         out[f"k8s:{name}"] = {k: v for k, v in env.items() if k.startswith("JANUS_")}
     return out
 
