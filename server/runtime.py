@@ -141,7 +141,8 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     service.model_info = info
     app = create_app(settings, service, metrics, info)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                           timeout_graceful_shutdown=int(settings.request_timeout)))
+                                           timeout_graceful_shutdown=int(settings.request_timeout),
+                                           limit_concurrency=settings.max_connections))
     if settings.playground:
         shown = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
         shown = f"[{shown}]" if ":" in shown else shown

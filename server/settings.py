@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     open_metrics: bool = False  # /metrics
     open_reflection: bool = False  # gRPC server reflection
     grpc_max_concurrent_rpcs: int = 1024  # calls beyond it are refused with RESOURCE_EXHAUSTED
+    # HTTP connections (and requests) at once; beyond it uvicorn answers 503 at once, so idle or slow clients
+    # cannot hold sockets and memory without bound. A last resort: quotas and the queue refuse long before.
+    max_connections: int = 4096
     allowed_image_hosts: CsvList = Field(default_factory=list)  # hosts that remote image URLs may name
     image_fetch_timeout: float = 15.0  # seconds for all of one remote image: resolving, connecting, reading
 

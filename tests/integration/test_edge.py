@@ -339,3 +339,45 @@ def test_serving_beyond_loopback_without_a_key_warns(caplog):
     assert "command line" in caplog.text and "with no API key" not in caplog.text
 
 
+
+
+# --- connections and the in-process queue's memory --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def narrow(tiny_hf_dir, tmp_path_factory):
+    env = {"JANUS_MAX_CONNECTIONS": "8", "JANUS_MAX_STORED_RESULT_BYTES": "1000000"}
+    proc = start_server(["serve", "--model", str(tiny_hf_dir)], tmp_path_factory.mktemp("narrow"), env)
+    yield proc
+    proc.stop()
+
+
+def test_idle_connections_beyond_the_limit_are_turned_away(narrow):
+    sockets = [socket.create_connection(("127.0.0.1", narrow.port)) for _ in range(8)]
+    try:
+        assert httpx.get(narrow.url + "/health").status_code == 503
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(narrow.url + "/health").status_code != 200:  # the server notices the closes
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_finished_jobs_keep_no_images_and_bounded_results(narrow):
+    """Forty understanding requests, each with a ~3 MiB image and one new token: the in-process queue drops each
+    job's images when it finishes and keeps at most 1 MB of results, so memory does not grow with them (before:
+    every request's images stayed for 600 s)."""
+    noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=0)
+    body = {"prompt": "what is it", "images": [b64(buf.getvalue())], "max_new_tokens": 1}
+    with httpx.Client(base_url=narrow.url, timeout=120) as client:
+        for _ in range(5):  # warm-up: the allocator's pools and the first decode
+            assert client.post("/v1/understand", json=body).status_code == 200
+        before = status_of(narrow.proc.pid)["VmRSS"]
+        for _ in range(40):
+            assert client.post("/v1/understand", json=body).status_code == 200
+    grown_mib = (status_of(narrow.proc.pid)["VmRSS"] - before) / 1024
+    assert grown_mib < 60, grown_mib  # 40 x 3 MiB of images alone would be 120 MiB
