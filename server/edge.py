@@ -10,6 +10,7 @@ for the access log) and in `server.keys.current_key` (for the job's owner and th
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from server.http_common import error_response
@@ -67,10 +68,10 @@ class KeyGuard:
             return await response(scope, receive, send)
         assert key is not None
         scope.setdefault("state", {})["key_name"] = key.name
-        metered = scope.get("method") == "POST" and path.startswith("/v1/")
-        if metered:
+        lease = None
+        if scope.get("method") == "POST" and path.startswith("/v1/"):
             try:
-                self.quotas.enter(key)
+                lease = await self.quotas.enter(key)
             except RateLimited as exc:
                 self.metrics.rate_limited.labels(exc.key).inc()
                 return await rate_limited_response(exc)(scope, receive, send)
@@ -79,5 +80,4 @@ class KeyGuard:
             await self.app(scope, receive, send)
         finally:
             current_key.reset(token)
-            if metered:
-                self.quotas.leave(key)
+            await asyncio.shield(self.quotas.leave(lease))  # a hang-up must not keep the slot

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_images
-from server.keys import Key, KeyRing, Quotas, RateLimited, Unauthorized, current_key
+from server.keys import Key, KeyRing, Lease, Quotas, RateLimited, Unauthorized, current_key
 from server.logs import log_access
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
@@ -134,13 +134,12 @@ class _Gate:
         metadata = dict(context.invocation_metadata() or ())
         return self._keys.identify(metadata.get("authorization"))
 
-    def enter(self, key: Key | None) -> None:
-        if self._quotas is not None:
-            self._quotas.enter(key)
+    async def enter(self, key: Key | None) -> Lease | None:
+        return await self._quotas.enter(key) if self._quotas is not None else None
 
-    def release(self, key: Key | None) -> None:
+    async def release(self, lease: Lease | None) -> None:
         if self._quotas is not None:
-            self._quotas.leave(key)
+            await self._quotas.leave(lease)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
@@ -193,7 +192,7 @@ async def _run_guarded(gate: _Gate, recorder: _Recorder, context: grpc.aio.Servi
     key = None
     try:
         key = gate.identify(context)
-        gate.enter(key)
+        lease = await gate.enter(key)
     except Exception as exc:  # not admitted: a refusal over quota is still logged with the key's name
         recorder.done(started, exc, context, key)
         await _abort(context, exc)
@@ -208,7 +207,7 @@ async def _run_guarded(gate: _Gate, recorder: _Recorder, context: grpc.aio.Servi
         return result
     finally:
         current_key.reset(token)
-        gate.release(key)
+        await asyncio.shield(gate.release(lease))  # a cancelled call must not keep the slot
 
 
 async def _respond(handler: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> None:

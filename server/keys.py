@@ -15,8 +15,9 @@ so the file holds no secret:
 The file is read again when it changes (checked at most once a second, and on SIGHUP); a broken file
 keeps the keys that were loaded and logs why. Keys are compared in constant time by their hash.
 
-`Quotas` meters each key in this process: requests in flight, and token buckets that refill per minute.
-Over a limit raises `RateLimited` with the seconds until it would pass. `current_key` is the key of the
+`Quotas` meters each key: requests in flight, and token buckets that refill per minute (in this process;
+in Redis mode `RedisQuotas` counts them across every frontend). Over a limit raises `RateLimited` with the
+seconds until it would pass. `current_key` is the key of the
 request being handled (set by the REST middleware and the gRPC guard), read where jobs are submitted.
 This module knows no HTTP or gRPC.
 """
@@ -31,6 +32,7 @@ import math
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,9 +235,18 @@ class _Bucket:
         return (need - self.tokens) / self.rate
 
 
+@dataclass(frozen=True)
+class Lease:
+    """One admitted request of `key`, held until `Quotas.leave`."""
+
+    key: Key
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
 class Quotas:
-    """Per-key limits in this process. `default_in_flight` applies to keys that state none (so one key cannot
-    hold the whole queue); None: unlimited."""
+    """Per-key limits, counted in this process. `default_in_flight` applies to keys that state none (so one key
+    cannot hold the whole queue); None: unlimited. `server.queue.redis_quotas.RedisQuotas` counts the same limits
+    in Redis, across every frontend."""
 
     def __init__(self, default_in_flight: int | None = None, clock=time.monotonic) -> None:
         self.default_in_flight = default_in_flight
@@ -244,29 +255,32 @@ class Quotas:
         self._requests: dict[str, _Bucket] = {}
         self._images: dict[str, _Bucket] = {}
 
-    def enter(self, key: Key | None) -> None:
-        """Admit one request of `key` (None: no keys, nothing metered); pair with `leave`."""
+    def in_flight_limit(self, key: Key) -> int | None:
+        return key.max_in_flight or self.default_in_flight
+
+    async def enter(self, key: Key | None) -> Lease | None:
+        """Admit one request of `key` (None: no keys, nothing metered); pass the lease to `leave`."""
         if key is None:
-            return
-        limit = key.max_in_flight or self.default_in_flight
+            return None
+        limit = self.in_flight_limit(key)
         held = self._in_flight.get(key.name, 0)
         if limit is not None and held >= limit:
-            raise RateLimited(f"API key {key.name!r} has {held} requests in flight; its limit is {limit}",
-                              1.0, key.name)
+            raise in_flight_refusal(key, held, limit)
         if key.requests_per_minute:
             self._charge(self._requests, key.name, key.requests_per_minute, 1, "requests")
         self._in_flight[key.name] = held + 1
+        return Lease(key)
 
-    def leave(self, key: Key | None) -> None:
-        if key is None:
+    async def leave(self, lease: Lease | None) -> None:
+        if lease is None:
             return
-        left = self._in_flight.get(key.name, 0) - 1
+        left = self._in_flight.get(lease.key.name, 0) - 1
         if left > 0:
-            self._in_flight[key.name] = left
+            self._in_flight[lease.key.name] = left
         else:
-            self._in_flight.pop(key.name, None)
+            self._in_flight.pop(lease.key.name, None)
 
-    def charge_images(self, key: Key | None, count: int) -> None:
+    async def charge_images(self, key: Key | None, count: int) -> None:
         if key is not None and key.images_per_minute:
             self._charge(self._images, key.name, key.images_per_minute, count, "images")
 
@@ -280,5 +294,13 @@ class Quotas:
             bucket = buckets[name] = _Bucket(per_minute, now)
         wait = bucket.take(amount, now)
         if wait > 0:
-            raise RateLimited(f"API key {name!r} is over its limit of {per_minute} {what} per minute; "
-                              f"retry in {math.ceil(wait)} s", wait, name)
+            raise rate_refusal(name, per_minute, what, wait)
+
+
+def in_flight_refusal(key: Key, held: int, limit: int) -> RateLimited:
+    return RateLimited(f"API key {key.name!r} has {held} requests in flight; its limit is {limit}", 1.0, key.name)
+
+
+def rate_refusal(name: str, per_minute: int, what: str, wait: float) -> RateLimited:
+    return RateLimited(f"API key {name!r} is over its limit of {per_minute} {what} per minute; "
+                       f"retry in {math.ceil(wait)} s", wait, name)

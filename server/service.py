@@ -274,12 +274,20 @@ class Service:
         self.queue = queue
         self.expected_workers = expected_workers
         self.local_workers = local_workers
-        # API keys and their quotas, shared by both frontends. A key that states no in-flight limit may hold
-        # at most 3/4 of the queue, so one client cannot shut the others out.
-        self.decoding = PixelBudget(settings.max_image_pixels)
+        self.decoding = PixelBudget(settings.max_image_pixels)  # images decoded at once at the edge
+        # API keys and their quotas, shared by both frontends (and, over Redis, by every frontend). A key that
+        # states no in-flight limit may hold at most 3/4 of the queue, so one client cannot shut the others out.
         self.keys = KeyRing.from_settings(settings)
         share = settings.max_queue_depth * 3 // 4
-        self.quotas = Quotas(share if self.keys.enabled and share >= 1 else None)
+        default = share if self.keys.enabled and share >= 1 else None
+        redis = getattr(queue, "redis", None)
+        if redis is not None:
+            from server.queue.redis_quotas import RedisQuotas
+
+            self.quotas: Quotas = RedisQuotas(redis, getattr(queue, "prefix", "janus:"),
+                                              settings.request_timeout + 60.0, default)
+        else:
+            self.quotas = Quotas(default)
         # server.app.ModelInfo where this process serves the model; its `generator` is known once loaded
         self.model_info: Any = None
 
@@ -306,7 +314,7 @@ class Service:
     async def submit_generate(self, params: GenerateParams, origin: Origin, *, stream: bool = False,
                               timeout: float | None = None) -> Ticket:
         validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
-        self.quotas.charge_images(current_key.get(), params.n)
+        await self.quotas.charge_images(current_key.get(), params.n)
         return await self._submit(Job("generate", params, deadline=self.deadline(timeout), stream=stream),
                                   origin, origin.fingerprint(params, stream))
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration import redis_fixture
 from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import start_server, wait_http_ok
+from tests.integration.servers import spawn_worker, start_server, wait_http_ok, wait_until_ready
 
 redis_server = redis_fixture.redis_server
 
@@ -381,3 +381,51 @@ def test_finished_jobs_keep_no_images_and_bounded_results(narrow):
             assert client.post("/v1/understand", json=body).status_code == 200
     grown_mib = (status_of(narrow.proc.pid)["VmRSS"] - before) / 1024
     assert grown_mib < 60, grown_mib  # 40 x 3 MiB of images alone would be 120 MiB
+
+
+# --- quotas across frontends (Redis) ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_apis(redis_server, tiny_hf_dir, tmp_path_factory):
+    """Two api processes in front of one worker, over one Redis: a key's quota is the same on both."""
+    logs = tmp_path_factory.mktemp("two-apis")
+    path = logs / "keys.yaml"
+    path.write_text(f"""keys:
+  - {{name: team-a, sha256: {sha(KEYS["team-a"])}, max_in_flight: 1}}
+  - {{name: team-b, sha256: {sha(KEYS["team-b"])}, requests_per_minute: 2}}
+  - {{name: team-c, sha256: {sha(KEYS["team-c"])}, images_per_minute: 2}}
+""")
+    worker = spawn_worker(redis_server.url, tiny_hf_dir, logs)
+    env = {"JANUS_API_KEYS_FILE": str(path)}
+    apis = [start_server(["api", "--queue", redis_server.url], logs, env, wait_ready=False) for _ in range(2)]
+    try:
+        for api in apis:
+            wait_until_ready(api, 120)
+        yield apis
+    finally:
+        for proc in (*apis, worker):
+            proc.stop()
+
+
+def test_quotas_hold_across_frontends(two_apis):
+    first, second = two_apis
+    with httpx.Client(timeout=120) as client, \
+            client.stream("POST", first.url + "/v1/understand", json=SLOW, headers=auth("team-a")) as held:
+        lines = held.iter_lines()
+        next(lines)  # running on the first api
+        refused = client.post(second.url + "/v1/understand", json=SLOW, headers=auth("team-a"))
+        assert refused.status_code == 429 and "in flight" in refused.json()["error"]["message"]
+    assert httpx.post(second.url + "/v1/generate", json={"prompt": "a"}, headers=auth("team-a"),
+                      timeout=120).status_code == 200  # the slot came back when the stream ended
+    quick = {"prompt": "a", "images": [IMAGE], "max_new_tokens": 1}
+    for api in two_apis:
+        reply = httpx.post(api.url + "/v1/understand", json=quick, headers=auth("team-b"), timeout=120)
+        assert reply.status_code == 200
+    third = httpx.post(first.url + "/v1/understand", json=quick, headers=auth("team-b"), timeout=120)
+    assert third.status_code == 429 and "2 requests per minute" in third.json()["error"]["message"]
+    assert 20 <= int(third.headers["retry-after"]) <= 30
+    assert httpx.post(first.url + "/v1/generate", json={"prompt": "a", "n": 2}, headers=auth("team-c"),
+                      timeout=120).status_code == 200
+    images = httpx.post(second.url + "/v1/generate", json={"prompt": "a"}, headers=auth("team-c"), timeout=120)
+    assert images.status_code == 429 and "images per minute" in images.json()["error"]["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 
@@ -98,32 +99,36 @@ def test_quotas_in_flight_requests_and_images(tmp_path):
     a, r, i, free = (ring.identify(f"Bearer {s}") for s in ("a", "r", "i", "free"))
     clock = Clock()
     quotas = Quotas(default_in_flight=3, clock=clock)
-    quotas.enter(a)
-    with pytest.raises(RateLimited, match="in flight") as refused:
-        quotas.enter(a)
-    assert refused.value.key == "a" and refused.value.retry_after > 0
-    quotas.leave(a)
-    quotas.enter(a)  # its slot came back
-    for _ in range(3):
-        quotas.enter(free)  # no limit of its own: the server's default share
-    with pytest.raises(RateLimited):
-        quotas.enter(free)
-    quotas.enter(r)
-    quotas.enter(r)
-    with pytest.raises(RateLimited, match="2 requests per minute") as refused:
-        quotas.enter(r)
-    assert 29 < refused.value.retry_after <= 30  # one request refills in 30 s
-    clock.now = 30.0
-    quotas.enter(r)
-    quotas.charge_images(i, 3)
-    with pytest.raises(RateLimited, match="images per minute"):
-        quotas.charge_images(i, 2)
-    clock.now += 60
-    quotas.charge_images(i, 16)  # more than a minute's worth passes once the bucket is full...
-    with pytest.raises(RateLimited) as refused:
-        quotas.charge_images(i, 1)  # ...and is paid off before the next
-    assert refused.value.retry_after > 60
-    quotas.enter(None)  # no keys configured: nothing is metered
+
+    async def run() -> None:
+        lease = await quotas.enter(a)
+        with pytest.raises(RateLimited, match="in flight") as refused:
+            await quotas.enter(a)
+        assert refused.value.key == "a" and refused.value.retry_after > 0
+        await quotas.leave(lease)
+        await quotas.enter(a)  # its slot came back
+        for _ in range(3):
+            await quotas.enter(free)  # no limit of its own: the server's default share
+        with pytest.raises(RateLimited):
+            await quotas.enter(free)
+        await quotas.enter(r)
+        await quotas.enter(r)
+        with pytest.raises(RateLimited, match="2 requests per minute") as refused:
+            await quotas.enter(r)
+        assert 29 < refused.value.retry_after <= 30  # one request refills in 30 s
+        clock.now = 30.0
+        await quotas.enter(r)
+        await quotas.charge_images(i, 3)
+        with pytest.raises(RateLimited, match="images per minute"):
+            await quotas.charge_images(i, 2)
+        clock.now += 60
+        await quotas.charge_images(i, 16)  # more than a minute's worth passes once the bucket is full...
+        with pytest.raises(RateLimited) as refused:
+            await quotas.charge_images(i, 1)  # ...and is paid off before the next
+        assert refused.value.retry_after > 60
+        assert await quotas.enter(None) is None  # no keys configured: nothing is metered
+
+    asyncio.run(run())
 
 
 def test_the_readme_keys_file_parses():
