@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/bench_fairness.py                        # this checkout
     PYTHONPATH=. .venv/bin/python bench/bench_fairness.py --before /tmp/wt-old   # and an older one, side by side
+    PYTHONPATH=. .venv/bin/python bench/bench_fairness.py --queue redis          # over Redis, one worker process
 
 One `janus-server serve` on the tiny model (in-process queue, three keys in JANUS_API_KEY). First the third
 key alone: `--probes` understanding requests (greedy, 16 new tokens), one every `--interval` s, on an idle
@@ -37,12 +38,14 @@ KEYS = ("flood-one", "flood-two", "probe")
 BODY = {"prompt": "Describe it", "images": [b64(png_bytes())], "max_new_tokens": 16}
 
 
-def start(tree: Path, model: Path, log_dir: Path) -> ServerProcess:
+def start(tree: Path, model: Path, log_dir: Path, queue: str) -> ServerProcess:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "JANUS_API_KEY": ",".join(KEYS),
            "JANUS_MAX_QUEUE_DEPTH": "512", "JANUS_REQUEST_TIMEOUT": "600", "JANUS_ACCESS_LOG": "false"}
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
-           str(port), "--grpc-port", "0", "--log-level", "warning"]
+           str(port), "--grpc-port", "0", "--log-level", "warning", "--queue", queue]
+    if queue != "memory":
+        cmd += ["--workers", "1", "--metrics-port", str(free_port())]
     log_path = log_dir / f"serve-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)
@@ -111,11 +114,23 @@ def p(values: list[float], q: float) -> float:
 
 
 def measure(tree: Path, model: Path, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    server = start(tree, model, log_dir)
+    redis_server = None
+    queue = "memory"
+    if args.queue == "redis":  # a private redis-server (nothing on disk) per side
+        from tests.integration.redis_fixture import RedisServer
+
+        redis_server = RedisServer(free_port(), Path(tempfile.mkdtemp(dir=log_dir)))
+        redis_server.start()
+        queue = redis_server.url
     try:
-        return asyncio.run(run(server.url, args))
+        server = start(tree, model, log_dir, queue)
+        try:
+            return asyncio.run(run(server.url, args))
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        if redis_server is not None:
+            redis_server.kill()
 
 
 def report(name: str, r: dict[str, Any]) -> float:
@@ -136,6 +151,8 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--before", type=Path, help="another checkout to measure the same way")
+    parser.add_argument("--queue", choices=["memory", "redis"], default="memory",
+                        help="redis: serve --queue redis://... --workers 1 over a private redis-server")
     args = parser.parse_args()
     from bench.models import write_model
 

@@ -16,10 +16,18 @@ What lives in Redis (every key under `prefix`, default ``janus:``):
 - ``cancel:{id}``, ``idem:{key}`` (TTL; "<fingerprint> <job id>" under a hash of caller and key);
   ``workers`` (heartbeat times, Redis clock), ``worker:{id}``.
 - ``wake:{uuid}``: each frontend's private wake-up stream for its event reader (`EventHub`; TTL).
+- ``fair:q:{owner}`` (the entry ids of an owner's waiting jobs, in order), ``fair:owners`` (the ring of
+  owners with jobs waiting), ``fair:active``, ``fair:weights``, ``fair:credits``, and ``fair:wake`` (a
+  list a submit pushes to, so an idle worker wakes).
+- ``quota:{key name}:...``: API key quotas (`server.queue.redis_quotas`).
 
-Delivery: `claim` first takes over the jobs of workers whose heartbeat is older than
-`dead_worker_timeout` (and removes such workers from the group once they hold nothing), then
-entries any consumer has left idle for `claim_idle_timeout` (the backstop), then reads new ones.
+Delivery: `submit` delivers the new entry at once to the holding consumer ``~queued`` and queues its id
+under its owner (the API key's name). `claim` first takes over the jobs of workers whose heartbeat is
+older than `dead_worker_timeout` (and removes such workers from the group once they hold nothing), then
+entries a worker has left idle for `claim_idle_timeout` (the backstop; never ``~queued``'s), then takes
+waiting jobs in weighted round-robin across owners (moving each from ``~queued`` to itself), so one
+owner's flood does not stand in front of the others, whichever frontends they came through. Entries a
+frontend of an earlier version added undelivered are read in stream order after those.
 A job seen more than `max_deliveries` times is dead-lettered and its follower gets an `internal`
 error; expired or cancelled jobs are answered and acknowledged instead of being returned.
 
@@ -150,6 +158,10 @@ class RedisQueue(JobQueue):
         self.redis: Redis = Redis.from_pool(pool)
         self.hub = EventHub(self.redis, self.key("wake:"), block=poll_interval)
         self._submit = self.redis.register_script(scripts.SUBMIT)
+        self._take_fair = self.redis.register_script(scripts.TAKE_FAIR)
+        self._reclaim_idle_script = self.redis.register_script(scripts.RECLAIM_IDLE)
+        # the owners ring, the active owners, their weights and credits (see redis_scripts.TAKE_FAIR)
+        self._fair_keys = [self.key("fair", name) for name in ("owners", "active", "weights", "credits")]
         self._finish = self.redis.register_script(scripts.FINISH)
         self._touch = self.redis.register_script(scripts.TOUCH)
         self._beat = self.redis.register_script(scripts.HEARTBEAT)
@@ -223,10 +235,11 @@ class RedisQueue(JobQueue):
     def _submit_once(self, job: Job, *, admit: bool = True) -> Awaitable[Any]:
         idem_ttl = ms(max(job.deadline - time.time(), 0.0) + self.result_ttl) if job.idempotency_key else 0
         keys = [self.stream, self.key("entry"), self.key("result", job.id),
-                self.key("idem", job.idempotency_key or "")]
+                self.key("idem", job.idempotency_key or ""), *self._fair_keys[:3], self.key("fair", "wake")]
         # A job submitted again was admitted once already: no depth or lag check the second time.
         depth, wait = (self.max_depth, ms(self.max_wait) if self.max_wait else 0) if admit else (2**62, 0)
-        args = [job.id, json.dumps(job.to_dict()), depth, wait, idem_ttl, self.group, job.fingerprint or ""]
+        args = [job.id, json.dumps(job.to_dict()), depth, wait, idem_ttl, self.group, job.fingerprint or "",
+                job.owner or "", job.weight, self.key("fair", "q:")]
         return self._submit(keys=keys, args=args)
 
     def holds(self, job_id: str) -> bool:
@@ -463,24 +476,28 @@ class RedisQueue(JobQueue):
         return found
 
     async def _reclaim_idle(self, worker_id: str, count: int) -> list[_Delivery]:
-        cursor, entries, *_ = await self.redis.xautoclaim(
-            self.stream, self.group, worker_id, ms(self.claim_idle_timeout),
-            start_id=self._autoclaim_cursor, count=count)
+        """Entries another consumer has left idle for `claim_idle_timeout` (XAUTOCLAIM, but never the waiting
+        jobs the holding consumer keeps for fair dispatch)."""
+        cursor, taken = await self._reclaim_idle_script(
+            keys=[self.stream], args=[self.group, worker_id, ms(self.claim_idle_timeout), self._autoclaim_cursor,
+                                      count])
         self._autoclaim_cursor = cursor
-        entries = [(entry_id, fields) for entry_id, fields in entries if fields]
-        if not entries:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id, _ in entries:
-                pipe.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
-            pending = await pipe.execute()
-        counts = {p[0]["message_id"]: int(p[0]["times_delivered"]) for p in pending if p}
-        return [_Delivery(entry_id, fields, counts.get(entry_id, 2)) for entry_id, fields in entries]
+        return _deliveries(taken)
 
     async def _read_new(self, worker_id: str, count: int, block: int | None) -> list[_Delivery]:
-        reply = await self.redis.xreadgroup(self.group, worker_id, {self.stream: ">"}, count=count,
-                                            block=block)
-        return [_Delivery(entry_id, fields, 1) for _, entries in reply or [] for entry_id, fields in entries]
+        """Waiting jobs in fair order across owners; entries no fair submit queued (a frontend of an earlier
+        version) in stream order. With nothing waiting, waits up to `block` ms for a submit's wake-up."""
+        for attempt in range(2):
+            taken = _deliveries(await self._take_fair(keys=[self.stream, *self._fair_keys],
+                                                      args=[self.group, worker_id, count, self.key("fair", "q:")]))
+            if taken:
+                return taken
+            reply = await self.redis.xreadgroup(self.group, worker_id, {self.stream: ">"}, count=count)
+            strays = [_Delivery(entry_id, fields, 1) for _, entries in reply or [] for entry_id, fields in entries]
+            if strays or block is None or attempt:
+                return strays
+            await self.redis.blpop([self.key("fair", "wake")], timeout=block / 1000)
+        return []
 
     async def _accept(self, worker_id: str, deliveries: list[_Delivery]) -> list[Job]:
         """Jobs to run; the rest (cancelled, expired, over-delivered, unreadable) are answered here."""
@@ -526,6 +543,12 @@ class RedisQueue(JobQueue):
             cutoff = time.time() - 60.0
             self._held = {k: v for k, v in self._held.items() if v.deadline > cutoff}
         self._held[job.id] = job
+
+
+def _deliveries(taken: list[Any]) -> list[_Delivery]:
+    """A script's {{entry id, {field, value, ...}, times delivered}, ...} as deliveries."""
+    return [_Delivery(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(delivered))
+            for entry_id, flat, delivered in taken if flat]
 
 
 def _decode_job(fields: dict[str, str]) -> Job | None:

@@ -420,3 +420,40 @@ async def test_raw_client_sees_the_documented_key_layout(make_queue: MakeQueue,
         assert await raw.hget("janus-layout:entry", job.id)
     finally:
         await raw.aclose()
+
+
+async def test_waiting_jobs_leave_in_turns_across_owners_and_frontends(make_queue: MakeQueue) -> None:
+    """Two owners flood through two frontends; a third owner's one job is taken within one turn of each, not
+    behind the floods. Weights share the turns; each owner's own jobs keep their order."""
+    front_a, front_b, worker = make_queue(), make_queue(), make_queue()
+    floods = {"key:a": [], "key:b": []}
+    for i in range(20):
+        for owner, frontend in (("key:a", front_a), ("key:b", front_b)):
+            job = understand_job(f"{owner} {i}", owner=owner)
+            floods[owner].append(job.id)
+            await frontend.submit(job)
+    first = [job.id for job in await worker.claim("w", 3, 1.0)]
+    assert first == [floods["key:a"][0], floods["key:b"][0], floods["key:a"][1]]
+    lone = understand_job("just one", owner="key:c")
+    await front_b.submit(lone)
+    after = [job.id for job in await worker.claim("w", 3, 1.0)]
+    assert after == [floods["key:b"][1], floods["key:a"][2], lone.id]
+
+    heavy = make_queue(prefix=f"weights-{uuid.uuid4().hex[:8]}:")
+    owners = {"key:heavy": 2.0, "key:plain": 1.0}
+    for i in range(6):
+        for owner, weight in owners.items():
+            await heavy.submit(understand_job(f"{owner} {i}", owner=owner, weight=weight))
+    taken = [job.owner for job in await heavy.claim("w", 9, 1.0)]
+    assert taken.count("key:heavy") == 6 and taken.count("key:plain") == 3
+
+
+async def test_a_worker_waiting_for_work_wakes_on_a_submit(make_queue: MakeQueue) -> None:
+    frontend, worker = make_queue(), make_queue(poll_interval=4.0)
+    waiting = asyncio.create_task(worker.claim("w", 1, 4.0))
+    await asyncio.sleep(0.3)  # the worker is blocked waiting
+    job = understand_job()
+    started = time.monotonic()
+    await frontend.submit(job)
+    [claimed] = await waiting
+    assert claimed.id == job.id and time.monotonic() - started < 2.0
