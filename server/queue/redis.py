@@ -488,7 +488,7 @@ class RedisQueue(JobQueue):
         """Waiting jobs in fair order across owners; entries no fair submit queued (a frontend of an earlier
         version) in stream order. With nothing waiting, waits up to `block` ms for a submit's wake-up."""
         for attempt in range(2):
-            taken = _deliveries(await self._take_fair(keys=[self.stream, *self._fair_keys],
+            taken = _deliveries(await self._take_fair(keys=[self.stream, *self._fair_keys, self.key("fair", "wake")],
                                                       args=[self.group, worker_id, count, self.key("fair", "q:")]))
             if taken:
                 return taken

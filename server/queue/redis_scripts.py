@@ -74,10 +74,12 @@ return {'ok', job_id}
 # Takes up to `want` waiting jobs for consumer `me`, in weighted round-robin over the owners: the owner at the
 # head of the ring gets its weight in credit when its turn starts, spends one per job, and goes to the back
 # when its credit is spent (an owner with nothing left leaves the ring). Only entries QUEUED still holds are
-# taken (a stale id is skipped). KEYS: stream, owners ring, active owners, weights, credits.
+# taken (a stale id is skipped). With nothing left waiting, the wake-up list is emptied in the same step: its
+# tokens stand for jobs now gone, and would wake idle workers for nothing.
+# KEYS: stream, owners ring, active owners, weights, credits, wake-up list.
 # ARGV: group, consumer, want, prefix of the per-owner lists. -> {{entry id, {field, value, ...}, delivered}, ...}
 TAKE_FAIR = """
-local stream, ring, active, weights, credits = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local stream, ring, active, weights, credits, wake = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local group, me, want, lists = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local taken = {}
 local function leave(owner)
@@ -116,6 +118,7 @@ while #taken < want and turns < 100000 and redis.call('LLEN', ring) > 0 do
     end
   end
 end
+if redis.call('LLEN', ring) == 0 then redis.call('DEL', wake) end
 return taken
 """
 

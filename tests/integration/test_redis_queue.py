@@ -457,3 +457,7 @@ async def test_a_worker_waiting_for_work_wakes_on_a_submit(make_queue: MakeQueue
     await frontend.submit(job)
     [claimed] = await waiting
     assert claimed.id == job.id and time.monotonic() - started < 2.0
+    for _ in range(5):
+        await frontend.submit(understand_job())
+    assert len(await worker.claim("w", 8, 1.0)) == 5
+    assert await worker.redis.llen(worker.key("fair", "wake")) == 0  # no tokens left for jobs already taken
