@@ -14,7 +14,7 @@ import asyncio
 import math
 
 from server.http_common import error_response
-from server.keys import KeyRing, Quotas, RateLimited, Unauthorized, current_key
+from server.keys import KeyRing, Quotas, RateLimited, Unauthorized, admit, current_key
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -71,7 +71,7 @@ class KeyGuard:
         lease = None
         if scope.get("method") == "POST" and path.startswith("/v1/"):
             try:
-                lease = await self.quotas.enter(key)
+                lease = await admit(self.quotas, key)
             except RateLimited as exc:
                 self.metrics.rate_limited.labels(exc.key).inc()
                 return await rate_limited_response(exc)(scope, receive, send)

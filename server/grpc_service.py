@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.jobs import GenerateParams, UnderstandParams, result_images
-from server.keys import Key, KeyRing, Lease, Quotas, RateLimited, Unauthorized, current_key
+from server.keys import Key, KeyRing, Lease, Quotas, RateLimited, Unauthorized, admit, current_key
 from server.logs import log_access
 from server.metrics import Metrics
 from server.queue import QueueFull, QueueMisconfigured, QueueUnavailable
@@ -135,7 +135,7 @@ class _Gate:
         return self._keys.identify(metadata.get("authorization"))
 
     async def enter(self, key: Key | None) -> Lease | None:
-        return await self._quotas.enter(key) if self._quotas is not None else None
+        return await admit(self._quotas, key) if self._quotas is not None else None
 
     async def release(self, lease: Lease | None) -> None:
         if self._quotas is not None:

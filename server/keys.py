@@ -24,6 +24,7 @@ This module knows no HTTP or gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import hmac
@@ -147,7 +148,7 @@ class KeyRing:
         if path:
             self._mtime = _mtime(path)
         self._keys = self._plain + self._from_file
-        self._check_names()
+        _check_distinct(self._keys)
 
     @classmethod
     def from_settings(cls, settings: Any) -> KeyRing:
@@ -193,18 +194,24 @@ class KeyRing:
         self._mtime = mtime
         try:
             keys = load_keys_file(self._path)
+            _check_distinct(self._plain + keys)
         except InvalidKeysFile as exc:
             log.error("keeping the %d keys loaded before: %s", len(self._from_file), exc)
             return
         self._from_file = keys
         self._keys = self._plain + keys
-        self._check_names()
         log.info("loaded %d API keys from %s", len(keys), self._path)
 
-    def _check_names(self) -> None:
-        names = [k.name for k in self._keys]
-        if len(set(names)) != len(names):
-            log.warning("API key names repeat across --api-key and the keys file: %s", sorted(names))
+
+
+def _check_distinct(keys: list[Key]) -> None:
+    """Two keys of one name would share quotas, turns and idempotency scope: refused, as are two of one hash."""
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise InvalidKeysFile(f"API key names repeat across JANUS_API_KEY and the keys file: {sorted(names)} "
+                              "(the plain keys are named default, default-2, ...)")
+    if len({k.digest for k in keys}) != len(keys):
+        raise InvalidKeysFile("the same key is given twice (in JANUS_API_KEY and the keys file)")
 
 
 def _mtime(path: str) -> float | None:
@@ -241,6 +248,22 @@ class Lease:
 
     key: Key
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    local: bool = True  # counted in this process (else where `RedisQuotas` keeps it)
+
+
+async def admit(quotas: Quotas, key: Key | None) -> Lease | None:
+    """`quotas.enter(key)`, safe against the caller being cancelled meanwhile: a slot taken after the caller
+    went away is given back, never left held."""
+    entering = asyncio.ensure_future(quotas.enter(key))
+    try:
+        return await asyncio.shield(entering)
+    except asyncio.CancelledError:
+        def give_back(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is None and task.result() is not None:
+                asyncio.ensure_future(quotas.leave(task.result()))
+
+        entering.add_done_callback(give_back)
+        raise
 
 
 class Quotas:
@@ -283,6 +306,13 @@ class Quotas:
     async def charge_images(self, key: Key | None, count: int) -> None:
         if key is not None and key.images_per_minute:
             self._charge(self._images, key.name, key.images_per_minute, count, "images")
+
+    async def refund_images(self, key: Key | None, count: int) -> None:
+        """Give back a charge for images that will not be made (the queue refused the job, or it joined
+        an earlier one)."""
+        if key is not None and key.images_per_minute and key.name in self._images:
+            bucket = self._images[key.name]
+            bucket.tokens = min(bucket.capacity, bucket.tokens + count)
 
     def in_flight(self, name: str) -> int:
         return self._in_flight.get(name, 0)

@@ -24,6 +24,8 @@ from server.schemas import ChatMessage, ImagePart
 from server.service import BadRequest
 from server.settings import Settings
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 async def read_messages(messages: list[ChatMessage], settings: Settings) -> tuple[list[dict[str, Any]], list[bytes]]:
     """Job messages and every image of the conversation in order (fetched or decoded from base64)."""
@@ -66,10 +68,16 @@ async def fetch_image(url: str, label: str, settings: Settings) -> bytes:
     if host not in settings.allowed_image_hosts:
         raise BadRequest(f"{label}: remote image URLs are refused (host {host!r} is not "
                          "in JANUS_ALLOWED_IMAGE_HOSTS); send a data: URL")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         async with asyncio.timeout(settings.image_fetch_timeout), _fetch_slots():
-            await _check_address(host, parsed.port or (443 if parsed.scheme == "https" else 80), label, settings)
-            return await _download(url, label, settings.max_image_bytes)
+            address = await _check_address(host, port, label, settings)
+            # connect to the address just checked (a second lookup could answer otherwise), naming the host
+            # in the Host header and in TLS (SNI and the certificate check)
+            target = f"[{address}]" if address.version == 6 else str(address)
+            pinned = parsed._replace(netloc=f"{target}:{port}").geturl()
+            host_header = host if parsed.port is None else f"{host}:{parsed.port}"
+            return await _download(pinned, host_header, host, label, settings.max_image_bytes)
     except TimeoutError as exc:
         raise BadRequest(f"{label} could not be fetched within {settings.image_fetch_timeout:g} s") from exc
 
@@ -85,32 +93,39 @@ def _fetch_slots() -> asyncio.Semaphore:
     return _slots[loop]
 
 
-async def _check_address(host: str, port: int, label: str, settings: Settings) -> None:
-    """Refuse a host that resolves to a private, loopback, link-local or otherwise internal address (a listed
-    name pointing inside the network is how a server is made to fetch from it), unless that address is itself
-    listed in JANUS_ALLOWED_IMAGE_HOSTS."""
+async def _check_address(host: str, port: int, label: str, settings: Settings) -> IPAddress:
+    """The address to fetch from. Refuse a host that resolves to a private, loopback, link-local or otherwise
+    internal address (a listed name pointing inside the network is how a server is made to fetch from it),
+    unless that address is itself listed in JANUS_ALLOWED_IMAGE_HOSTS."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise BadRequest(f"{label}: cannot resolve {host!r} ({exc})") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for address in addresses:
         if not address.is_global and str(address) not in settings.allowed_image_hosts:
             raise BadRequest(f"{label}: {host!r} resolves to the internal address {address}; list that address "
                              "in JANUS_ALLOWED_IMAGE_HOSTS to allow it")
+    if not addresses:
+        raise BadRequest(f"{label}: {host!r} resolves to no address")
+    return addresses[0]
 
 
-async def _download(url: str, label: str, max_bytes: int) -> bytes:
+async def _download(url: str, host_header: str, server_name: str, label: str, max_bytes: int) -> bytes:
+    headers = {"Host": host_header, "Accept-Encoding": "identity"}
     try:
         async with httpx.AsyncClient(timeout=10.0, follow_redirects=False, trust_env=False) as client, \
-                client.stream("GET", url) as response:
+                client.stream("GET", url, headers=headers, extensions={"sni_hostname": server_name}) as response:
             if response.status_code != 200:
                 raise BadRequest(f"{label}: fetching it returned HTTP {response.status_code}")
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):  # a small compressed body can inflate to any size
+                raise BadRequest(f"{label}: the server sent it {encoding}-encoded; only plain bodies are taken")
             data = bytearray()
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
                 data += chunk
                 if len(data) > max_bytes:
                     raise BadRequest(f"{label} is larger than {max_bytes} bytes", 413)
             return bytes(data)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         raise BadRequest(f"{label} could not be fetched: {exc}") from exc

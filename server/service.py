@@ -9,6 +9,7 @@ and decompression bombs at the edge.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import re
@@ -275,6 +276,9 @@ class Service:
         self.expected_workers = expected_workers
         self.local_workers = local_workers
         self.decoding = PixelBudget(settings.max_image_pixels)  # images decoded at once at the edge
+        # image headers and checks run here: at most two at once, so a flood of heavy images takes two cores'
+        # worth of threads, not every thread of the default pool
+        self.image_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="janus-images")
         # API keys and their quotas, shared by both frontends (and, over Redis, by every frontend). A key that
         # states no in-flight limit may hold at most 3/4 of the queue, so one client cannot shut the others out.
         self.keys = KeyRing.from_settings(settings)
@@ -301,22 +305,33 @@ class Service:
                                 timeout: float | None = None, require_image: bool = True) -> Ticket:
         validate_understand(self.settings, params, require_image=require_image)
 
-        def check() -> str | None:  # decoding images and hashing them both take a while: off the event loop
+        def check() -> str | None:  # decoding images and hashing them both take a while
             check_images(self.settings, params.images)
             return origin.fingerprint(params, stream)
 
-        pixels = sum(image_pixels(self.settings, params.images))  # headers only: cheap, on the loop
+        # Off the event loop, on the few threads of the image pool: even a header can be slow to reach (a PNG
+        # of a million small chunks before its pixels), and REST, gRPC and probes share this loop.
+        loop = asyncio.get_running_loop()
+        pixels = sum(await loop.run_in_executor(self.image_pool, image_pixels, self.settings, params.images))
         async with self.decoding.hold(pixels):
-            fingerprint = await asyncio.to_thread(check)
+            fingerprint = await loop.run_in_executor(self.image_pool, check)
         return await self._submit(Job("understand", params, deadline=self.deadline(timeout), stream=stream),
                                   origin, fingerprint)
 
     async def submit_generate(self, params: GenerateParams, origin: Origin, *, stream: bool = False,
                               timeout: float | None = None) -> Ticket:
         validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
-        await self.quotas.charge_images(current_key.get(), params.n)
-        return await self._submit(Job("generate", params, deadline=self.deadline(timeout), stream=stream),
-                                  origin, origin.fingerprint(params, stream))
+        api_key = current_key.get()
+        await self.quotas.charge_images(api_key, params.n)
+        job = Job("generate", params, deadline=self.deadline(timeout), stream=stream)
+        try:
+            ticket = await self._submit(job, origin, origin.fingerprint(params, stream))
+        except BaseException:  # refused or unreachable: no images will be made for this request
+            await asyncio.shield(self.quotas.refund_images(api_key, params.n))
+            raise
+        if ticket.job_id != job.id:  # joined an earlier run of the same request: its images were charged then
+            await self.quotas.refund_images(api_key, params.n)
+        return ticket
 
     async def _submit(self, job: Job, origin: Origin, fingerprint: str | None) -> Ticket:
         job.owner, job.request_id = origin.caller, request_id_var.get()

@@ -38,14 +38,12 @@ local function take(key, per_minute, amount, now)
   if tokens == nil then tokens, stamp = per_minute, now end
   tokens = math.min(per_minute, tokens + (now - stamp) * rate)
   local need = math.min(amount, per_minute)
-  if tokens < need then
-    redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
-    redis.call('PEXPIRE', key, 120000)
-    return math.ceil((need - tokens) / rate)
-  end
-  redis.call('HSET', key, 'tokens', tostring(tokens - amount), 'stamp', now)
-  redis.call('PEXPIRE', key, 120000 + math.ceil(math.max(amount - per_minute, 0) / rate))
-  return 0
+  local wait = 0
+  if tokens < need then wait = math.ceil((need - tokens) / rate) else tokens = tokens - amount end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
+  -- kept until it would be full again (a missing bucket reads as full), never less
+  redis.call('PEXPIRE', key, math.ceil((per_minute - tokens) / rate) + 1000)
+  return wait
 end
 """
 
@@ -75,6 +73,15 @@ IMAGES = _TAKE + """
 return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now_ms()))
 """
 
+# KEYS: images bucket. ARGV: images per minute, images to give back.
+REFUND = """
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
+if tokens then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(tonumber(ARGV[1]), tokens + tonumber(ARGV[2]))))
+end
+return 0
+"""
+
 
 class RedisQuotas(Quotas):
     def __init__(self, redis: Redis, prefix: str, lease_seconds: float, default_in_flight: int | None = None) -> None:
@@ -84,6 +91,7 @@ class RedisQuotas(Quotas):
         self._lease_ms = max(int(lease_seconds * 1000), 1000)
         self._enter = redis.register_script(ENTER)
         self._images = redis.register_script(IMAGES)
+        self._refund = redis.register_script(REFUND)
         self._warned = False
 
     def _key(self, name: str, what: str) -> str:
@@ -93,7 +101,7 @@ class RedisQuotas(Quotas):
         if key is None:
             return None
         limit = self.in_flight_limit(key) or 0
-        lease = Lease(key)
+        lease = Lease(key, local=False)
         try:
             status, value = await self._enter(keys=[self._key(key.name, "flight"), self._key(key.name, "requests")],
                                               args=[lease.token, self._lease_ms, limit, key.requests_per_minute or 0])
@@ -109,13 +117,12 @@ class RedisQuotas(Quotas):
     async def leave(self, lease: Lease | None) -> None:
         if lease is None:
             return
+        if lease.local:  # admitted by this process's own count, while Redis was away
+            return await super().leave(lease)
         try:
-            removed = await self._redis.zrem(self._key(lease.key.name, "flight"), lease.token)
+            await self._redis.zrem(self._key(lease.key.name, "flight"), lease.token)
         except (*DOWN, redis_errors.RedisError) as exc:  # the slot lapses on its own
             self._fall_back(exc)
-            removed = 1
-        if not removed:  # admitted by this process while Redis was away
-            await super().leave(lease)
 
     async def charge_images(self, key: Key | None, count: int) -> None:
         if key is None or not key.images_per_minute:
@@ -127,6 +134,15 @@ class RedisQuotas(Quotas):
             return await super().charge_images(key, count)
         if wait > 0:
             raise rate_refusal(key.name, key.images_per_minute, "images", wait / 1000)
+
+    async def refund_images(self, key: Key | None, count: int) -> None:
+        if key is None or not key.images_per_minute:
+            return
+        try:
+            await self._refund(keys=[self._key(key.name, "images")], args=[key.images_per_minute, count])
+        except (*DOWN, redis_errors.RedisError) as exc:
+            self._fall_back(exc)
+            await super().refund_images(key, count)
 
     def _fall_back(self, exc: BaseException) -> None:
         if not self._warned:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 
 import httpx
 import numpy as np
@@ -60,6 +61,8 @@ class ImageHost(http.server.ThreadingHTTPServer):
                     self.release.wait(60)
                 handler.send_response(200)
                 handler.send_header("Content-Type", "image/png")
+                if handler.path == "/gzip.png":
+                    handler.send_header("Content-Encoding", "gzip")
                 handler.send_header("Content-Length", str(len(body)))
                 handler.end_headers()
                 handler.wfile.write(body)
@@ -254,6 +257,31 @@ def test_redis_refuses_new_jobs_before_its_maxmemory(lone_api, redis_server):
     assert r.status_code == 503 and "maxmemory" in r.json()["error"]["message"] and r.headers["retry-after"]
 
 
+def chunky_png(chunks: int) -> bytes:
+    """A valid 1x1 PNG with `chunks` empty ancillary chunks ahead of its pixels: tiny work per byte for a
+    client, but a parser walks every chunk before it reaches the size it reports."""
+    png = png_bytes((1, 1))
+    ihdr_end = 8 + 25
+    filler = b"\x00\x00\x00\x00zzZz" + zlib.crc32(b"zzZz").to_bytes(4, "big")  # a private, safe-to-copy chunk
+    return png[:ihdr_end] + filler * chunks + png[ihdr_end:]
+
+
+def test_a_slow_to_parse_image_leaves_the_event_loop_free(lone_api):
+    """Image headers are read on the image threads, not the event loop the probes and every other client use."""
+    body = {"prompt": "what is it", "images": [b64(chunky_png(1_000_000))], "max_new_tokens": 1}
+    with cf.ThreadPoolExecutor(3) as pool:
+        posts = [pool.submit(httpx.post, lone_api.url + "/v1/understand", json=body, timeout=120) for _ in range(2)]
+        time.sleep(0.5)  # both are being parsed
+        slowest = 0.0
+        while not all(p.done() for p in posts):
+            started = time.monotonic()
+            assert httpx.get(lone_api.url + "/health", timeout=30).status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+    assert all(p.result().status_code in (400, 504) for p in posts), [p.result().text for p in posts]
+    assert slowest < 0.5, slowest
+
+
 @pytest.mark.parametrize("fmt", ["TGA", "TIFF", "PPM", "ICO"])
 def test_formats_outside_the_allowlist_are_refused(keyed, fmt):
     buf = io.BytesIO()
@@ -279,6 +307,8 @@ def test_remote_images_listed_address_deadline_and_private_names(keyed, image_ho
     # a listed name that resolves inside the network is refused unless the address itself is listed
     private = chat_with_image(keyed, f"http://localhost:{port}/ok.png")
     assert private.status_code == 400 and "internal address" in private.json()["error"]["message"]
+    zipped = chat_with_image(keyed, f"http://127.0.0.2:{port}/gzip.png")  # could inflate to anything
+    assert zipped.status_code == 400 and "gzip-encoded" in zipped.json()["error"]["message"]
     started = time.monotonic()
     slow = chat_with_image(keyed, f"http://127.0.0.2:{port}/slow.png")
     assert slow.status_code == 400 and "within 1 s" in slow.json()["error"]["message"]

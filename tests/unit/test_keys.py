@@ -142,3 +142,79 @@ def test_the_readme_keys_file_parses():
     assert blocks
     (key,) = parse_keys(yaml.safe_load(blocks[0]))
     assert key.digest == bytes.fromhex(sha("test")) and key.weight == 2
+
+
+def test_a_name_or_key_given_twice_is_refused(tmp_path):
+    path = write(tmp_path / "keys.yaml", f"- {{name: default, sha256: {sha('other')}}}\n")
+    with pytest.raises(InvalidKeysFile, match="names repeat"):
+        KeyRing(["plain"], path)
+    path = write(tmp_path / "keys.yaml", f"- {{name: a, sha256: {sha('plain')}}}\n")
+    with pytest.raises(InvalidKeysFile, match="given twice"):
+        KeyRing(["plain"], path)
+
+
+def test_refunded_images_come_back(tmp_path):
+    ring = KeyRing(path=write(tmp_path / "k.yaml", f"- {{name: i, sha256: {sha('i')}, images_per_minute: 4}}\n"))
+    key = ring.identify("Bearer i")
+    quotas = Quotas(clock=Clock())
+
+    async def run() -> None:
+        await quotas.charge_images(key, 4)
+        with pytest.raises(RateLimited):
+            await quotas.charge_images(key, 1)
+        await quotas.refund_images(key, 4)  # e.g. the queue was full: no images were made
+        await quotas.charge_images(key, 4)
+
+    asyncio.run(run())
+
+
+def test_redis_quotas_count_locally_while_redis_is_away_and_release_what_they_took(tmp_path):
+    import redis.asyncio
+
+    from server.queue.redis_quotas import RedisQuotas
+
+    ring = KeyRing(path=write(tmp_path / "k.yaml", f"- {{name: a, sha256: {sha('a')}, max_in_flight: 1}}\n"))
+    key = ring.identify("Bearer a")
+
+    async def run() -> None:
+        client = redis.asyncio.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+        quotas = RedisQuotas(client, "test:", 60.0)
+        for _ in range(3):  # every round's slot comes back: none leaks while Redis is down
+            lease = await quotas.enter(key)
+            assert lease is not None and lease.local
+            with pytest.raises(RateLimited):
+                await quotas.enter(key)
+            await quotas.leave(lease)
+        assert quotas.in_flight("a") == 0
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_caller_cancelled_while_admitted_gives_its_slot_back():
+    from server.keys import admit
+
+    key = KeyRing(["k"]).identify("Bearer k")
+
+    class Slow(Quotas):
+        def __init__(self) -> None:
+            super().__init__(default_in_flight=1)
+            self.go = asyncio.Event()
+
+        async def enter(self, key):
+            await self.go.wait()  # e.g. a round trip to Redis
+            return await super().enter(key)
+
+    async def run() -> None:
+        quotas = Slow()
+        caller = asyncio.create_task(admit(quotas, key))
+        await asyncio.sleep(0)
+        caller.cancel()  # the client went away while its slot was being taken
+        quotas.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert quotas.in_flight("default") == 0
+
+    asyncio.run(run())
