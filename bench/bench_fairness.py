@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,28 +28,13 @@ from typing import Any
 
 import httpx
 
+from bench.bench_redis_load import start_serve
 from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import ServerProcess, free_port, wait_until_ready
+from tests.integration.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("flood-one", "flood-two", "probe")
 BODY = {"prompt": "Describe it", "images": [b64(png_bytes())], "max_new_tokens": 16}
-
-
-def start(tree: Path, model: Path, log_dir: Path, queue: str) -> ServerProcess:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "JANUS_API_KEY": ",".join(KEYS),
-           "JANUS_MAX_QUEUE_DEPTH": "512", "JANUS_REQUEST_TIMEOUT": "600", "JANUS_ACCESS_LOG": "false"}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
-           str(port), "--grpc-port", "0", "--log-level", "warning", "--queue", queue]
-    if queue != "memory":
-        cmd += ["--workers", "1", "--metrics-port", str(free_port())]
-    log_path = log_dir / f"serve-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)
-    server = ServerProcess(proc=proc, log_path=log_path, port=port, grpc_port=0, env=env)
-    wait_until_ready(server, timeout=300.0)
-    return server
 
 
 async def post(client: httpx.AsyncClient, key: str) -> float:
@@ -123,7 +106,8 @@ def measure(tree: Path, model: Path, args: argparse.Namespace, log_dir: Path) ->
         redis_server.start()
         queue = redis_server.url
     try:
-        server = start(tree, model, log_dir, queue)
+        server = start_serve(tree, model, queue, log_dir, 1,
+                             {"JANUS_API_KEY": ",".join(KEYS), "JANUS_ACCESS_LOG": "false"})
         try:
             return asyncio.run(run(server.url, args))
         finally:

@@ -35,13 +35,15 @@ from tests.integration.servers import ServerProcess, free_port, wait_until_ready
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_serve(tree: Path, model: Path, queue_url: str, log_dir: Path, workers: int) -> ServerProcess:
+def start_serve(tree: Path, model: Path, queue_url: str, log_dir: Path, workers: int,
+                env: dict[str, str] | None = None) -> ServerProcess:
+    """`serve` from the checkout `tree` on `queue_url` (`memory` too), ready; `env` adds to its environment."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--queue", queue_url,
            "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0",
            "--metrics-port", str(free_port()), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "JANUS_MAX_QUEUE_DEPTH": "512", "JANUS_REQUEST_TIMEOUT": "600"}
+           "JANUS_MAX_QUEUE_DEPTH": "512", "JANUS_REQUEST_TIMEOUT": "600", **(env or {})}
     log_path = log_dir / f"serve-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)

@@ -47,7 +47,6 @@ def admits(objects, to_pod: dict[str, str], port: int, from_pod: dict[str, str],
                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
     if not policies:
         return True  # not isolated
-    namespace_labels = {"kubernetes.io/metadata.name": from_namespace}
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
             ports = [_port_number(objects, to_pod, p["port"]) for p in rule.get("ports", [])]
@@ -56,12 +55,8 @@ def admits(objects, to_pod: dict[str, str], port: int, from_pod: dict[str, str],
             peers = rule.get("from")
             if peers is None:
                 return True
-            for peer in peers:
-                in_namespace = ("namespaceSelector" not in peer and from_namespace == NAMESPACE) or _matches(
-                    peer.get("namespaceSelector"), namespace_labels)
-                pod_ok = "podSelector" not in peer or _matches(peer["podSelector"], from_pod)
-                if in_namespace and pod_ok:
-                    return True
+            if _any_peer(peers, from_namespace, from_pod):
+                return True
     return False
 
 
@@ -73,7 +68,6 @@ def sends(objects, from_pod: dict[str, str], port: int, to_pod: dict[str, str] |
                 and "Egress" in p["spec"].get("policyTypes", [])]
     if not policies:
         return True  # not isolated
-    namespace_labels = {"kubernetes.io/metadata.name": to_namespace}
     for policy in policies:
         for rule in policy["spec"].get("egress", []):
             ports = rule.get("ports", [])
@@ -90,12 +84,19 @@ def sends(objects, from_pod: dict[str, str], port: int, to_pod: dict[str, str] |
                 return True
             if to_pod is None:
                 continue  # pod and namespace selectors never match an outside address
-            for peer in peers:
-                in_namespace = ("namespaceSelector" not in peer and to_namespace == NAMESPACE) or _matches(
-                    peer.get("namespaceSelector"), namespace_labels)
-                pod_ok = "podSelector" not in peer or _matches(peer["podSelector"], to_pod)
-                if in_namespace and pod_ok:
-                    return True
+            if _any_peer(peers, to_namespace, to_pod):
+                return True
+    return False
+
+
+def _any_peer(peers, namespace: str, pod: dict[str, str]) -> bool:
+    """Does a rule's `from` / `to` list name a pod with labels `pod` in `namespace`?"""
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}
+    for peer in peers:
+        in_namespace = ("namespaceSelector" not in peer and namespace == NAMESPACE) or _matches(
+            peer.get("namespaceSelector"), namespace_labels)
+        if in_namespace and ("podSelector" not in peer or _matches(peer["podSelector"], pod)):
+            return True
     return False
 
 
