@@ -132,11 +132,13 @@ def test_only_the_api_is_exposed_and_metrics_go_to_monitoring(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_pod_is_isolated(name):
+def test_every_pod_is_isolated_both_ways(name):
     objects = render(name)
     for deployment in by_kind(objects, "Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert not admits(objects, labels, 12345, STRANGER, "default"), deployment["metadata"]["name"]
+        assert not sends(objects, labels, 12345, STRANGER, "default"), deployment["metadata"]["name"]
+        assert not sends(objects, labels, 12345), deployment["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -182,12 +184,3 @@ def test_redis_sends_nothing(name):
     assert not sends(objects, REDIS, 443)
     assert not sends(objects, REDIS, 53, KUBE_DNS, "kube-system", protocol="UDP")
     assert not sends(objects, REDIS, 8000, API)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_every_pod_is_isolated_going_out(name):
-    objects = render(name)
-    for deployment in by_kind(objects, "Deployment"):
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert not sends(objects, labels, 12345, STRANGER, "default"), deployment["metadata"]["name"]
-        assert not sends(objects, labels, 12345), deployment["metadata"]["name"]
