@@ -172,6 +172,7 @@ class RedisQueue(JobQueue):
         self._claims: dict[str, _Claim] = {}
         self._held: dict[str, Job] = {}  # jobs submitted here, until their follower ends
         self._memory_checked = -math.inf
+        self._memory_lock = asyncio.Lock()
         self._memory = (0, 0)  # Redis' used_memory and maxmemory, as last read
 
     def key(self, *parts: str) -> str:
@@ -219,14 +220,14 @@ class RedisQueue(JobQueue):
         """Admission by bytes: with a `maxmemory`, new jobs stop at `MEMORY_ADMIT` of it, so the results and
         events of the jobs already admitted still fit (Redis refuses every write past maxmemory). Read at most
         once a second."""
-        now = time.monotonic()
-        if now - self._memory_checked >= 1.0:
-            self._memory_checked = now
-            try:
-                info = await self.redis.info("memory")
-                self._memory = (int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)))
-            except (*DOWN, redis_errors.RedisError):  # the submit that follows reports an unreachable Redis
-                return
+        async with self._memory_lock:  # one read at a time: a submit never judges by the figures it replaces
+            if time.monotonic() - self._memory_checked >= 1.0:
+                try:
+                    info = await self.redis.info("memory")
+                    self._memory = (int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)))
+                except (*DOWN, redis_errors.RedisError):  # the submit that follows reports an unreachable Redis
+                    self._memory = (0, 0)
+                self._memory_checked = time.monotonic()
         used, limit = self._memory
         if limit and used >= MEMORY_ADMIT * limit:
             raise QueueFull(f"the queue's Redis holds {used} of its {limit} bytes (maxmemory); new jobs wait until "
