@@ -42,19 +42,16 @@ def open_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, 
     return image
 
 
-def check_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, label: str = "image") -> None:
-    """Decode the pixels once, in the file's own mode (no conversion copies), to refuse a broken file."""
-    _load(open_image(data, max_pixels=max_pixels, min_side=min_side, label=label), label)
-
-
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1, label: str = "image") -> Image.Image:
     """Return an RGB image or raise `InvalidRequestError` naming what is wrong with it."""
-    image = _load(open_image(data, max_pixels=max_pixels, min_side=min_side, label=label), label)
+    image = load_image(open_image(data, max_pixels=max_pixels, min_side=min_side, label=label), label)
     ImageOps.exif_transpose(image, in_place=True)  # turned upright; without an orientation, no copy
     return _to_rgb(image)
 
 
-def _load(image: Image.Image, label: str) -> Image.Image:
+def load_image(image: Image.Image, label: str = "image") -> Image.Image:
+    """Decode the pixels of an `open_image` result in the file's own mode (no conversion copies); a broken file
+    raises `InvalidRequestError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

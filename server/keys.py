@@ -12,13 +12,13 @@ so the file holds no secret:
         images_per_minute: 60          # generated images
         weight: 2                      # share of the queue's dispatch, against the others' 1
 
-The file is read again when it changes (checked at most once a second, and on SIGHUP); a broken file
-keeps the keys that were loaded and logs why. Keys are compared in constant time by their hash.
+The file is read again when it changes (its modification time, checked at most once a second); a broken
+file keeps the keys that were loaded and logs why. Keys are compared in constant time by their hash.
 
 `Quotas` meters each key: requests in flight, and token buckets that refill per minute (in this process;
 in Redis mode `RedisQuotas` counts them across every frontend). Over a limit raises `RateLimited` with the
-seconds until it would pass. `current_key` is the key of the
-request being handled (set by the REST middleware and the gRPC guard), read where jobs are submitted.
+seconds until it would pass. `current_key` is the key of the request being handled (set by the REST
+middleware and the gRPC guard), read where jobs are submitted.
 This module knows no HTTP or gRPC.
 """
 
@@ -181,15 +181,15 @@ class KeyRing:
             raise Unauthorized("invalid API key")
         return found
 
-    def maybe_reload(self, force: bool = False) -> None:
+    def maybe_reload(self) -> None:
         if self._path is None:
             return
         now = time.monotonic()
-        if not force and now - self._checked < RELOAD_CHECK:
+        if now - self._checked < RELOAD_CHECK:
             return
         self._checked = now
         mtime = _mtime(self._path)
-        if not force and mtime == self._mtime:
+        if mtime == self._mtime:
             return
         self._mtime = mtime
         try:
@@ -201,7 +201,6 @@ class KeyRing:
         self._from_file = keys
         self._keys = self._plain + keys
         log.info("loaded %d API keys from %s", len(keys), self._path)
-
 
 
 def _check_distinct(keys: list[Key]) -> None:

@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from PIL import Image
+
 from janus_core.conversation import Message, check_conversation
 from janus_core.errors import InvalidRequestError
-from janus_core.images import check_image, open_image
+from janus_core.images import load_image, open_image
 from janus_core.sampling import SamplingParams
 from server import idempotency
 from server.jobs import (
@@ -174,27 +176,24 @@ def validate_generate(settings: Settings, p: GenerateParams, generator: str | No
                              "no tokens; seed picks the starting noise): leave it out")
 
 
-def image_pixels(settings: Settings, images: list[bytes]) -> list[int]:
-    """Each image's pixel count from its header (format and size checked; nothing decoded)."""
-    out = []
-    for i, data in enumerate(images):
-        try:
-            width, height = open_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
-                                       label=f"images[{i}]").size
-        except InvalidRequestError as exc:
-            raise BadRequest(str(exc)) from exc
-        out.append(width * height)
-    return out
+def open_images(settings: Settings, images: list[bytes]) -> list[Image.Image]:
+    """Each image with its header read (format and size checked; nothing decoded yet)."""
+    try:
+        return [open_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
+                           label=f"images[{i}]") for i, data in enumerate(images)]
+    except InvalidRequestError as exc:
+        raise BadRequest(str(exc)) from exc
 
 
-def check_images(settings: Settings, images: list[bytes]) -> None:
-    """Decode each image (header checks first) so broken files are refused before queueing."""
-    for i, data in enumerate(images):
+def check_images(opened: list[Image.Image]) -> None:
+    """Decode each opened image once, then let its pixels go, so broken files are refused before queueing."""
+    for i, image in enumerate(opened):
         try:
-            check_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
-                        label=f"images[{i}]")
+            load_image(image, f"images[{i}]")
         except InvalidRequestError as exc:
             raise BadRequest(str(exc)) from exc
+        finally:
+            image.close()
 
 
 class PixelBudget:
@@ -305,15 +304,17 @@ class Service:
                                 timeout: float | None = None, require_image: bool = True) -> Ticket:
         validate_understand(self.settings, params, require_image=require_image)
 
+        # Off the event loop, on the few threads of the image pool: even a header can be slow to reach (a PNG
+        # of a million small chunks before its pixels), and REST, gRPC and probes share this loop. Each header
+        # is read once: its size reserves the pixel budget, then the same opened image is decoded.
+        loop = asyncio.get_running_loop()
+        opened = await loop.run_in_executor(self.image_pool, open_images, self.settings, params.images)
+
         def check() -> str | None:  # decoding images and hashing them both take a while
-            check_images(self.settings, params.images)
+            check_images(opened)
             return origin.fingerprint(params, stream)
 
-        # Off the event loop, on the few threads of the image pool: even a header can be slow to reach (a PNG
-        # of a million small chunks before its pixels), and REST, gRPC and probes share this loop.
-        loop = asyncio.get_running_loop()
-        pixels = sum(await loop.run_in_executor(self.image_pool, image_pixels, self.settings, params.images))
-        async with self.decoding.hold(pixels):
+        async with self.decoding.hold(sum(image.width * image.height for image in opened)):
             fingerprint = await loop.run_in_executor(self.image_pool, check)
         return await self._submit(Job("understand", params, deadline=self.deadline(timeout), stream=stream),
                                   origin, fingerprint)

@@ -160,8 +160,10 @@ class RedisQueue(JobQueue):
         self._submit = self.redis.register_script(scripts.SUBMIT)
         self._take_fair = self.redis.register_script(scripts.TAKE_FAIR)
         self._reclaim_idle_script = self.redis.register_script(scripts.RECLAIM_IDLE)
-        # the owners ring, the active owners, their weights and credits (see redis_scripts.TAKE_FAIR)
+        # the owners ring, the active owners, their weights and credits (see redis_scripts.TAKE_FAIR), the wake-up
+        # list, and the prefix of the per-owner lists
         self._fair_keys = [self.key("fair", name) for name in ("owners", "active", "weights", "credits")]
+        self._fair_wake, self._fair_lists = self.key("fair", "wake"), self.key("fair", "q:")
         self._finish = self.redis.register_script(scripts.FINISH)
         self._touch = self.redis.register_script(scripts.TOUCH)
         self._beat = self.redis.register_script(scripts.HEARTBEAT)
@@ -236,11 +238,11 @@ class RedisQueue(JobQueue):
     def _submit_once(self, job: Job, *, admit: bool = True) -> Awaitable[Any]:
         idem_ttl = ms(max(job.deadline - time.time(), 0.0) + self.result_ttl) if job.idempotency_key else 0
         keys = [self.stream, self.key("entry"), self.key("result", job.id),
-                self.key("idem", job.idempotency_key or ""), *self._fair_keys[:3], self.key("fair", "wake")]
+                self.key("idem", job.idempotency_key or ""), *self._fair_keys[:3], self._fair_wake]
         # A job submitted again was admitted once already: no depth or lag check the second time.
         depth, wait = (self.max_depth, ms(self.max_wait) if self.max_wait else 0) if admit else (2**62, 0)
         args = [job.id, json.dumps(job.to_dict()), depth, wait, idem_ttl, self.group, job.fingerprint or "",
-                job.owner or "", job.weight, self.key("fair", "q:")]
+                job.owner or "", job.weight, self._fair_lists]
         return self._submit(keys=keys, args=args)
 
     def holds(self, job_id: str) -> bool:
@@ -468,10 +470,7 @@ class RedisQueue(JobQueue):
         """Jobs of workers whose heartbeat stopped: taken over now, not after the idle timeout."""
         taken = await self._reclaim_dead(keys=[self.stream, self.key("workers")],
                                          args=[self.group, worker_id, ms(self.dead_worker_timeout), count])
-        found = []
-        for entry_id, flat, delivered in taken:
-            if flat:  # an entry deleted meanwhile comes back without fields
-                found.append(_Delivery(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(delivered)))
+        found = _deliveries(taken)
         if found:
             log.warning("took over %d job(s) from a worker whose heartbeat stopped", len(found))
         return found
@@ -489,15 +488,15 @@ class RedisQueue(JobQueue):
         """Waiting jobs in fair order across owners; entries no fair submit queued (a frontend of an earlier
         version) in stream order. With nothing waiting, waits up to `block` ms for a submit's wake-up."""
         for attempt in range(2):
-            taken = _deliveries(await self._take_fair(keys=[self.stream, *self._fair_keys, self.key("fair", "wake")],
-                                                      args=[self.group, worker_id, count, self.key("fair", "q:")]))
+            taken = _deliveries(await self._take_fair(keys=[self.stream, *self._fair_keys, self._fair_wake],
+                                                      args=[self.group, worker_id, count, self._fair_lists]))
             if taken:
                 return taken
             reply = await self.redis.xreadgroup(self.group, worker_id, {self.stream: ">"}, count=count)
             strays = [_Delivery(entry_id, fields, 1) for _, entries in reply or [] for entry_id, fields in entries]
             if strays or block is None or attempt:
                 return strays
-            await self.redis.blpop([self.key("fair", "wake")], timeout=block / 1000)
+            await self.redis.blpop([self._fair_wake], timeout=block / 1000)
         return []
 
     async def _accept(self, worker_id: str, deliveries: list[_Delivery]) -> list[Job]:
@@ -547,7 +546,8 @@ class RedisQueue(JobQueue):
 
 
 def _deliveries(taken: list[Any]) -> list[_Delivery]:
-    """A script's {{entry id, {field, value, ...}, times delivered}, ...} as deliveries."""
+    """A script's {{entry id, {field, value, ...}, times delivered}, ...} as deliveries (an entry deleted meanwhile
+    comes back without fields: left out)."""
     return [_Delivery(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(delivered))
             for entry_id, flat, delivered in taken if flat]
 
