@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 from bench.models import cached_model
-from janus_core.conversation import Message
-from janus_core.engine import Engine, EngineConfig, FinishedOutput, TokenOutput, UnderstandRequest
-from janus_core.loading import load_model
-from janus_core.sampling import SamplingParams
+from janus_core.engine.engine import Engine, EngineConfig, FinishedOutput, TokenOutput, UnderstandRequest
+from janus_core.models.loader import load_model
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.text.conversation import Message
 
 GREEDY = SamplingParams(temperature=0.0)
 

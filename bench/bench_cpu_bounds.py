@@ -26,12 +26,12 @@ from transformers import DynamicCache, JanusForConditionalGeneration
 
 from bench.bench_linear import interleaved
 from bench.models import SHAPES, cached_model
-from janus_core.block_pool import BLOCK_SIZE
-from janus_core.compat import cache_arg
-from janus_core.kv_cache import DecodeBatch, PagedKV, PrefillBatch, row_tables
-from janus_core.loading import load_model
-from janus_core.processor import build_understanding_inputs
-from janus_core.runner import ModelRunner
+from janus_core.attention.paged import DecodeBatch, PagedKV, PrefillBatch, row_tables
+from janus_core.models.compat import cache_arg
+from janus_core.models.loader import load_model
+from janus_core.sched.block_pool import BLOCK_SIZE
+from janus_core.step.runner import ModelRunner
+from janus_core.text.processor import build_understanding_inputs
 
 
 def compute_ceiling(shape: str, repeats: int) -> None:

@@ -40,7 +40,7 @@ from bench.references import (
     percentile,
     serial_latencies,
 )
-from janus_core.engine import (
+from janus_core.engine.engine import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -49,8 +49,8 @@ from janus_core.engine import (
     TokenOutput,
     UnderstandRequest,
 )
-from janus_core.loading import LoadedModel, load_model
-from janus_core.sampling import SamplingParams
+from janus_core.models.loader import LoadedModel, load_model
+from janus_core.sampling.sampler import SamplingParams
 
 
 @dataclass

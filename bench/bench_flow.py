@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from janus_core.engine import Engine, EngineConfig, FailedOutput, FinishedOutput, GenerateRequest
-from janus_core.generation import image_seeds
-from janus_core.loading import LoadedModel, load_model
-from janus_core.processor import build_generation_ids
-from janus_core.sampling import SamplingParams, make_generator
-from janus_core.tiny_flow import FlowShape, write_tiny_flow_model
+from janus_core.engine.engine import Engine, EngineConfig, FailedOutput, FinishedOutput, GenerateRequest
+from janus_core.models.loader import LoadedModel, load_model
+from janus_core.sampling.sampler import SamplingParams, make_generator
+from janus_core.simple.generate import image_seeds
+from janus_core.text.processor import build_generation_ids
+from janus_core.tiny.flow import FlowShape, write_tiny_flow_model
 from tests.flow_reference import reference_latents, reference_pixels  # the tests' oracle, unchanged
 
 # The Janus-Pro `mid` shape's LM (bench/models.py) with the real image geometry: 384 px, 48x48x4 latents,

@@ -18,12 +18,12 @@ import numpy as np
 from PIL import Image
 
 from bench.models import SHAPES, cached_model, shape_config
-from janus_core import memory
-from janus_core.block_pool import BLOCK_SIZE
-from janus_core.engine import Engine, EngineConfig, UnderstandRequest
-from janus_core.loading import load_model
-from janus_core.processor import build_understanding_inputs
-from janus_core.tiny import build_tokenizer
+from janus_core.engine import memory
+from janus_core.engine.engine import Engine, EngineConfig, UnderstandRequest
+from janus_core.models.loader import load_model
+from janus_core.sched.block_pool import BLOCK_SIZE
+from janus_core.text.processor import build_understanding_inputs
+from janus_core.tiny.janus import build_tokenizer
 
 NEW_TOKENS = 200
 OLD_ROW = 4096  # the fixed understanding row of before

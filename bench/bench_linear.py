@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from bench.models import SHAPES, cached_model
-from janus_core.block_pool import BLOCK_SIZE
-from janus_core.kv_cache import DecodeBatch, row_tables
-from janus_core.loading import load_model
-from janus_core.packed_linear import pack_linears, packing_supported
-from janus_core.runner import ModelRunner
+from janus_core.attention.paged import DecodeBatch, row_tables
+from janus_core.models.loader import load_model
+from janus_core.sched.block_pool import BLOCK_SIZE
+from janus_core.step.packed_linear import pack_linears, packing_supported
+from janus_core.step.runner import ModelRunner
 
 
 def lm_linears(shape: str) -> nn.ModuleList:

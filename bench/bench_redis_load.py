@@ -119,7 +119,7 @@ def main() -> int:
     if shutil.which("redis-server") is None:
         print("redis-server is not installed", file=sys.stderr)
         return 1
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
     from server.logs import quiet_libraries
 
     quiet_libraries()

@@ -48,7 +48,7 @@ from PIL import Image
 
 from bench.models import cached_model
 from bench.references import PROMPTS, hf_generate_image, hf_understand, percentile
-from janus_core.loading import LoadedModel, load_model
+from janus_core.models.loader import LoadedModel, load_model
 from tests.integration.servers import ServerProcess, free_port, wait_until_ready
 
 DESCRIBE = "Describe this image in detail."

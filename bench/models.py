@@ -1,4 +1,4 @@
-"""Random-weight Janus checkpoints at benchmark shapes, written with janus_core.tiny's building blocks.
+"""Random-weight Janus checkpoints at benchmark shapes, written with janus_core.tiny.janus's building blocks.
 
 Shapes: `tiny` (the test model), `mid` (~55M parameters with the real 576 image tokens and 384x384
 images; runs on 2 CPU cores), and `janus-pro-1b` / `janus-pro-7b` (the real architectures with random
@@ -21,9 +21,16 @@ from transformers import (
     JanusVQVAEConfig,
 )
 
-from janus_core.compat import pil_image_processor_class
-from janus_core.prompts import CHAT_TEMPLATE, IMAGE_TOKEN
-from janus_core.tiny import TINY_NORM, build_model, build_tokenizer, generation_config, text_config, write_tiny_model
+from janus_core.models.compat import pil_image_processor_class
+from janus_core.text.prompts import CHAT_TEMPLATE, IMAGE_TOKEN
+from janus_core.tiny.janus import (
+    TINY_NORM,
+    build_model,
+    build_tokenizer,
+    generation_config,
+    text_config,
+    write_tiny_model,
+)
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from janus_core.compat import cache_arg
-from janus_core.loading import LoadedModel
-from janus_core.packed_linear import PackedLinear
-from janus_core.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
+from janus_core.models.compat import cache_arg
+from janus_core.models.loader import LoadedModel
+from janus_core.step.packed_linear import PackedLinear
+from janus_core.text.processor import build_generation_ids, build_understanding_inputs, unconditional_ids
 
 # The generation prompts the benches cycle through (the same everywhere, so figures compare).
 PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Regenerates the gRPC Python code under server/grpc_gen/ from proto/ (commit the result).
-#   scripts/gen_proto.sh [OUT_DIR]      # OUT_DIR defaults to server/grpc_gen
+# Regenerates the gRPC Python code under server/rpc/gen/ from proto/ (commit the result).
+#   scripts/gen_proto.sh [OUT_DIR]      # OUT_DIR defaults to server/rpc/gen
 # Uses grpcio-tools' bundled protoc (`pip install grpcio-tools`); PYTHON picks the interpreter.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${1:-$root/server/grpc_gen}"
+out="${1:-$root/server/rpc/gen}"
 python="${PYTHON:-python3}"
 
 mkdir -p "$out"
@@ -13,9 +13,9 @@ mkdir -p "$out"
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   "$root/proto/janus/v1/janus.proto"
 
-# protoc writes `from janus.v1 import janus_pb2`; the package lives under server.grpc_gen.
+# protoc writes `from janus.v1 import janus_pb2`; the package lives under server.rpc.gen.
 grpc_file="$out/janus/v1/janus_pb2_grpc.py"
-sed -e 's/^from janus\.v1 import /from server.grpc_gen.janus.v1 import /' "$grpc_file" > "$grpc_file.tmp"
+sed -e 's/^from janus\.v1 import /from server.rpc.gen.janus.v1 import /' "$grpc_file" > "$grpc_file.tmp"
 mv "$grpc_file.tmp" "$grpc_file"
 
 for pkg in "$out" "$out/janus" "$out/janus/v1"; do

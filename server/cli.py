@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_plan(args: argparse.Namespace) -> int:
     import json
 
-    from janus_core import memory
+    from janus_core.engine import memory
     from janus_core.errors import ModelLoadError
 
     try:
@@ -120,7 +120,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def _write_tiny_flow(args: argparse.Namespace) -> int:
     from janus_core.errors import ModelLoadError
-    from janus_core.tiny_flow import write_tiny_flow_model
+    from janus_core.tiny.flow import write_tiny_flow_model
 
     if args.format not in (None, "deepseek"):
         print("janus-server tiny-model: JanusFlow checkpoints exist in DeepSeek's layout only (--format deepseek)",
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.logs import quiet_libraries
 
         quiet_libraries()  # no "Writing model shards" progress bar
-        from janus_core.tiny import write_tiny_model
+        from janus_core.tiny.janus import write_tiny_model
 
         try:
             if args.family == "janusflow":

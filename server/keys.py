@@ -267,7 +267,7 @@ async def admit(quotas: Quotas, key: Key | None) -> Lease | None:
 
 class Quotas:
     """Per-key limits, counted in this process. `default_in_flight` applies to keys that state none (so one key
-    cannot hold the whole queue); None: unlimited. `server.queue.redis_quotas.RedisQuotas` counts the same limits
+    cannot hold the whole queue); None: unlimited. `server.queue.redis.quotas.RedisQuotas` counts the same limits
     in Redis, across every frontend."""
 
     def __init__(self, default_in_flight: int | None = None, clock=time.monotonic) -> None:

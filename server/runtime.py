@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import uvicorn
 
-from server.app import ModelInfo, create_app
+from server.http.app import ModelInfo, create_app
 from server.metrics import Metrics
 from server.queue import JobQueue, QueueMisconfigured, create_queue
 from server.service import Service
@@ -58,8 +58,8 @@ def model_info(settings: Settings) -> ModelInfo:
 
 def load_engine(settings: Settings):
     """Load the model and build its engine (blocking; run it in a thread)."""
-    from janus_core.engine import Engine, EngineConfig
-    from janus_core.loading import load_model
+    from janus_core.engine.engine import Engine, EngineConfig
+    from janus_core.models.loader import load_model
 
     if not settings.model:
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
@@ -149,7 +149,7 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
         log.info("playground: http://%s:%d/ (the API's own page; --no-playground turns it off)", shown, settings.port)
     grpc_server = None
     if settings.grpc_port:
-        from server.grpc_service import start_grpc_server
+        from server.rpc.service import start_grpc_server
 
         grpc_server = await start_grpc_server(service, settings, metrics)
     stop = asyncio.Event()
@@ -186,7 +186,7 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
             supervising.cancel()  # no restarts from here on
             await asyncio.to_thread(supervisor.stop)
         if grpc_server is not None:
-            from server.grpc_service import stop_grpc_server
+            from server.rpc.service import stop_grpc_server
 
             await stop_grpc_server(grpc_server, grace=10.0)
         await queue.close()

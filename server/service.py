@@ -20,11 +20,12 @@ from typing import Any, get_args
 
 from PIL import Image
 
-from janus_core.conversation import Message, check_conversation
 from janus_core.errors import InvalidRequestError
 from janus_core.images import load_image, open_image
-from janus_core.sampling import SamplingParams
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.text.conversation import Message, check_conversation
 from server import idempotency
+from server.http.schemas import MAX_MESSAGES, NON_BLANK, OutputFormat
 from server.jobs import (
     DEADLINE_EXCEEDED,
     GenerateParams,
@@ -35,7 +36,6 @@ from server.jobs import (
 from server.keys import KeyRing, Quotas, current_key
 from server.logs import request_id_var
 from server.queue import IdempotencyConflict, JobQueue
-from server.schemas import MAX_MESSAGES, NON_BLANK, OutputFormat
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _check_sampling(temperature: float, top_p: float, seed: int | None, **extens
 
 
 # A prompt needs a non-blank character: the class means the same in Python and in the ECMA dialect
-# of JSON Schema patterns, so the OpenAPI document (server.schemas.NON_BLANK) says exactly this.
+# of JSON Schema patterns, so the OpenAPI document (server.http.schemas.NON_BLANK) says exactly this.
 _NON_BLANK = re.compile(NON_BLANK)
 
 
@@ -146,8 +146,8 @@ def validate_understand(settings: Settings, p: UnderstandParams, *, require_imag
                          f"({p.max_new_tokens})")
 
 
-OUTPUT_FORMATS = get_args(OutputFormat)  # as janus_core.generation.IMAGE_FORMATS
-MAX_STEPS = 100  # janus_core.flow_loading.MAX_STEPS (the API layer does not import the model runtime's torch)
+OUTPUT_FORMATS = get_args(OutputFormat)  # as janus_core.simple.generate.IMAGE_FORMATS
+MAX_STEPS = 100  # janus_core.models.janusflow.MAX_STEPS (the API layer does not import the model runtime's torch)
 
 
 def validate_generate(settings: Settings, p: GenerateParams, generator: str | None = None) -> None:
@@ -285,13 +285,13 @@ class Service:
         default = share if self.keys.enabled and share >= 1 else None
         redis = getattr(queue, "redis", None)
         if redis is not None:
-            from server.queue.redis_quotas import RedisQuotas
+            from server.queue.redis.quotas import RedisQuotas
 
             self.quotas: Quotas = RedisQuotas(redis, getattr(queue, "prefix", "janus:"),
                                               settings.request_timeout + 60.0, default)
         else:
             self.quotas = Quotas(default)
-        # server.app.ModelInfo where this process serves the model; its `generator` is known once loaded
+        # server.http.app.ModelInfo where this process serves the model; its `generator` is known once loaded
         self.model_info: Any = None
 
     def deadline(self, client_timeout: float | None = None) -> float:

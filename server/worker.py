@@ -15,8 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from janus_core.device import gpu_memory_allocated
-from janus_core.engine import (
+from janus_core.engine.engine import (
     Engine,
     EngineOutput,
     FailedOutput,
@@ -27,10 +26,11 @@ from janus_core.engine import (
     UnderstandRequest,
 )
 from janus_core.errors import InvalidRequestError
-from janus_core.generation import IMAGE_FORMATS, GenerateResult, encode_image
 from janus_core.images import decode_image
-from janus_core.sampling import SamplingParams
-from janus_core.understanding import UnderstandResult
+from janus_core.models.device import gpu_memory_allocated
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.simple.generate import IMAGE_FORMATS, GenerateResult, encode_image
+from janus_core.simple.understand import UnderstandResult
 from server import jobs as J
 from server.jobs import GenerateParams, Job, UnderstandParams
 from server.logs import request_id_var

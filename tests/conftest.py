@@ -14,14 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-hf"), "hf", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_ds_dir(tmp_path_factory) -> Path:
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-ds"), "deepseek", seed=0)
 
@@ -29,21 +29,21 @@ def tiny_ds_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sharp_dir(tmp_path_factory) -> Path:
     """The sharpened tiny checkpoint: greedy outputs depend on every input and some answers end at EOS."""
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-sharp"), "hf", seed=0, sharp=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_hf(tiny_hf_dir):
-    from janus_core.loading import load_model
+    from janus_core.models.loader import load_model
 
     return load_model(str(tiny_hf_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_ds(tiny_ds_dir):
-    from janus_core.loading import load_model
+    from janus_core.models.loader import load_model
 
     return load_model(str(tiny_ds_dir), device="cpu")
 
@@ -60,6 +60,6 @@ def reference(tiny_hf_dir):
 @pytest.fixture(scope="session")
 def tiny_flow_dir(tmp_path_factory) -> Path:
     """A tiny random JanusFlow checkpoint (DeepSeek layout, sharpened LM) with its tiny VAE in vae/."""
-    from janus_core.tiny_flow import write_tiny_flow_model
+    from janus_core.tiny.flow import write_tiny_flow_model
 
     return write_tiny_flow_model(tmp_path_factory.mktemp("tiny-janusflow"), seed=0, sharp=True)

@@ -38,7 +38,7 @@ from bench.gpu.measure import Row
 from bench.gpu.model import SHAPE_NAMES, build_random_model, parameter_count, resolve_shape, stock_copy
 from bench.gpu.plan import Estimator, ShapeFacts, shape_facts
 from bench.references import memcpy_bandwidth
-from janus_core.device import resolve_device, resolve_dtype
+from janus_core.models.device import resolve_device, resolve_dtype
 
 SECTION_KINDS = ("gen", "und", "ref", "check")
 

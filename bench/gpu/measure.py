@@ -27,7 +27,7 @@ from PIL import Image
 
 from bench.gpu.model import kv_bytes_per_token, step_weight_bytes
 from bench.references import PROMPTS, hf_generate_image, hf_understand
-from janus_core.engine import (
+from janus_core.engine.engine import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -36,9 +36,9 @@ from janus_core.engine import (
     TokenOutput,
     UnderstandRequest,
 )
-from janus_core.loading import LoadedModel
-from janus_core.processor import build_generation_ids, build_understanding_inputs
-from janus_core.sampling import SamplingParams
+from janus_core.models.loader import LoadedModel
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.text.processor import build_generation_ids, build_understanding_inputs
 
 QUESTIONS = ["Describe this image in detail.", "What is shown in the picture?", "What color is the car?"]
 GEN_PROMPT_TOKENS = 64  # room per generation row for the prompt (the bench's prompts are ~30 tokens)

@@ -3,7 +3,7 @@
 No files and no hub: the network is constructed directly on the device in the target dtype (a 7B
 in bf16 is ~15 GB and never exists in fp32 or on the host), transformers' own initialisation runs
 there as GPU kernels (seconds, not minutes), and small noise on every weight keeps norms and biases
-from being exact ones and zeros. The tokenizer is `janus_core.tiny`'s byte-level one with the real
+from being exact ones and zeros. The tokenizer is `janus_core.tiny.janus`'s byte-level one with the real
 special tokens; the LM and image vocabularies are the real sizes of the shape, so every matrix and
 KV row has its real shape, even though prompts only ever use the tokenizer's ~400 ids.
 
@@ -24,14 +24,14 @@ import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
 
 from bench.models import SHAPES, lm_weight_bytes, shape_config
-from janus_core.compat import pil_image_processor_class
-from janus_core.loading import LoadedModel, special_ids
-from janus_core.prompts import CHAT_TEMPLATE
-from janus_core.tiny import TINY_NORM, build_tokenizer, generation_config, tiny_config
+from janus_core.models.compat import pil_image_processor_class
+from janus_core.models.loader import LoadedModel, special_ids
+from janus_core.text.prompts import CHAT_TEMPLATE
+from janus_core.tiny.janus import TINY_NORM, build_tokenizer, generation_config, tiny_config
 
 log = logging.getLogger(__name__)
 
-# Short names on the command line -> bench.models shapes ("tiny" is janus_core.tiny's test model).
+# Short names on the command line -> bench.models shapes ("tiny" is janus_core.tiny.janus's test model).
 SHAPE_NAMES = {"tiny": "tiny", "mid": "mid", "1b": "janus-pro-1b", "7b": "janus-pro-7b"}
 
 

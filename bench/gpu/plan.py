@@ -18,7 +18,7 @@ from transformers import JanusForConditionalGeneration
 
 from bench.gpu.model import shape_janus_config
 from bench.models import lm_weight_bytes
-from janus_core.tiny import build_tokenizer
+from janus_core.tiny.janus import build_tokenizer
 
 BENCH_PROMPT_TOKENS = 30  # generation prompts of the bench, chat format included
 UND_PROMPT_TOKENS = 100  # understanding prompt text around the image tokens

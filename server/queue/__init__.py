@@ -12,7 +12,7 @@ def create_queue(url: str, **options) -> JobQueue:
 
         return MemoryQueue(**{k: v for k, v in options.items() if k in MemoryQueue.OPTIONS})
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from server.queue.redis import RedisQueue
+        from server.queue.redis.queue import RedisQueue
 
         return RedisQueue(url, **{k: v for k, v in options.items() if k in RedisQueue.OPTIONS})
     raise ValueError(f"unknown queue {url!r}; use 'memory' or 'redis://host:port/db'")

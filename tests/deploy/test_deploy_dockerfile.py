@@ -206,5 +206,5 @@ def test_copied_sources_exist_and_are_not_dockerignored(parsed):
 def test_dockerignore_helper():
     assert _ignored("tests/unit/x.py", ["tests"])
     assert _ignored("server/__pycache__", ["**/__pycache__"])
-    assert not _ignored("server/app.py", ["tests", "**/__pycache__"])
+    assert not _ignored("server/http/app.py", ["tests", "**/__pycache__"])
     assert not _ignored("README.md", ["*.md", "!README.md"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from janus_core.loading import load_model
+from janus_core.models.loader import load_model
 
 
 def _cli() -> list[str]:

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
-from server.grpc_client import JanusClient
-from server.grpc_gen.janus.v1 import janus_pb2
+from server.rpc.client import JanusClient
+from server.rpc.gen.janus.v1 import janus_pb2
 from tests.integration.servers import start_server
 
 SYSTEM = "You describe pictures briefly."
@@ -279,14 +279,14 @@ def janus_server(tiny_hf_dir, tmp_path_factory):
 
 
 def test_served_names_and_chat_format_flag(janus_server, tmp_path, oracle):
-    from janus_core.prompts import chat_template
+    from janus_core.text.prompts import chat_template
 
     client = openai.OpenAI(base_url=janus_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["janus-a", "janus-b"]
     reply = client.chat.completions.create(model="janus-b", messages=openai_turns(), max_tokens=MAX, temperature=0)
     assert reply.model == "janus-b"
     # the oracle: the same weights with a Janus-1.3B chat template
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
 
     path = write_tiny_model(tmp_path / "janus", "hf", variant="janus")
     assert JanusProcessor.from_pretrained(path).chat_template == chat_template("janus")

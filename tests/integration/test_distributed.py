@@ -32,9 +32,9 @@ import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from janus_core.loading import LoadedModel
+from janus_core.models.loader import LoadedModel
 from server.jobs import GenerateParams, Job, UnderstandParams
-from server.queue.redis import RedisQueue
+from server.queue.redis.queue import RedisQueue
 from tests.integration import redis_fixture
 from tests.integration.conftest import b64, png_bytes
 from tests.integration.servers import (
@@ -167,7 +167,7 @@ class Oracle:
         self._pixels: dict[tuple[str, int, int], np.ndarray] = {}
 
     def understand(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-        from janus_core.understanding import understand
+        from janus_core.simple.understand import understand
 
         key = (prompt, max_new_tokens)
         if key not in self._texts:
@@ -179,8 +179,8 @@ class Oracle:
         return self._texts[key]
 
     def generate(self, prompt: str, seed: int, n: int) -> np.ndarray:
-        from janus_core.generation import generate_images
-        from janus_core.sampling import SamplingParams
+        from janus_core.sampling.sampler import SamplingParams
+        from janus_core.simple.generate import generate_images
 
         key = (prompt, seed, n)
         if key not in self._pixels:

@@ -26,13 +26,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from server import jobs
-from server.grpc_client import Images, JanusClient, Progress
-from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
-from server.grpc_service import MAX_HEALTH_WATCHES, create_grpc_server, status_for, stop_grpc_server
 from server.jobs import GenerateParams, Job, UnderstandParams
 from server.keys import current_key
 from server.metrics import Metrics
 from server.queue.memory import MemoryQueue
+from server.rpc.client import Images, JanusClient, Progress
+from server.rpc.gen.janus.v1 import janus_pb2, janus_pb2_grpc
+from server.rpc.service import MAX_HEALTH_WATCHES, create_grpc_server, status_for, stop_grpc_server
 from server.service import Service
 from server.settings import Settings
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.grpc_client import JanusClient, Progress
+from server.rpc.client import JanusClient, Progress
 from tests.integration.conftest import b64, png_bytes
 from tests.integration.servers import metric, start_server, tokens_after_stop
 from tests.integration.test_metrics import scrape, value
@@ -90,7 +90,7 @@ def test_grpc_requests_are_counted(server, client):
 
 def test_command_line_names_each_image_with_its_own_seed(server, tmp_path, capsys):
     """Image i of seed s is image 0 of seed s + i (README, Seeds): the CLI labels each file so."""
-    from server.grpc_client import main
+    from server.rpc.client import main
 
     prefix = str(tmp_path / "fox")
     assert main(["--target", f"127.0.0.1:{server.grpc_port}", "--timeout", "60", "generate", "a fox", "-n", "2",

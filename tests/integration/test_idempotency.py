@@ -25,7 +25,7 @@ import httpx
 import pytest
 import redis.asyncio
 
-from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
+from server.rpc.gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from tests.integration import redis_fixture
 from tests.integration.servers import (
     ServerProcess,
@@ -62,7 +62,7 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(redis_server: redis_fixture.RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
 
     log_dir = tmp_path_factory.mktemp("idempotency")
     model = write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-384", "hf", seed=0, image_size=384)

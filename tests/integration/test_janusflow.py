@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.grpc_client import Images, JanusClient, Progress
+from server.rpc.client import Images, JanusClient, Progress
 from tests.integration.browser import console_problems, require_browser, start_chromium, wait_for
 from tests.integration.conftest import b64, png_bytes
 from tests.integration.servers import start_server
@@ -59,8 +59,8 @@ def test_models_says_flow(http):
 
 
 def test_rest_png_is_the_official_algorithm(http, tiny_flow_dir):
-    from janus_core.loading import load_model
-    from janus_core.processor import build_generation_ids
+    from janus_core.models.loader import load_model
+    from janus_core.text.processor import build_generation_ids
     from tests.flow_reference import reference_latents, reference_pixels
     from tests.unit.test_flow import assert_same_pixels, noise
 

@@ -25,7 +25,7 @@ MAX_IMAGE_BYTES = 1024 * 1024  # above a 384x384 noise PNG (so "use as input" wo
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory):
     require_browser()
-    from janus_core.tiny import write_tiny_model
+    from janus_core.tiny.janus import write_tiny_model
 
     model = write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-model-384", "hf", seed=0, image_size=384)
     proc = start_server(["serve", "--model", str(model)], tmp_path_factory.mktemp("logs"),

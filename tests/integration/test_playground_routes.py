@@ -20,8 +20,8 @@ import httpx
 import pytest
 import uvicorn
 
-from server.app import create_app
 from server.cli import build_parser, settings_from
+from server.http.app import create_app
 from server.metrics import Metrics
 from server.queue import create_queue
 from server.service import Service
@@ -111,4 +111,4 @@ def test_the_wheel_ships_the_page(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("janus_server-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"server/static/{name}" for name in STATIC} <= names
+    assert {f"server/http/static/{name}" for name in STATIC} <= names

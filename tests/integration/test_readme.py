@@ -124,9 +124,9 @@ def test_guidellm_example(readme_server, workdir):
 
 def test_grpc_command_line_examples(readme_server, workdir):
     """The shell lines of the gRPC section (the CLI's default target, localhost:50051, pointed at this server)."""
-    block = next(b for b in _blocks("bash") if "-m server.grpc_client generate" in b)
+    block = next(b for b in _blocks("bash") if "-m server.rpc.client generate" in b)
     target = f"--target 127.0.0.1:{readme_server.grpc_port}"
-    block = block.replace("-m server.grpc_client ", f"-m server.grpc_client {target} ")
+    block = block.replace("-m server.rpc.client ", f"-m server.rpc.client {target} ")
     result = subprocess.run(["bash", "-ec", _localise(block, readme_server, workdir)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

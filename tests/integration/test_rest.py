@@ -32,7 +32,7 @@ def test_health_ready_models(server):
 
 
 def test_understand_json_matches_the_engine(server, tiny_hf, image_b64):
-    from janus_core.understanding import understand
+    from janus_core.simple.understand import understand
 
     body = {"prompt": "What is in the image?", "images": [image_b64], "max_new_tokens": 12}
     r = httpx.post(server.url + "/v1/understand", json=body, timeout=60)
@@ -97,8 +97,8 @@ def test_generate_unseeded_reports_seed(server):
 
 
 def test_generate_greedy_equals_engine(server, tiny_hf):
-    from janus_core.generation import encode_png, generate_images
-    from janus_core.sampling import SamplingParams
+    from janus_core.sampling.sampler import SamplingParams
+    from janus_core.simple.generate import encode_png, generate_images
 
     r = httpx.post(server.url + "/v1/generate", json={"prompt": "a cat", "temperature": 0}, timeout=60)
     expected = generate_images(tiny_hf, "a cat", params=SamplingParams(temperature=0.0))

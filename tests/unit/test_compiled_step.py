@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from janus_core.kv_cache import DecodeBatch, PrefillBatch, bucket
-from janus_core.loading import load_model
-from janus_core.runner import ModelRunner
-from janus_core.static_step import StaticDecode, tables_to_tensors
+from janus_core.attention.paged import DecodeBatch, PrefillBatch, bucket
+from janus_core.models.loader import load_model
+from janus_core.step.runner import ModelRunner
+from janus_core.step.static import StaticDecode, tables_to_tensors
 
 TABLES = [[0, 1, 2], [5, 6, 7], [10, 3, 12], [20, 21, 22], [30, 31, 9]]  # consecutive and scattered blocks
 LENGTHS = [20, 33, 17, 40, 25]

@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
-from janus_core.conversation import Message, check_conversation
-from janus_core.engine import Engine, EngineConfig, FinishedOutput, TokenOutput, UnderstandRequest
+from janus_core.engine.engine import Engine, EngineConfig, FinishedOutput, TokenOutput, UnderstandRequest
 from janus_core.errors import InvalidRequestError
-from janus_core.loading import family_from_name, load_model
-from janus_core.processor import build_conversation_inputs, build_generation_ids
-from janus_core.sampling import SamplingParams
-from janus_core.stops import StopMatcher
-from janus_core.tiny import write_tiny_model
+from janus_core.models.loader import family_from_name, load_model
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.text.conversation import Message, check_conversation
+from janus_core.text.processor import build_conversation_inputs, build_generation_ids
+from janus_core.text.stops import StopMatcher
+from janus_core.tiny.janus import write_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0)
 ANSWER = "A red square on a blue field."

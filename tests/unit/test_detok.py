@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from janus_core.detok import IncrementalDecoder
-from janus_core.tiny import build_tokenizer
+from janus_core.text.detok import IncrementalDecoder
+from janus_core.tiny.janus import build_tokenizer
 
 
 @pytest.fixture(scope="module")

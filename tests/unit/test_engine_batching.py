@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_core.engine import (
+from janus_core.engine.engine import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -21,18 +21,18 @@ from janus_core.engine import (
     TokenOutput,
     UnderstandRequest,
 )
-from janus_core.generation import stream_image_tokens
-from janus_core.loading import LoadedModel, load_model
-from janus_core.processor import build_generation_ids, build_understanding_inputs
-from janus_core.sampling import SamplingParams
-from janus_core.understanding import understand
+from janus_core.models.loader import LoadedModel, load_model
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.simple.generate import stream_image_tokens
+from janus_core.simple.understand import understand
+from janus_core.text.processor import build_generation_ids, build_understanding_inputs
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_hf_dir) -> LoadedModel:
-    """A model of the engine tests' own: an engine packs its linear layers in place (janus_core.packed_linear)."""
+    """A model of the engine tests' own: an engine packs its linear layers in place (janus_core.step.packed_linear)."""
     return load_model(str(tiny_hf_dir), "cpu")
 
 
@@ -120,7 +120,7 @@ def understand_mix(images: list[Image.Image]) -> list[UnderstandRequest]:
 
 
 def test_engine_packs_cpu_linears(lm, tiny_hf):
-    from janus_core.packed_linear import PackedLinear
+    from janus_core.step.packed_linear import PackedLinear
 
     Engine(lm)
     assert not [m for m in tiny_hf.model.modules() if isinstance(m, PackedLinear)]  # the oracle's copy
@@ -448,4 +448,4 @@ def test_seeded_extensions_same_alone_and_batched(lm, images):
     crowd = run(Engine(lm, EngineConfig(max_batch_size=8)), [*understand_mix(images), req(), *gen_mix()[:1]])
     assert crowd.result("x").token_ids == alone.token_ids and len(alone.token_ids) >= 3
     reference = understand(lm, [images[1]], "Describe this image.", max_new_tokens=14, params=params)
-    assert reference.token_ids == alone.token_ids  # the one-request path (janus_core.understanding) agrees
+    assert reference.token_ids == alone.token_ids  # the one-request path (janus_core.simple.understand) agrees

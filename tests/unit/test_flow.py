@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_core.engine import (
+from janus_core.engine.engine import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -26,11 +26,11 @@ from janus_core.engine import (
     ProgressOutput,
     UnderstandRequest,
 )
-from janus_core.generation import image_seeds
-from janus_core.loading import load_model
-from janus_core.memory import blocks_for
-from janus_core.processor import build_generation_ids, build_understanding_inputs
-from janus_core.sampling import SamplingParams, make_generator
+from janus_core.engine.memory import blocks_for
+from janus_core.models.loader import load_model
+from janus_core.sampling.sampler import SamplingParams, make_generator
+from janus_core.simple.generate import image_seeds
+from janus_core.text.processor import build_generation_ids, build_understanding_inputs
 from tests.flow_reference import reference_latents, reference_pixels
 
 # Largest |engine - reference| allowed on any latent value (latents are ~N(0, 1) plus the flow's drift).
@@ -269,7 +269,7 @@ def test_loading_names_a_missing_weight_and_a_bad_vae(tiny_flow_dir, tmp_path):
 
 def test_vae_decode_off_the_model_loop_gives_the_same_images(flow_lm, engine):
     """The CUDA path (PixelDecoder on its own thread), forced on CPU: same pixels, answered in order."""
-    from janus_core.flow_batch import PixelDecoder
+    from janus_core.step.flow_batch import PixelDecoder
 
     inline = Collector()
     for rid, prompt, n, w, steps, seed in MIXED:

@@ -9,8 +9,8 @@ from bench.gpu.check import Section, State, run_sections
 from bench.gpu.measure import Row
 from bench.gpu.model import build_random_model, stock_copy
 from bench.references import hf_understand
-from janus_core.engine import Engine, EngineConfig
-from janus_core.packed_linear import packing_supported
+from janus_core.engine.engine import Engine, EngineConfig
+from janus_core.step.packed_linear import packing_supported
 
 
 def _ok(shape: str) -> Section:

@@ -171,7 +171,7 @@ def test_refunded_images_come_back(tmp_path):
 def test_redis_quotas_count_locally_while_redis_is_away_and_release_what_they_took(tmp_path):
     import redis.asyncio
 
-    from server.queue.redis_quotas import RedisQuotas
+    from server.queue.redis.quotas import RedisQuotas
 
     ring = KeyRing(path=write(tmp_path / "k.yaml", f"- {{name: a, sha256: {sha('a')}, max_in_flight: 1}}\n"))
     key = ring.identify("Bearer a")

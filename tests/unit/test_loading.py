@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
-from janus_core import deepseek
 from janus_core.errors import ModelLoadError
-from janus_core.loading import load_model, read_weights
-from janus_core.tiny import write_tiny_model
+from janus_core.models import deepseek
+from janus_core.models.loader import load_model, read_weights
+from janus_core.tiny.janus import write_tiny_model
 from tests.real_configs import janus_pro_config
 
 
@@ -33,7 +33,7 @@ def test_both_layouts_of_one_seed_load_the_same_model(tiny_hf, tiny_ds):
 def test_both_layouts_build_the_same_prompts(tiny_hf, tiny_ds):
     from PIL import Image
 
-    from janus_core.processor import build_generation_ids, build_understanding_inputs
+    from janus_core.text.processor import build_generation_ids, build_understanding_inputs
 
     image = Image.new("RGB", (40, 70), (10, 200, 30))
     a = build_understanding_inputs(tiny_hf, [image], "What colour?")
@@ -46,7 +46,7 @@ def test_both_layouts_build_the_same_prompts(tiny_hf, tiny_ds):
 def test_prompt_format_is_janus_pro_chat(tiny_hf):
     from PIL import Image
 
-    from janus_core.processor import build_generation_ids, build_understanding_inputs
+    from janus_core.text.processor import build_generation_ids, build_understanding_inputs
 
     tok = tiny_hf.tokenizer
     inputs = build_understanding_inputs(tiny_hf, [Image.new("RGB", (20, 20))], "Hi there")

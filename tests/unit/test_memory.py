@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from janus_core import deepseek, memory
-from janus_core.engine import Engine, EngineConfig
-from janus_core.loading import load_model
+from janus_core.engine import memory
+from janus_core.engine.engine import Engine, EngineConfig
+from janus_core.models import deepseek
+from janus_core.models.loader import load_model
 from tests.real_configs import janus_pro_config, write_config
 
 GiB = 2**30

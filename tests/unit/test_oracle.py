@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_core.generation import generate_images
-from janus_core.sampling import SamplingParams
-from janus_core.understanding import understand
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.simple.generate import generate_images
+from janus_core.simple.understand import understand
 
 
 def _image(seed: int, size=(50, 80)) -> Image.Image:

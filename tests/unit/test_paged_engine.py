@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_core.engine import Engine, EngineConfig, FailedOutput, GenerateRequest, UnderstandRequest
-from janus_core.generation import decode_images
-from janus_core.kv_cache import runs_of
-from janus_core.loading import LoadedModel, load_model
-from janus_core.memory import kv_bytes_per_token
-from janus_core.sampling import SamplingParams
+from janus_core.attention.paged import runs_of
+from janus_core.engine.engine import Engine, EngineConfig, FailedOutput, GenerateRequest, UnderstandRequest
+from janus_core.engine.memory import kv_bytes_per_token
+from janus_core.models.loader import LoadedModel, load_model
+from janus_core.sampling.sampler import SamplingParams
+from janus_core.simple.generate import decode_images
 from tests.unit.test_engine_batching import (
     Collector,
     reference_image_tokens,
@@ -179,7 +179,7 @@ def test_requests_larger_than_the_pool_are_refused_with_the_numbers(sharp, reque
 def test_grouped_attention_over_shared_and_own_runs_equals_row_by_row():
     """Rows of a shared prefix run plus evenly spaced own runs of different lengths: one strided call per run,
     merged by log-sum-exp, equals SDPA over each row's gathered keys."""
-    from janus_core.kv_cache import DecodeBatch, PagedKV
+    from janus_core.attention.paged import DecodeBatch, PagedKV
 
     kv = PagedKV(layers=1, kv_heads=4, num_blocks=40, block_size=16, head_dim=8, dtype=torch.float32,
                  device=torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""The committed gRPC code in server/grpc_gen/ is what scripts/gen_proto.sh makes from proto/."""
+"""The committed gRPC code in server/rpc/gen/ is what scripts/gen_proto.sh makes from proto/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = ROOT / "server" / "grpc_gen"
+COMMITTED = ROOT / "server" / "rpc" / "gen"
 
 # Lines that only say which protoc / grpcio-tools made the file: a newer tool is not a stale file.
 _VERSION_STAMPS = [
@@ -38,13 +38,13 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     env = os.environ | {"PYTHON": sys.executable}
     subprocess.run(["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, env=env)
     fresh, committed = _files(tmp_path), _files(COMMITTED)
-    assert fresh.keys() == committed.keys(), "run scripts/gen_proto.sh and commit server/grpc_gen/"
+    assert fresh.keys() == committed.keys(), "run scripts/gen_proto.sh and commit server/rpc/gen/"
     stale = [name for name in fresh if _normalised(fresh[name]) != _normalised(committed[name])]
-    assert not stale, f"server/grpc_gen/ is out of date with proto/ ({stale}); run scripts/gen_proto.sh"
+    assert not stale, f"server/rpc/gen/ is out of date with proto/ ({stale}); run scripts/gen_proto.sh"
 
 
 def test_generated_code_imports_as_a_package() -> None:
-    from server.grpc_gen.janus.v1 import janus_pb2, janus_pb2_grpc
+    from server.rpc.gen.janus.v1 import janus_pb2, janus_pb2_grpc
 
     assert janus_pb2.DESCRIPTOR.package == "janus.v1"
     assert janus_pb2.DESCRIPTOR.name == "janus/v1/janus.proto"  # the name reflection clients see

@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from janus_core.kv_cache import _general_groups, _single_run_groups
-from janus_core.philox import philox4x32, uniforms
-from janus_core.sampling import RowSampling, SamplingParams, sample, stream_uniforms, top_p_filter, warp
-from janus_core.step_rows import DecodeRows, RowValues
+from janus_core.attention.paged import _general_groups, _single_run_groups
+from janus_core.sampling.philox import philox4x32, uniforms
+from janus_core.sampling.sampler import RowSampling, SamplingParams, sample, stream_uniforms, top_p_filter, warp
+from janus_core.step.rows import DecodeRows, RowValues
 
 CPU = torch.device("cpu")
 

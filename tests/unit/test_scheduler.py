@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from janus_core.block_pool import BlockPool, chain_keys
-from janus_core.kv_manager import KVManager
-from janus_core.lru import ByteLRU
-from janus_core.memory import image_blocks
-from janus_core.scheduler import Scheduler, Sequence, Status
+from janus_core.engine.memory import image_blocks
+from janus_core.sched.block_pool import BlockPool, chain_keys
+from janus_core.sched.kv_manager import KVManager
+from janus_core.sched.scheduler import Scheduler, Sequence, Status
+from janus_core.step.lru import ByteLRU
 
 EOS = 2
 BS = 4  # small blocks keep the arithmetic readable

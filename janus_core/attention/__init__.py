@@ -1,0 +1,1 @@
+"""Attention over the paged KV pool: the pool's tensors, the CPU run-based path and flex attention."""

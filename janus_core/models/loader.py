@@ -1,0 +1,334 @@
+"""Model loading: a local directory or hub id, in transformers' layout or DeepSeek's original one.
+
+`load_model` returns a `LoadedModel`: the transformers `JanusForConditionalGeneration` on its
+device and dtype, a `JanusProcessor` configured to prompt exactly as the official checkpoints do,
+and a few derived facts the runtime needs. Errors name the missing file or weight.
+
+Chat format: the checkpoint's own chat template when it has one; otherwise ours, with the roles of
+the model's family (`janus`: Janus-1.3B's and JanusFlow's `User:` / `Assistant:`; `janus-pro`: `<|User|>` /
+`<|Assistant|>`), read from the checkpoint's name (a hub id or a directory such as
+`models--deepseek-ai--Janus-1.3B`). `chat_format=` overrides both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusProcessor,
+    PretrainedConfig,
+)
+from transformers.utils import is_torchvision_available
+from transformers.utils import logging as hf_logging
+
+from janus_core.errors import ModelLoadError
+from janus_core.models import deepseek
+from janus_core.models.compat import pil_image_processor_class
+from janus_core.models.device import resolve_device, resolve_dtype
+from janus_core.models.janusflow_net import is_flow_config
+from janus_core.text.prompts import (
+    BOI_TOKEN,
+    CHAT_FORMATS,
+    EOI_TOKEN,
+    IMAGE_SPECIAL_TOKENS,
+    IMAGE_TOKEN,
+    PAD,
+    chat_template,
+    template_format,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: JanusForConditionalGeneration
+    processor: JanusProcessor
+    path: Path
+    format: str
+    device: torch.device
+    dtype: torch.dtype
+    special: dict[str, int] = field(default_factory=dict)
+    chat_format: str = "janus-pro"  # the roles prompts use: "janus-pro" or "janus" (Janus-1.3B)
+    kind: str = "vq"  # the image generator: "vq" (Janus-Pro's codes) or "flow" (JanusFlow's rectified flow)
+    image_lead: int = 0  # positions before an image's placeholders that its features cover (JanusFlow: 1)
+    flow: Any = None  # janus_core.models.janusflow.FlowParts for a flow model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.model.config.vision_config.num_image_tokens)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def max_context(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory as is; otherwise a hub id fetched (or found in the local cache) by huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path {model!r} is a file; pass the checkpoint's directory")
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"model directory {model!r} does not exist (and it is not a hub id like org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model))
+    except Exception as exc:  # offline, unknown repo, auth: all mean "cannot get it"
+        raise ModelLoadError(
+            f"model {model!r} is not a local directory and could not be fetched from the hub: {exc}"
+        ) from exc
+
+
+def detect_format(path: Path) -> str:
+    config = _read_json(path / "config.json", "the model's config")
+    if deepseek.is_deepseek_config(config):
+        return "deepseek"
+    if config.get("model_type") == "janus":
+        return "hf"
+    raise ModelLoadError(
+        f"{path / 'config.json'} has model_type {config.get('model_type')!r}; expected 'janus' "
+        "(transformers layout) or 'multi_modality' (DeepSeek's original layout)"
+    )
+
+
+def family_from_name(*names: str) -> str:
+    """The chat format a checkpoint's name implies: Janus-1.3B and JanusFlow-1.3B (whose examples use
+    `User` / `Assistant`) -> "janus"; anything else "janus-pro"."""
+    text = " ".join(names).lower().replace("_", "-")
+    return "janus" if "janus-1.3b" in text or "janusflow" in text else "janus-pro"
+
+
+def _apply_chat_format(processor: JanusProcessor, model: str, path: Path, chat_format: str | None) -> str:
+    if chat_format is not None:
+        if chat_format not in CHAT_FORMATS:
+            raise ModelLoadError(f"unknown chat format {chat_format!r}; use one of {', '.join(CHAT_FORMATS)}")
+        processor.chat_template = chat_template(chat_format)
+        return chat_format
+    family = family_from_name(model, str(path.resolve()))
+    if processor.chat_template:
+        return template_format(processor.chat_template) or family
+    processor.chat_template = chat_template(family)
+    return family
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_format: str | None = None,
+               vae: str | None = None) -> LoadedModel:
+    """`vae`: JanusFlow only (see `janus_core.models.janusflow`)."""
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(model)
+    fmt = detect_format(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    raw = _read_json(path / "config.json", "the model's config")
+    flow = None
+    if fmt == "deepseek" and is_flow_config(raw):
+        from janus_core.models.janusflow import load_janusflow
+
+        net, processor, flow = load_janusflow(path, raw, dev, dt, vae)
+        # JanusFlow's examples use Janus-1.3B's `User:` roles, whatever the directory is called
+        chat_format = chat_format or ("janus" if not processor.chat_template else None)
+    elif fmt == "hf":
+        processor = _hf_processor(path)
+        state = read_weights(path)
+        config = JanusConfig.from_pretrained(path)
+        net = _instantiate(config, state, dt, path)
+    else:
+        processor = _deepseek_processor(path)
+        state = deepseek.to_hf_state_dict(read_weights(path))
+        config = deepseek.to_janus_config(
+            _read_json(path / "config.json", "the model's config"),
+            image_token_id=processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            tie_word_embeddings="lm_head.weight" not in state,
+        )
+        net = _instantiate(config, state, dt, path)
+    _check_processor(processor, net.config, path)
+    fmt_chat = _apply_chat_format(processor, model, path, chat_format)
+    if flow is None:
+        net.generation_config = _generation_config(processor, path)
+    net.to(dev).eval()
+    kind = "vq" if flow is None else "flow"
+    log.info("loaded %s (%s layout, %s generator, %s chat format) on %s as %s", path, fmt, kind, fmt_chat, dev, dt)
+    return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat, kind=kind,
+                       image_lead=0 if flow is None else 1, flow=flow)
+
+
+def special_ids(tok) -> dict[str, int]:
+    """The ids the runtime looks up by name: bos, eos, pad, image, boi (begin of image), eoi."""
+    return {
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "pad": tok.convert_tokens_to_ids(PAD) if tok.pad_token_id is None else tok.pad_token_id,
+        "image": tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        "boi": tok.convert_tokens_to_ids(BOI_TOKEN),
+        "eoi": tok.convert_tokens_to_ids(EOI_TOKEN),
+    }
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read every weight of a checkpoint directory: safetensors or pickle `.bin`, sharded or not."""
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin"), ("model", "bin")):
+        index = path / f"{stem}.{ext}.index.json"
+        if index.exists():
+            weight_map = _read_json(index, "the weight index").get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise ModelLoadError(f"{index} names shard(s) that are missing: {missing}")
+            state: dict[str, torch.Tensor] = {}
+            for f in files:
+                state.update(_read_weight_file(path / f))
+            return state
+        single = path / f"{stem}.{ext}"
+        if single.exists():
+            return _read_weight_file(single)
+    raise ModelLoadError(f"no weights in {path}: expected model.safetensors, pytorch_model.bin or a sharded index")
+
+
+def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read weights from {file}: {exc}") from exc
+
+
+def _instantiate(config: JanusConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path):
+    expected = _expected_names(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(expected - state.keys() - tied)
+    unexpected = sorted(state.keys() - expected)
+    problems = []
+    if missing:
+        problems.append(f"missing weight(s): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weight(s): {_preview(unexpected)}")
+    if problems:
+        raise ModelLoadError(f"checkpoint {path} does not match the Janus architecture: " + "; ".join(problems))
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {path}: {exc}") from exc
+    return model
+
+
+def _expected_names(config: JanusConfig) -> set[str]:
+    with torch.device("meta"):
+        skeleton = JanusForConditionalGeneration(config)
+    return set(skeleton.state_dict().keys())
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --- processor ------------------------------------------------------------------------------------
+
+
+def _image_processor_class():
+    if is_torchvision_available():
+        from transformers import JanusImageProcessor
+
+        return JanusImageProcessor
+    return pil_image_processor_class()
+
+
+def _hf_processor(path: Path) -> JanusProcessor:
+    try:
+        processor = JanusProcessor.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the processor/tokenizer from {path}: {exc}") from exc
+    return processor
+
+
+def _deepseek_processor(path: Path) -> JanusProcessor:
+    """Build transformers' processor from the original `VLChatProcessor` files."""
+    pre = _read_json(path / "preprocessor_config.json", "the image preprocessor config")
+    proc = _read_json(path / "processor_config.json", "the processor config")
+    size = int(pre.get("image_size", 384))
+    kwargs: dict[str, Any] = {"size": {"height": size, "width": size}}
+    for key in ("image_mean", "image_std", "min_size", "rescale_factor", "do_normalize"):
+        if key in pre:
+            kwargs[key] = pre[key]
+    try:
+        # An empty config: transformers would read config.json, whose `multi_modality` it warns about
+        tokenizer = AutoTokenizer.from_pretrained(path, config=PretrainedConfig(),
+                                                  extra_special_tokens=IMAGE_SPECIAL_TOKENS)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
+    return JanusProcessor(
+        image_processor=_image_processor_class()(**kwargs),
+        tokenizer=tokenizer,
+        use_default_system_prompt=True,
+        num_image_tokens=int(proc.get("num_image_tokens", 576)),
+    )
+
+
+def _check_processor(processor: JanusProcessor, config: JanusConfig, path: Path) -> None:
+    tok = processor.tokenizer
+    for token in (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN):
+        if tok.convert_tokens_to_ids(token) in (None, tok.unk_token_id):
+            raise ModelLoadError(f"the tokenizer in {path} lacks the special token {token}")
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
+        raise ModelLoadError(
+            f"config image_token_id {config.image_token_id} differs from the tokenizer's id for {IMAGE_TOKEN}"
+        )
+    if processor.num_image_tokens != config.vision_config.num_image_tokens:
+        raise ModelLoadError(
+            f"processor expands images to {processor.num_image_tokens} tokens but the vision model makes "
+            f"{config.vision_config.num_image_tokens}"
+        )
+
+
+def _generation_config(processor: JanusProcessor, path: Path) -> GenerationConfig:
+    """Make sure transformers' image mode has the ids it needs (pad and begin-of-image)."""
+    gen = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else GenerationConfig()
+    tok = processor.tokenizer
+    gen.bos_token_id = tok.bos_token_id
+    gen.eos_token_id = tok.eos_token_id
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tok.convert_tokens_to_ids(PAD)
+    extra = dict(getattr(gen, "generation_kwargs", None) or {})
+    extra.setdefault("boi_token_id", tok.convert_tokens_to_ids(BOI_TOKEN))
+    gen.generation_kwargs = extra
+    if gen.guidance_scale is None:
+        gen.guidance_scale = 5.0
+    return gen
+
+
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    if not file.exists():
+        raise ModelLoadError(f"{what} is missing: {file} does not exist")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{file} ({what}) is not valid JSON: {exc}") from exc

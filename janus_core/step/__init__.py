@@ -1,0 +1,3 @@
+"""The tensor side of a step: the model runner, the step's input rows, the three batch kinds, pixel decoding, the
+static step.
+"""

@@ -1,0 +1,314 @@
+"""Batched rectified-flow generation (JanusFlow): many requests' ODE steps in one forward pass.
+
+A request holds two rows of paged KV, computed once at admission and kept for all its images and
+steps: the conditional prompt (the chat-formatted prompt without its final begin-of-image token) and
+the unconditional one. DeepSeek's unconditional row is BOS followed by pad tokens that its attention
+mask hides, so only BOS is visible: we store just BOS, which is the same attention.
+
+Every ODE step of every running image feeds 1 + g*g tokens to the LM, for its cond and its uncond
+row: the time embedding, then the latent's patch tokens, at the positions right after the
+conditional prompt (both rows: DeepSeek passes no position ids, so the hidden pads keep their
+positions). Those tokens' keys and values are the step's own activations, attended beside the
+row's prompt KV from the pool and never written to it (each step recomputes them). The last g*g
+hidden states become the velocity; CFG `v = w * v_cond - (w - 1) * v_uncond`; `z += v / N` with each
+request's own N and w, so requests at different steps, with different step counts and weights,
+share a step, and new ones join between steps. Image i starts from noise drawn by its own generator
+(seed + i), so batching never changes an image. Latents are kept in fp32 (the network runs in the
+model's dtype); t = i / N * 1000 is cast to the model's dtype as DeepSeek's demo does (in bf16 that
+rounds it, e.g. 966.7 -> 968). Finished requests are VAE-decoded together; on CUDA on a thread and
+stream of their own (`PixelDecoder`), so the next ODE step of the others does not wait for the VAE.
+On CPU the VAE runs on the engine thread: a second thread running torch ops keeps a second OpenMP
+pool, which slows every engine step (see `server.runtime.run_on_fresh_thread`).
+
+This module knows the flow prompt format, the ODE and latents; the scheduler decides who runs and
+which blocks each row holds, the runner's LM layers do the attention over the pool.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from janus_core.attention.paged import PagedKV, PrefillBatch, slots_of
+from janus_core.errors import InvalidRequestError
+from janus_core.models.janusflow import DEFAULT_CFG_WEIGHT, DEFAULT_STEPS, MAX_STEPS, FlowParts
+from janus_core.models.loader import LoadedModel
+from janus_core.sampling.sampler import make_generator, new_seed
+from janus_core.sched.scheduler import Sequence
+from janus_core.simple.generate import check_generation, image_seeds, prompt_ids
+from janus_core.step.runner import ModelRunner
+
+VAE_CHUNK = 8  # images per VAE call: the SDXL decoder's activations at 384 px are ~100 MB per image
+
+
+@dataclass(eq=False)
+class FlowState:
+    prefix: list[int]  # the conditional prompt's ids (without the final begin-of-image)
+    n: int
+    cfg_weight: float
+    num_steps: int
+    seed: int
+    z: torch.Tensor  # (n, C, L, L) float32 latents on the model's device
+    steps: int = 0  # ODE steps taken
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """What `GenerateResult.tokens` holds for a flow model: the final latents (n, C, L, L), on CPU."""
+        return self.z.cpu()
+
+
+def check_flow_request(n: int, cfg_weight: float, steps: int, explicit: frozenset[str]) -> None:
+    check_generation(n, cfg_weight)
+    if not (1 <= steps <= MAX_STEPS):
+        raise InvalidRequestError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    meaningless = sorted(explicit & {"temperature", "top_p"})
+    if meaningless:
+        verb = "means" if len(meaningless) == 1 else "mean"
+        raise InvalidRequestError(f"{' and '.join(meaningless)} {verb} nothing for a rectified-flow model "
+                                  "(JanusFlow samples no tokens; seed picks the starting noise): leave it out")
+
+
+class StepAttention:
+    """Attention of a step's tokens (B rows x T) over each row's prompt KV in the pool and, causally,
+    over themselves; driven by `janus_core.attention.paged.paged_attention` through `janus_kv=`."""
+
+    def __init__(self, kv: PagedKV, prefixes: list[list[int]], steps: int) -> None:
+        self.kv = kv
+        longest = max(len(p) for p in prefixes)
+        device = kv.device
+        self.slots = torch.tensor([p + [0] * (longest - len(p)) for p in prefixes], device=device)  # (B, P)
+        valid = torch.tensor([[True] * len(p) + [False] * (longest - len(p)) for p in prefixes], device=device)
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=device).tril()
+        self.mask = torch.cat([valid[:, None, :].expand(-1, steps, -1), causal.expand(len(prefixes), -1, -1)],
+                              dim=-1)[:, None]  # (B, 1, T, P + T)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        # q, k, v: (B, H, T, D) -> (B, H, T, D)
+        pk = self.kv.k[layer][:, self.slots].transpose(0, 1)  # (B, H, P, D)
+        pv = self.kv.v[layer][:, self.slots].transpose(0, 1)
+        keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale)
+
+
+def run_layers(core, embeds: torch.Tensor, positions: torch.Tensor, batch: StepAttention) -> torch.Tensor:
+    """transformers' Llama layers over `embeds` (B, T, D) at `positions` (B, T), attending with `batch`."""
+    cos_sin = core.rotary_emb(embeds, position_ids=positions)
+    hidden = embeds
+    for layer in core.layers:
+        hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, janus_kv=batch)
+    return core.norm(hidden)  # (B, T, D)
+
+
+class FlowBatch:
+    def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, *, max_images: int,
+                 max_prompt_tokens: int) -> None:
+        self.lm, self.runner, self.kv = lm, runner, kv
+        self.parts: FlowParts = lm.flow
+        self.max_images, self.max_prompt_tokens = max_images, max_prompt_tokens
+        self.net = lm.model.model  # JanusFlowModel
+
+    # --- admission ----------------------------------------------------------------------------------
+    def prepare(self, request_id: str, prompt: str, n: int, cfg_weight: float | None, steps: int | None,
+                seed: int | None, explicit: frozenset[str] = frozenset()) -> Sequence:
+        """Validate and tokenize a request (raises `InvalidRequestError`), draw its noise; it waits for blocks."""
+        weight = DEFAULT_CFG_WEIGHT if cfg_weight is None else cfg_weight
+        num_steps = DEFAULT_STEPS if steps is None else steps
+        check_flow_request(n, weight, num_steps, explicit)
+        ids = prompt_ids(self.lm, prompt, n, max_images=self.max_images, max_prompt_tokens=self.max_prompt_tokens)
+        grid = self.parts.grid
+        if len(ids) + grid * grid > self.lm.max_context:
+            raise InvalidRequestError(f"prompt is {len(ids)} tokens; with {grid * grid + 1} step tokens it exceeds "
+                                      f"the context length of {self.lm.max_context}")
+        seed = seed if seed is not None else new_seed()
+        state = FlowState(ids[:-1], n, weight, num_steps, seed, self.noise(seed, n))
+        return Sequence(request_id, "generate", prompt_tokens=len(state.prefix), max_tokens=num_steps, width=n,
+                        data=state, flow=True)
+
+    def noise(self, seed: int, n: int) -> torch.Tensor:
+        """The starting latents of a request's n images: image i from its own generator (seed + i)."""
+        p, device = self.parts, self.lm.device
+        shape = (p.latent_channels, p.latent_size, p.latent_size)
+        return torch.stack([torch.randn(shape, generator=make_generator(s, device), device=device)
+                            for s in image_seeds(seed, n)])  # (n, C, L, L) float32
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> None:
+        """Write the request's prompt KV: the conditional prompt and the unconditional BOS (no ODE step yet)."""
+        state: FlowState = seq.data
+        for table, ids in ((seq.tables[0], state.prefix), (seq.tables[1], state.prefix[:1])):
+            batch = PrefillBatch.for_rows(self.kv, [table], 0, len(ids))
+            self.runner.prefill(batch, self.runner.embed_text(torch.tensor([ids])), 0)
+
+    # --- one ODE step for every running request -----------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> list[list[int]]:
+        """One Euler step for every image of `seqs`; returns, per request, the number of steps taken so far."""
+        states: list[FlowState] = [s.data for s in seqs]
+        images = [s for s in states for _ in range(s.n)]  # the request of each image, in row order
+        device = self.lm.device
+        z = torch.cat([s.z for s in states])  # (I, C, L, L) fp32
+        # 1. The step's inputs: t_emb and the latent's patch tokens, once per image, fed to its cond and uncond rows.
+        t = torch.tensor([s.steps / s.num_steps * 1000.0 for s in images], device=device).to(self.lm.dtype)  # (I,)
+        feats, t_emb, skip = self.net.vision_gen_enc_model(z.to(self.lm.dtype), t)  # (I, W, g, g), (I, D), skip
+        tokens = self.net.vision_gen_enc_aligner(feats.flatten(2).transpose(1, 2))  # (I, g*g, D)
+        rows = torch.cat([t_emb[:, None], tokens], dim=1).repeat_interleave(2, dim=0)  # (2I, T, D): c0 u0 c1 u1 ...
+        # 2. The LM over them, attending to each row's prompt KV in the pool.
+        hidden = self._run_lm(seqs, rows)  # (2I, T, D)
+        # 3. The velocity of every row, and CFG per image with its request's weight.
+        v = self._velocity(hidden, skip.repeat_interleave(2, dim=0), t_emb.repeat_interleave(2, dim=0))
+        w = torch.tensor([s.cfg_weight for s in images], device=device)[:, None, None, None]
+        dt = torch.tensor([1.0 / s.num_steps for s in images], device=device)[:, None, None, None]
+        z = z + dt * (w * v[0::2] - (w - 1.0) * v[1::2])
+        # 4. Euler: each request keeps its images' new latents.
+        out, at = [], 0
+        for s in states:
+            s.z, at = z[at:at + s.n], at + s.n
+            s.steps += 1
+            out.append([s.steps])
+        return out
+
+    def launch(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The engine's decode entry point: one ODE step (`decode`); per image, its request's steps so far
+        (I,) on the device, as the VQ batch returns its images' codes."""
+        counts = [request[0] for request in self.decode(seqs)]
+        return torch.tensor([c for seq, c in zip(seqs, counts, strict=True) for _ in range(seq.data.n)],
+                            device=self.lm.device)
+
+    @staticmethod
+    def record(seqs: list[Sequence], codes: list[int]) -> list[list[int]]:
+        """Per request, the first of its images' entries (the latents were advanced by `launch`)."""
+        out, at = [], 0
+        for seq in seqs:
+            out.append(codes[at:at + seq.data.n])
+            at += seq.data.n
+        return out
+
+    def reset_rows(self) -> None:
+        """No per-row device state to rebuild: every flow step reads its requests' latents afresh."""
+
+    def _run_lm(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor:
+        """Rows (2I, T, D) at the positions after each request's conditional prompt (uncond rows too)."""
+        bs, length, prefixes, starts = self.kv.block_size, rows.shape[1], [], []
+        for seq in seqs:
+            state: FlowState = seq.data
+            cond, uncond = slots_of(seq.tables[0], bs, 0, len(state.prefix)), slots_of(seq.tables[1], bs, 0, 1)
+            prefixes += [cond, uncond] * state.n
+            starts += [len(state.prefix)] * (2 * state.n)
+        device = rows.device
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)  # (2I, T)
+        return run_layers(self.runner.core, rows, positions, StepAttention(self.kv, prefixes, length))
+
+    def _velocity(self, hidden: torch.Tensor, skip: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """The last g*g hidden states of each row -> its velocity (2I, C, L, L), in fp32."""
+        grid = self.parts.grid
+        h = self.net.vision_gen_dec_aligner(self.net.vision_gen_dec_aligner_norm(hidden[:, -grid * grid:]))
+        h = h.reshape(h.shape[0], grid, grid, h.shape[-1]).permute(0, 3, 1, 2)  # (2I, W, g, g)
+        return self.net.vision_gen_dec_model(h, skip, t_emb).float()
+
+    # --- pixels -------------------------------------------------------------------------------------
+    def decode_later(self, seqs: list[Sequence], decoder: PixelDecoder) -> None:
+        """Hand the finished requests' latents to `decoder` (off the model loop)."""
+        decoder.submit(seqs, torch.cat([seq.data.z for seq in seqs]))
+
+    @torch.inference_mode()
+    def decode_pixels(self, seqs: list[Sequence]) -> list[np.ndarray]:
+        """VAE-decode the finished requests together; one (n, H, W, 3) uint8 array per request."""
+        if not seqs:
+            return []
+        pixels = decode_latents(self.parts, torch.cat([seq.data.z for seq in seqs]))
+        return list(np.split(pixels, np.cumsum([seq.data.n for seq in seqs])[:-1]))
+
+
+class PixelDecoder:
+    """VAE decodes on one thread (and, on CUDA, one stream) of their own; results are collected in order by
+    the engine thread, which answers the requests. `wake` is called (from the decoder's thread) as each
+    batch is done."""
+
+    def __init__(self, parts: FlowParts, wake: Callable[[], None]) -> None:
+        self.parts, self.wake = parts, wake
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="janus-vae")
+        self._jobs: deque[tuple[list[Sequence], Future]] = deque()
+        device = parts.vae.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._jobs)
+
+    @property
+    def ready(self) -> bool:
+        """The oldest batch is decoded (the engine answers in submission order)."""
+        return bool(self._jobs) and self._jobs[0][1].done()
+
+    def submit(self, seqs: list[Sequence], z: torch.Tensor) -> None:
+        ready = None
+        if self._stream is not None:  # the VAE's stream starts once the model's stream has written z
+            ready = torch.cuda.Event()
+            ready.record()
+            z.record_stream(self._stream)
+        future = self._pool.submit(self._decode, z, ready)
+        future.add_done_callback(lambda _: self.wake())
+        self._jobs.append((seqs, future))
+
+    @torch.inference_mode()
+    def _decode(self, z: torch.Tensor, ready) -> np.ndarray:
+        if self._stream is None:
+            return decode_latents(self.parts, z)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            return decode_latents(self.parts, z)  # .cpu() inside synchronises this stream only
+
+    def done(self, wait: bool = False) -> list[tuple[list[Sequence], list[np.ndarray] | BaseException]]:
+        """The finished batches in submission order: each request's (n, H, W, 3) pixels, or the decode's error.
+        `wait`: block for the oldest one if none is finished yet."""
+        out = []
+        if wait and self._jobs:
+            self._jobs[0][1].exception()  # waits
+        while self._jobs and self._jobs[0][1].done():
+            seqs, future = self._jobs.popleft()
+            error = future.exception()
+            if error is not None:
+                out.append((seqs, error))
+            else:
+                pixels = future.result()
+                out.append((seqs, list(np.split(pixels, np.cumsum([seq.data.n for seq in seqs])[:-1]))))
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def decode_latents(parts: FlowParts, z: torch.Tensor) -> np.ndarray:
+    """Latents (B, C, L, L) -> uint8 pixels (B, H, W, 3), mapped from [-1, 1] as DeepSeek's demo does."""
+    out = []
+    for chunk in z.split(VAE_CHUNK):
+        x = chunk / parts.scaling_factor + (parts.shift_factor or 0.0)
+        decoded = parts.vae.decode(x.to(parts.vae_dtype)).sample  # (b, 3, H, W)
+        out.append(decoded.float().clamp(-1.0, 1.0).permute(0, 2, 3, 1).cpu().numpy())
+    images = np.concatenate(out)
+    return ((images + 1.0) / 2.0 * 255.0).astype(np.uint8)
+
+
+@torch.inference_mode()
+def flow_profile_peak(lm: LoadedModel, runner: ModelRunner, prefill_tokens: int, rows: int) -> int:
+    """Bytes above the weights that a prompt prefill, a step of `rows` rows and a VAE call take (CUDA)."""
+    device, parts = lm.device, lm.flow
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    hidden = lm.model.config.text_config.hidden_size
+    step = parts.grid * parts.grid + 1
+    for batch, length in ((1, prefill_tokens), (rows, step + 64)):  # a step: its tokens over a 64-token prompt
+        runner.core(inputs_embeds=torch.zeros((batch, length, hidden), dtype=lm.dtype, device=device), use_cache=False)
+    z = torch.zeros((min(VAE_CHUNK, rows), parts.latent_channels, parts.latent_size, parts.latent_size), device=device)
+    decode_latents(parts, z)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return int(peak)

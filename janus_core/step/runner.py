@@ -1,0 +1,152 @@
+"""The model runner: batched tensor work on the Janus LM over the paged KV cache, nothing else.
+
+It embeds tokens (text or image codes), runs the Llama layers of transformers' model with our
+attention function (`janus_core.attention.paged`: keys and values written into and read from the block
+pool in place) selected for the LM, and applies the text or image head. Rows of different lengths
+share a decode step: each row has its own position and its own blocks, so nothing is padded; with
+`compile`, decode steps over flex attention run as one compiled static function per power-of-two
+bucket of rows (`janus_core.step.static`), padded to the bucket.
+On CPU in fp32 the runner swaps the model's linear layers for oneDNN-packed ones
+(`janus_core.step.packed_linear`), in place, unless told not to.
+
+The runner knows tensors, slots and positions; not requests, prompts, text or scheduling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from janus_core.attention.paged import ATTENTION, DecodeBatch, PagedKV, PrefillBatch, bucket
+from janus_core.models.compat import unwrap_hub_kernels
+from janus_core.models.loader import LoadedModel
+from janus_core.step.packed_linear import pack_linears, packing_supported
+from janus_core.step.static import StaticDecode, tables_to_tensors
+
+log = logging.getLogger(__name__)
+
+# Compiled graphs one code object may hold: both heads' static steps are `StaticDecode.step`, compiled once
+# per (head, bucket) and engine; 16 rows at most give 5 text and 6 image buckets, beyond dynamo's default 8.
+STATIC_GRAPHS = 64
+
+
+def _room_for_graphs(graphs: int) -> None:
+    """Raise dynamo's per-code-object compile limit to `graphs` (never lower it): past the limit a
+    fullgraph step fails instead of compiling its next bucket."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    if getattr(config, name) < graphs:
+        setattr(config, name, graphs)
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, *, compile: bool = False, pack_cpu_linears: bool = True,
+                 compile_backend: str = "inductor") -> None:
+        self.lm = lm
+        self.compile, self.compile_backend = compile, compile_backend
+        self._static: dict[str, object] = {}  # head -> the compiled static decode step
+        self.scratch_slot: int | None = None  # set by the owner of the pool when compiling: padding rows write there
+        if pack_cpu_linears and packing_supported(lm.device, lm.dtype):
+            log.info("packed %d linear layers for oneDNN", pack_linears(lm.model))
+        self.model = lm.model
+        unwrap_hub_kernels(lm.model)  # no hub kernels here; their wrappers would make compiled steps recompile
+        self.core = lm.model.model.language_model  # transformers' LlamaModel
+        text = self.core.config  # the LM's own config: its layers read the attention function from it
+        if text.num_attention_heads != text.num_key_value_heads:
+            raise ValueError("the paged KV cache needs as many KV heads as attention heads "
+                             f"({text.num_key_value_heads} vs {text.num_attention_heads})")
+        text._attn_implementation = ATTENTION  # plain SDPA unless a call brings its paged batch
+
+    # --- cache ------------------------------------------------------------------------------------
+    def new_kv(self, num_blocks: int, block_size: int) -> PagedKV:
+        cfg = self.model.config.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return PagedKV(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, num_blocks=num_blocks,
+                       block_size=block_size, head_dim=head_dim, dtype=self.lm.dtype, device=self.lm.device)
+
+    # --- embeddings and heads ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.lm.device))  # (B, T) -> (B, T, D)
+
+    @torch.inference_mode()
+    def embed_image_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.prepare_embeddings_for_image_generation(ids.to(self.lm.device))  # (B, T, D)
+
+    @torch.inference_mode()
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()  # (B, D) -> (B, V_text)
+
+    @torch.inference_mode()
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.generation_head(hidden).float()  # (B, D) -> (B, V_image)
+
+    @torch.inference_mode()
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Aligned SigLIP features: (N_img, 3, H, W) -> (N_img, num_image_tokens, D)."""
+        return self.model.model.get_image_features(pixels.to(self.lm.device, self.lm.dtype)).pooler_output
+
+    # --- forward passes ---------------------------------------------------------------------------
+    def _layers(self, embeds: torch.Tensor, positions: torch.Tensor, batch: PrefillBatch | DecodeBatch):
+        # embeds (B, T, D); positions (B, T)
+        cos_sin = self.core.rotary_emb(embeds, position_ids=positions)
+        hidden = embeds
+        for layer in self.core.layers:
+            hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, janus_kv=batch)
+        return self.core.norm(hidden)  # (B, T, D)
+
+    @torch.inference_mode()
+    def prefill(self, batch: PrefillBatch, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run `embeds` (B, T, D) at positions [start, start + T) of `batch`'s rows; return the last hidden (B, D)."""
+        rows, length = embeds.shape[:2]
+        positions = torch.arange(start, start + length, device=embeds.device).expand(rows, length)
+        return self._layers(embeds, positions, batch)[:, -1, :]
+
+    @torch.inference_mode()
+    def decode(self, batch: DecodeBatch, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step: row b feeds `embeds[b]` (1, D) at `positions[b]`; returns hidden (B, D)."""
+        return self._layers(embeds, positions.to(embeds.device)[:, None], batch)[:, -1, :]
+
+    @torch.inference_mode()
+    def decode_logits(self, kv: PagedKV, head: str, tables: Sequence[Sequence[int]], positions: list[int],
+                      ids: torch.Tensor, position_t: torch.Tensor) -> torch.Tensor:
+        """One decode step to the `head` ("text" or "image") logits (R, V): row r feeds `ids[r]` at
+        `positions[r]` (the same on the device: `position_t`) with block table `tables[r]`.
+
+        With `compile` and flex attention: the static step (`janus_core.step.static`), compiled once per
+        power-of-two bucket of rows and padded to it; otherwise the eager paged step.
+        """
+        if not self.compile or kv.attention != "flex" or self.scratch_slot is None:
+            embed = self.embed_text if head == "text" else self.embed_image_tokens
+            hidden = self.decode(DecodeBatch.for_rows(kv, tables, positions), embed(ids[:, None]), position_t)
+            return self.text_logits(hidden) if head == "text" else self.image_logits(hidden)
+        step = self._static.get(head)
+        if step is None:
+            _room_for_graphs(STATIC_GRAPHS)
+            step = self._static[head] = torch.compile(StaticDecode(self, kv, head).step, fullgraph=True,
+                                                      dynamic=False, backend=self.compile_backend)
+        rows = len(tables)
+        padded = bucket(rows)
+        args = tables_to_tensors(kv, tables, positions, padded, self.scratch_slot)
+        return step(torch.cat([ids, ids.new_zeros(padded - rows)]), **args)[:rows]
+
+    @torch.inference_mode()
+    def profile_peak(self, tokens: int, rows: int) -> int:
+        """Bytes above the weights that a `tokens`-long prefill and a `rows`-row step's logits take (CUDA)."""
+        device = self.lm.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        embeds = torch.zeros((1, tokens, self.model.config.text_config.hidden_size), dtype=self.lm.dtype,
+                             device=device)
+        hidden = self.core(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
+        self.text_logits(hidden.expand(rows, -1))
+        self.image_logits(hidden.expand(rows, -1))
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del embeds, hidden
+        torch.cuda.empty_cache()
+        return int(peak)
+

@@ -1,0 +1,1 @@
+"""Text: chat prompts, conversations, the input processor, incremental detokenization and stop strings."""
