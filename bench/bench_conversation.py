@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from bench.models import cached_model
-from janus_core.engine.engine import Engine, EngineConfig, FinishedOutput, TokenOutput, UnderstandRequest
+from janus_core import Engine, EngineConfig, FinishedOutput, TokenOutput, UnderstandRequest
 from janus_core.models.loader import load_model
-from janus_core.sampling.sampler import SamplingParams
+from janus_core.sampling.params import SamplingParams
 from janus_core.text.conversation import Message
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -40,7 +40,7 @@ from bench.references import (
     percentile,
     serial_latencies,
 )
-from janus_core.engine.engine import (
+from janus_core import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -50,7 +50,7 @@ from janus_core.engine.engine import (
     UnderstandRequest,
 )
 from janus_core.models.loader import LoadedModel, load_model
-from janus_core.sampling.sampler import SamplingParams
+from janus_core.sampling.params import SamplingParams
 
 
 @dataclass
@@ -157,8 +157,7 @@ def bench_understanding(lm: LoadedModel, ref: LoadedModel, engine: Engine, level
     for c in levels:
         # Fresh images per level: no vision or prefix cache hits inflate the figure.
         reqs = [UnderstandRequest(f"u{c}-{i}", prompt, [pics[i]], max_new_tokens=max_new_tokens) for i in range(c)]
-        engine.understanding.vision.clear()
-        engine.understanding.prefixes.clear()
+        engine.clear_caches()
         cpu_started = time.process_time()
         clock = run_engine(engine, reqs)
         cpu_rate = sum(clock.tokens.values()) / (time.process_time() - cpu_started)

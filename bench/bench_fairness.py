@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 
 from bench.bench_redis_load import start_serve
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import free_port
+from tests.support.images import b64, png_bytes
+from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("flood-one", "flood-two", "probe")
@@ -100,7 +100,7 @@ def measure(tree: Path, model: Path, args: argparse.Namespace, log_dir: Path) ->
     redis_server = None
     queue = "memory"
     if args.queue == "redis":  # a private redis-server (nothing on disk) per side
-        from tests.integration.redis_fixture import RedisServer
+        from tests.support.redis_fixture import RedisServer
 
         redis_server = RedisServer(free_port(), Path(tempfile.mkdtemp(dir=log_dir)))
         redis_server.start()

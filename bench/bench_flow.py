@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/bench_flow.py                          # mid shape, CPU, 8 concurrent requests
     PYTHONPATH=. python bench/bench_flow.py --shape tiny --steps 3   # a smoke run in seconds
 
-The reference is the tests' oracle (`tests.flow_reference`, written from `demo/app_janusflow.py`): per
+The reference is the tests' oracle (`tests.support.flow_reference`, written from `demo/app_janusflow.py`): per
 request, 2 rows (cond, uncond), a full forward pass of the LM over prompt + 577 step tokens at every
 Euler step, then the VAE; it runs on its own copy of the weights (the engine packs its model's linear
 layers in place on CPU). The engine gets `--concurrency` requests at once (different prompts and seeds,
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from janus_core.engine.engine import Engine, EngineConfig, FailedOutput, FinishedOutput, GenerateRequest
+from janus_core import Engine, EngineConfig, FailedOutput, FinishedOutput, GenerateRequest
 from janus_core.models.loader import LoadedModel, load_model
-from janus_core.sampling.sampler import SamplingParams, make_generator
-from janus_core.simple.generate import image_seeds
+from janus_core.sampling.params import SamplingParams, image_seeds
+from janus_core.sampling.sampler import make_generator
 from janus_core.text.processor import build_generation_ids
 from janus_core.tiny.flow import FlowShape, write_tiny_flow_model
-from tests.flow_reference import reference_latents, reference_pixels  # the tests' oracle, unchanged
+from tests.support.flow_reference import reference_latents, reference_pixels  # the tests' oracle, unchanged
 
 # The Janus-Pro `mid` shape's LM (bench/models.py) with the real image geometry: 384 px, 48x48x4 latents,
 # 576 latent tokens; a narrower ShallowUViT (256 channels, the real one 768) and VAE (64 channels per block).

@@ -39,9 +39,9 @@ def measure(shape: str, levels: list[int], steps: int, repeats: int) -> dict[str
     import torch
 
     from bench.models import cached_model
-    from janus_core.engine.engine import Engine, EngineConfig, FailedOutput, GenerateRequest, UnderstandRequest
+    from janus_core import Engine, EngineConfig, FailedOutput, GenerateRequest, UnderstandRequest
     from janus_core.models.loader import load_model
-    from janus_core.sampling.sampler import SamplingParams
+    from janus_core.sampling.params import SamplingParams
 
     torch.manual_seed(0)
     lm = load_model(str(cached_model(shape)), device="cpu", dtype="float32")

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from bench.models import SHAPES, cached_model, shape_config
+from janus_core import Engine, EngineConfig, UnderstandRequest
 from janus_core.engine import memory
-from janus_core.engine.engine import Engine, EngineConfig, UnderstandRequest
 from janus_core.models.loader import load_model
 from janus_core.sched.block_pool import BLOCK_SIZE
 from janus_core.text.processor import build_understanding_inputs

@@ -29,8 +29,8 @@ import redis.asyncio
 
 from bench.bench_rest import process_cpu_seconds
 from bench.load import KINDS, Options, drive, fmt, summarise
-from tests.integration.redis_fixture import RedisServer
-from tests.integration.servers import ServerProcess, free_port, wait_until_ready
+from tests.support.redis_fixture import RedisServer
+from tests.support.servers import ServerProcess, free_port, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 

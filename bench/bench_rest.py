@@ -3,6 +3,11 @@
     PYTHONPATH=. python bench/bench_rest.py --shape mid                  # the issue's figures, ~10 min on 2 cores
     PYTHONPATH=. python bench/bench_rest.py --shape tiny --quick         # a smoke run in well under a minute
     PYTHONPATH=. python bench/bench_rest.py --shape mid --concurrency 1,4,8,16
+    PYTHONPATH=. python bench/bench_rest.py --shape mid --before /tmp/before   # also a server from another tree
+
+With `--before DIR` (a worktree of an earlier commit: `git worktree add /tmp/before HEAD~1`), the same
+measurements run against a server started from DIR's code too, one server at a time (before, then this
+tree), and the summary prints this tree's figures over DIR's.
 
 1. Reference (this process, before the server starts, so the two never share the CPU):
    transformers' `generate(generation_mode="image")` and greedy text `generate`, one request at a
@@ -49,7 +54,7 @@ from PIL import Image
 from bench.models import cached_model
 from bench.references import PROMPTS, hf_generate_image, hf_understand, percentile
 from janus_core.models.loader import LoadedModel, load_model
-from tests.integration.servers import ServerProcess, free_port, wait_until_ready
+from tests.support.servers import ServerProcess, free_port, wait_until_ready
 
 DESCRIBE = "Describe this image in detail."
 FOLLOW_UP = "What color is the car in the picture?"
@@ -118,8 +123,10 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
 # --- the server -------------------------------------------------------------------------------------
 
 
-def start_server(model_dir: Path, max_batch: int, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
-    """`janus-server serve` on a free loopback port, gRPC off, batching up to `max_batch` requests."""
+def start_server(model_dir: Path, max_batch: int, args: argparse.Namespace, log_dir: Path,
+                 tree: Path | None = None) -> ServerProcess:
+    """`janus-server serve` on a free loopback port, gRPC off, batching up to `max_batch` requests; the code
+    of `tree` when given (another checkout), else this one's."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--grpc-port", "0", "--device", args.device, "--dtype", args.dtype,
@@ -129,9 +136,11 @@ def start_server(model_dir: Path, max_batch: int, args: argparse.Namespace, log_
     # Metrics from engine stats are refreshed every heartbeat; 0.5 s keeps the batch figure current.
     env = {**os.environ, "JANUS_HEARTBEAT_INTERVAL": "0.5", "JANUS_MAX_QUEUE_DEPTH": str(4 * max_batch),
            "HF_HUB_OFFLINE": "1"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)
     server = ServerProcess(proc=proc, log_path=log_path, port=port, grpc_port=0, env=env)
     wait_until_ready(server, timeout=300.0)
     return server
@@ -279,21 +288,22 @@ async def bench_second_question(client: Client, ref: Reference, pics: Pictures, 
 
 
 async def bench_server(server: ServerProcess, ref: Reference, pics: Pictures, args: argparse.Namespace,
-                       levels: list[int], kinds: set[str]) -> list[str]:
+                       levels: list[int], kinds: set[str]) -> dict[str, float]:
+    """Every figure, named as the summary prints it (ratios over transformers)."""
     client = Client(server, args.timeout)
-    summary = []
+    summary: dict[str, float] = {}
     try:
         # Warm-up: the first forward passes of a fresh process pay one-off allocation costs.
         await client.round("understand", [{"prompt": "hi", "images": [b64_png(pics.next())], "max_new_tokens": 2}])
         if "gen" in kinds:
             r = await bench_generation(client, ref, levels)
-            summary += [f"generation images/s vs transformers at c={c}: {x:.2f}x" for c, x in r.items()]
+            summary |= {f"generation images/s vs transformers at c={c}": x for c, x in r.items()}
         if "und" in kinds:
             r = await bench_understanding(client, ref, pics, levels, args.max_new_tokens)
-            summary += [f"understanding tokens/s vs transformers at c={c}: {x:.2f}x" for c, x in r.items()]
+            summary |= {f"understanding tokens/s vs transformers at c={c}": x for c, x in r.items()}
         if "prefix" in kinds:
             x = await bench_second_question(client, ref, pics, args.prefix_trials)
-            summary.append(f"second-question TTFT, first/second: {x:.2f}x")
+            summary["second-question TTFT, first/second"] = x
     finally:
         await client.close()
     return summary
@@ -313,6 +323,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per HTTP request")
     parser.add_argument("--compile", action="store_true", help="pass --compile to the server (CUDA)")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,4; 16 new tokens; 1 reference")
+    parser.add_argument("--before", type=Path, help="another checkout: measure a server from its code too")
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.max_new_tokens, args.ref_requests = "1,4", 16, 1
@@ -326,18 +337,27 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     ref = measure_reference(lm, pics, kinds, args.ref_requests, args.max_new_tokens)
     del lm  # the server loads its own copy
+    trees = ([("before", args.before)] if args.before else []) + [("this tree", None)]
+    figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="janus-bench-rest-") as logs:
-        server = start_server(path, max(levels), args, Path(logs))
-        try:
-            summary = asyncio.run(bench_server(server, ref, pics, args, levels, kinds))
-        except Exception:
-            print(server.log()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            server.stop()
+        for name, tree in trees:
+            if args.before:
+                print(f"\n# server from {name}{f' ({tree})' if tree else ''}")
+            server = start_server(path, max(levels), args, Path(logs), tree)
+            try:
+                figures[name] = asyncio.run(bench_server(server, ref, pics, args, levels, kinds))
+            except Exception:
+                print(server.log()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                server.stop()
     print(f"\n## summary (load average now {os.getloadavg()[0]:.1f}; targets at mid-size, CPU, c=8: "
           f"generation >= 4x, understanding >= 3x, second-question TTFT >= 3x)")
-    print("\n".join(summary))
+    for key, x in figures["this tree"].items():
+        line = f"{key}: {x:.2f}x"
+        if args.before:
+            line += f"  (before {figures['before'][key]:.2f}x; this tree / before {x / figures['before'][key]:.3f})"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Decoding untrusted image bytes safely: size checked from the header before pixels are decoded.
+"""Images in and out: untrusted bytes decoded safely (size checked from the header before pixels are
+decoded), and generated pixels encoded as PNG, JPEG or WebP.
 
 Images are read as a viewer shows them: the EXIF orientation is applied (a phone photo taken
 upright reads upright) and 16-bit greyscale is scaled to 8 bits (Pillow's RGB conversion would
@@ -79,3 +80,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 STRIP_ROWS = 256
+
+
+# --- out -----------------------------------------------------------------------------------------
+def encode_png(pixels: np.ndarray) -> bytes:
+    """One (H, W, 3) uint8 image as PNG bytes."""
+    return encode_image(pixels)
+
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+def encode_image(pixels: np.ndarray, output_format: str = "png", quality: int | None = None) -> bytes:
+    """One (H, W, 3) uint8 image as PNG, JPEG or WebP bytes (Pillow's encoders: the same pixels give the same
+    bytes). `quality` (0-100) applies to JPEG and WebP; None: Pillow's default (75 and 80)."""
+    if output_format not in IMAGE_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if output_format == "png":
+        image.save(buf, format="PNG", compress_level=6)
+    else:
+        image.save(buf, format=output_format.upper(), **({} if quality is None else {"quality": quality}))
+    return buf.getvalue()

@@ -94,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_plan(args: argparse.Namespace) -> int:
     import json
 
-    from janus_core.engine import memory
-    from janus_core.errors import ModelLoadError
+    from janus_core import ModelLoadError, memory
 
     try:
         sizes = [memory.parse_size(s) for s in args.gpu_memory] if args.gpu_memory else list(memory.PLAN_MEMORIES)
@@ -119,8 +118,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _write_tiny_flow(args: argparse.Namespace) -> int:
-    from janus_core.errors import ModelLoadError
-    from janus_core.tiny.flow import write_tiny_flow_model
+    from janus_core import ModelLoadError, write_tiny_flow_model
 
     if args.format not in (None, "deepseek"):
         print("janus-server tiny-model: JanusFlow checkpoints exist in DeepSeek's layout only (--format deepseek)",
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.logs import quiet_libraries
 
         quiet_libraries()  # no "Writing model shards" progress bar
-        from janus_core.tiny.janus import write_tiny_model
+        from janus_core import write_tiny_model
 
         try:
             if args.family == "janusflow":

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from janus_core import InvalidRequestError, Message, check_conversation
+
 JobKind = Literal["understand", "generate"]
 
 # Error codes carried by `error` events; frontends map them to HTTP / gRPC statuses.
@@ -152,3 +154,15 @@ def result_images(event: dict[str, Any]) -> list[bytes]:
 
 def result_b64(event: dict[str, Any]) -> list[str]:
     return event.get("images", event.get("pngs", []))  # "pngs": what workers before output formats sent
+
+
+def job_messages(messages: list[dict[str, Any]]) -> list[Message]:
+    """Job messages -> janus_core's; `InvalidRequestError` for a malformed one (a worker gets only valid jobs
+    from our frontends, but a queue may carry anything)."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("text", ""), str) or not isinstance(m.get("images", 0), int):
+            raise InvalidRequestError(f"messages[{i}] is malformed")
+        out.append(Message(str(m.get("role")), m.get("text", ""), m.get("images", 0)))
+    check_conversation(out)
+    return out

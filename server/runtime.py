@@ -58,8 +58,7 @@ def model_info(settings: Settings) -> ModelInfo:
 
 def load_engine(settings: Settings):
     """Load the model and build its engine (blocking; run it in a thread)."""
-    from janus_core.engine.engine import Engine, EngineConfig
-    from janus_core.models.loader import load_model
+    from janus_core import Engine, EngineConfig, load_model
 
     if not settings.model:
         raise SystemExit("no model given: pass --model DIR_OR_HUB_ID (or set JANUS_MODEL)")
@@ -117,7 +116,7 @@ async def run_worker(settings: Settings, queue: JobQueue, metrics: Metrics, stop
 
     lm, engine = await run_on_fresh_thread(load_engine, settings)
     if info is not None:
-        info.image_size, info.num_image_tokens, info.generator = lm.image_size, lm.num_image_tokens, lm.kind
+        info.image_size, info.num_image_tokens, info.generator = lm.image_size, lm.num_image_tokens, lm.generator
     if loaded is not None:
         loaded.set()
     engine.start()

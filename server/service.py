@@ -20,10 +20,13 @@ from typing import Any, get_args
 
 from PIL import Image
 
-from janus_core.errors import InvalidRequestError
-from janus_core.images import load_image, open_image
-from janus_core.sampling.sampler import SamplingParams
-from janus_core.text.conversation import Message, check_conversation
+from janus_core import (
+    InvalidRequestError,
+    SamplingParams,
+    limits,
+    load_image,
+    open_image,
+)
 from server import idempotency
 from server.http.schemas import MAX_MESSAGES, NON_BLANK, OutputFormat
 from server.jobs import (
@@ -32,6 +35,7 @@ from server.jobs import (
     Job,
     UnderstandParams,
     error_event,
+    job_messages,
 )
 from server.keys import KeyRing, Quotas, current_key
 from server.logs import request_id_var
@@ -75,18 +79,6 @@ def _check_prompt(settings: Settings, prompt: str) -> None:
         raise BadRequest(f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
 
 
-def conversation(messages: list[dict[str, Any]]) -> list[Message]:
-    """Job messages -> janus_core's; `InvalidRequestError` for a malformed one (a worker gets only valid jobs
-    from our frontends, but a queue may carry anything)."""
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("text", ""), str) or not isinstance(m.get("images", 0), int):
-            raise InvalidRequestError(f"messages[{i}] is malformed")
-        out.append(Message(str(m.get("role")), m.get("text", ""), m.get("images", 0)))
-    check_conversation(out)
-    return out
-
-
 MAX_STOPS = 4  # OpenAI's limit
 
 
@@ -95,7 +87,7 @@ def _check_messages(settings: Settings, p: UnderstandParams) -> None:
     if len(p.messages) > MAX_MESSAGES:
         raise BadRequest(f"the conversation has {len(p.messages)} messages; at most {MAX_MESSAGES} are allowed", 413)
     try:
-        messages = conversation(p.messages)
+        messages = job_messages(p.messages)
     except InvalidRequestError as exc:
         raise BadRequest(str(exc)) from exc
     chars = sum(len(m.text) for m in messages)
@@ -147,7 +139,6 @@ def validate_understand(settings: Settings, p: UnderstandParams, *, require_imag
 
 
 OUTPUT_FORMATS = get_args(OutputFormat)  # as janus_core.simple.generate.IMAGE_FORMATS
-MAX_STEPS = 100  # janus_core.models.janusflow.MAX_STEPS (the API layer does not import the model runtime's torch)
 
 
 def validate_generate(settings: Settings, p: GenerateParams, generator: str | None = None) -> None:
@@ -156,24 +147,22 @@ def validate_generate(settings: Settings, p: GenerateParams, generator: str | No
     _check_prompt(settings, p.prompt)
     if not (1 <= p.n <= settings.max_n):
         raise BadRequest(f"n must be between 1 and {settings.max_n}, got {p.n}")
-    if p.cfg_weight is not None and not (0.0 <= p.cfg_weight <= 100.0):
-        raise BadRequest(f"cfg_weight must be between 0 and 100, got {p.cfg_weight}")
-    if p.steps is not None and not (1 <= p.steps <= MAX_STEPS):
-        raise BadRequest(f"steps must be between 1 and {MAX_STEPS}, got {p.steps}")
+    try:  # janus_core's bounds and messages, as the engine's batches apply them
+        if p.cfg_weight is not None:
+            limits.check_generation(p.n, p.cfg_weight)
+        if p.steps is not None:
+            limits.check_flow_steps(p.steps)
+    except InvalidRequestError as exc:
+        raise BadRequest(str(exc)) from exc
     if p.output_format not in OUTPUT_FORMATS:
         raise BadRequest(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {p.output_format!r}")
     if p.output_compression is not None and not (0 <= p.output_compression <= 100):
         raise BadRequest(f"output_compression must be between 0 and 100, got {p.output_compression}")
     _check_sampling(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p, p.seed)
-    if generator == "vq" and p.steps is not None:
-        raise BadRequest("steps applies to rectified-flow models (JanusFlow); this model generates VQ tokens, "
-                         "one step per image token: leave it out")
-    if generator == "flow":
-        given = [name for name in ("temperature", "top_p") if getattr(p, name) is not None]
-        if given:
-            verb = "means" if len(given) == 1 else "mean"
-            raise BadRequest(f"{' and '.join(given)} {verb} nothing for a rectified-flow model (JanusFlow samples "
-                             "no tokens; seed picks the starting noise): leave it out")
+    refusal = generator and limits.generator_refusal(
+        generator, [name for name in ("steps", "temperature", "top_p") if getattr(p, name) is not None])
+    if refusal:
+        raise BadRequest(refusal)
 
 
 def open_images(settings: Settings, images: list[bytes]) -> list[Image.Image]:

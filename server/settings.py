@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     @classmethod
     def _size(cls, value: str | None) -> str | None:
         if value is not None:
-            from janus_core.engine.memory import parse_size
+            from janus_core import parse_size
 
             if parse_size(value) < 1:
                 raise ValueError(f"must be a positive size such as 6GiB, got {value!r}")
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
 
     @property
     def kv_cache_bytes(self) -> int | None:
-        from janus_core.engine.memory import parse_size
+        from janus_core import parse_size
 
         return parse_size(self.kv_cache_memory) if self.kv_cache_memory is not None else None
 

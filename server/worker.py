@@ -15,28 +15,29 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from janus_core.engine.engine import (
+from janus_core import (
+    IMAGE_FORMATS,
     Engine,
     EngineOutput,
     FailedOutput,
     FinishedOutput,
     GenerateRequest,
+    GenerateResult,
+    InvalidRequestError,
     ProgressOutput,
+    SamplingParams,
     TokenOutput,
     UnderstandRequest,
+    UnderstandResult,
+    decode_image,
+    encode_image,
+    gpu_memory_allocated,
 )
-from janus_core.errors import InvalidRequestError
-from janus_core.images import decode_image
-from janus_core.models.device import gpu_memory_allocated
-from janus_core.sampling.sampler import SamplingParams
-from janus_core.simple.generate import IMAGE_FORMATS, GenerateResult, encode_image
-from janus_core.simple.understand import UnderstandResult
 from server import jobs as J
 from server.jobs import GenerateParams, Job, UnderstandParams
 from server.logs import request_id_var
 from server.metrics import Metrics
 from server.queue import JobQueue
-from server.service import conversation
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Worker:
             images = [decode_image(data, max_pixels=self.settings.max_image_pixels,
                                    min_side=self.settings.min_image_side, label=f"images[{i}]")
                       for i, data in enumerate(p.images)]
-            messages = conversation(p.messages) if p.messages is not None else None
+            messages = J.job_messages(p.messages) if p.messages is not None else None
             return UnderstandRequest(job.id, p.prompt, images, p.max_new_tokens, SamplingParams(**p.sampling()),
                                      messages=messages, stop=[s for s in p.stop if isinstance(s, str) and s],
                                      raw=bool(p.raw), prompt_ids=p.prompt_ids)

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random checkpoints written once per session, in both layouts."""
+"""Shared fixtures: tiny random checkpoints written once per session, in both layouts; and each test's marker.
+
+Tests live in one folder per need, and each test is marked with its folder's name (`pytest -m unit` is the fast
+lane): unit (pure Python: no checkpoint, no server or subprocess), model (tiny checkpoints against the
+transformers oracle, or through the engine in-process), integration (real servers on loopback), e2e (a real
+browser, distributed multi-process stacks, killed processes), deploy (the deployment files). Helpers the tests
+share are in tests/support; no test module imports another.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.support.server_fixtures"]
+
+TESTS = Path(__file__).resolve().parent
+LANES = ("unit", "model", "integration", "e2e", "deploy")  # folders of tests/, and the markers of their tests
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks each test with the name of its top folder under tests/; a test outside those folders is an error."""
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # not under tests/ (a path given on the command line): no lane
+            continue
+        if folder not in LANES:
+            raise pytest.UsageError(f"{item.nodeid}: tests belong in one of tests/{{{','.join(LANES)}}}/")
+        item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from PIL import Image
 
 from bench.gpu.model import kv_bytes_per_token, step_weight_bytes
 from bench.references import PROMPTS, hf_generate_image, hf_understand
-from janus_core.engine.engine import (
+from janus_core import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -37,7 +37,7 @@ from janus_core.engine.engine import (
     UnderstandRequest,
 )
 from janus_core.models.loader import LoadedModel
-from janus_core.sampling.sampler import SamplingParams
+from janus_core.sampling.params import SamplingParams
 from janus_core.text.processor import build_generation_ids, build_understanding_inputs
 
 QUESTIONS = ["Describe this image in detail.", "What is shown in the picture?", "What color is the car?"]

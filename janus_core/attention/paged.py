@@ -281,8 +281,6 @@ class FlexBlocks:
     """
 
     def __init__(self, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> None:
-        from torch.nn.attention.flex_attention import BlockMask
-
         self.kv, self.rows = kv, len(tables)
         bs, blocks, device = kv.block_size, kv.num_blocks, kv.device
         padded = bucket(self.rows)
@@ -298,13 +296,7 @@ class FlexBlocks:
                               dtype=torch.int32, device=device)
         indices = torch.zeros((padded, blocks), dtype=torch.int32, device=device)
         indices[:, :width] = table.to(torch.int32)
-
-        def visible(b, h, q_idx, kv_idx):
-            block = to_logical[b, kv_idx // bs]
-            return (block >= 0) & (block * bs + kv_idx % bs <= position[b])
-
-        self.mask = BlockMask.from_kv_blocks(counts[:, None, None], indices[:, None, None, :], BLOCK_SIZE=(128, bs),
-                                             mask_mod=visible, seq_lengths=(1, blocks * bs))
+        self.mask = block_mask(kv, counts[:, None, None], indices[:, None, None, :], to_logical, position)
         self.padded = padded
 
     def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -313,6 +305,23 @@ class FlexBlocks:
             q = torch.cat([q, q.new_zeros((self.padded - self.rows, *q.shape[1:]))])
         out = _flex(q.is_cuda)(q, self.kv.k[layer][None], self.kv.v[layer][None], block_mask=self.mask, scale=scale)
         return out[:self.rows]
+
+
+def block_mask(kv: PagedKV, counts: torch.Tensor, indices: torch.Tensor, to_logical: torch.Tensor,
+               positions: torch.Tensor):
+    """The flex `BlockMask` of a decode batch over the whole pool: row b reads its `counts[b]` blocks
+    `indices[b]` (physical ids), and sees a slot when its block's logical index (`to_logical[b, block]`,
+    -1: not the row's) puts it at or before the row's position. Shared by the eager and the static step."""
+    from torch.nn.attention.flex_attention import BlockMask  # torch >= 2.5; imported where it is used
+
+    bs = kv.block_size
+
+    def visible(b, h, q_idx, kv_idx):
+        block = to_logical[b, kv_idx // bs]
+        return (block >= 0) & (block * bs + kv_idx % bs <= positions[b])
+
+    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(128, bs), mask_mod=visible,
+                                    seq_lengths=(1, kv.num_blocks * bs))
 
 
 @functools.cache

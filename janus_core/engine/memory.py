@@ -10,7 +10,8 @@ config.json alone), so the planner and the running server cannot drift apart.
 - The pool is `utilization x device memory` minus the weights, the activation peak and what other
   processes hold; or an explicit `--kv-cache-memory` size.
 
-This module knows bytes, blocks and configs; not requests or tensors' contents.
+This module knows bytes, blocks and configs; not requests or tensors' contents. It imports no torch
+(`janus-server api` reads sizes with it): dtypes are named, or torch dtypes read by name.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from janus_core.errors import ModelLoadError
 from janus_core.sched.block_pool import BLOCK_SIZE
+from janus_core.sched.sequence import blocks_for, cfg_pair_blocks
 
 GiB = 2**30
 PLAN_MEMORIES = (24 * GiB, 40 * GiB, 48 * GiB, 80 * GiB)
@@ -55,28 +55,22 @@ def format_size(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
-def dtype_bytes(dtype: torch.dtype | str) -> int:
-    if isinstance(dtype, torch.dtype):
-        return torch.empty((), dtype=dtype).element_size()
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[dtype]
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes of one element of `dtype`: a name ("bfloat16") or a torch dtype (read by its name)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
 
 
-def kv_bytes_per_token(text_config: Any, dtype: torch.dtype | str) -> int:
+def kv_bytes_per_token(text_config: Any, dtype: Any) -> int:
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     return 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * dtype_bytes(dtype)
 
 
-def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
-    return -(-tokens // block_size)
-
-
 def image_blocks(prompt_tokens: int, image_tokens: int, n: int = 1, block_size: int = BLOCK_SIZE) -> int:
-    """Blocks a generation request of n images holds: full prompt blocks once per CFG row, the rest per image."""
-    per_row = blocks_for(prompt_tokens + image_tokens - 1, block_size)
-    shared = prompt_tokens // block_size
-    return 2 * (shared + n * (per_row - shared))
+    """Blocks a generation request of n images holds (`janus_core.sched.sequence.cfg_pair_blocks`)."""
+    return cfg_pair_blocks(prompt_tokens, prompt_tokens + image_tokens - 1, n, block_size)
 
 
 @dataclass(frozen=True)
@@ -107,7 +101,7 @@ def capacity(kv_cache_bytes: int, kv_per_token: int, image_tokens: int, memory_b
     )
 
 
-def activation_bytes(text_config: Any, dtype: torch.dtype | str, max_prefill_tokens: int, max_rows: int) -> int:
+def activation_bytes(text_config: Any, dtype: Any, max_prefill_tokens: int, max_rows: int) -> int:
     """An upper estimate of the LM's activation peak: a prefill of `max_prefill_tokens` or a decode of `max_rows`.
 
     Used by the planner; at start-up on CUDA the engine measures the real peak instead.
@@ -124,6 +118,21 @@ def pool_bytes(memory_bytes: int, utilization: float, weights_bytes: int, activa
     if not (0.0 < utilization <= 1.0):
         raise ValueError(f"gpu memory utilization must be in (0, 1], got {utilization}")
     return max(int(memory_bytes * utilization) - weights_bytes - activation - others - CUDA_RESERVE_BYTES, 0)
+
+
+def engine_pool_bytes(cfg: Any, device: Any, per_token: int, context: int, profile_peak: Any) -> int:
+    """An engine's KV pool: `cfg.kv_cache_memory` when given; on CUDA `cfg.gpu_memory_utilization` of the
+    device minus the weights, other processes and the activation peak `profile_peak(rows)` measures;
+    on CPU a laptop's share, or less when the batch cap could never use it."""
+    if cfg.kv_cache_memory is not None:
+        return cfg.kv_cache_memory
+    if device.type == "cuda":
+        from janus_core.models.device import device_memory
+
+        total, weights, others = device_memory(device)
+        peak = profile_peak(2 * cfg.max_batch_size)
+        return pool_bytes(total, cfg.gpu_memory_utilization, weights, peak, others)
+    return min(CPU_DEFAULT_KV_BYTES, 2 * cfg.max_batch_size * context * per_token)
 
 
 # --- planning from a checkpoint's config.json alone -----------------------------------------------
@@ -167,6 +176,7 @@ def janus_config(config: dict[str, Any]):
 
 def weights_bytes(janus: Any, dtype: str) -> int:
     """The checkpoint's weights in `dtype`, counted on the meta device (no memory, no weights read)."""
+    import torch
     from transformers import JanusForConditionalGeneration
 
     with torch.device("meta"):

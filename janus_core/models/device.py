@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from janus_core.errors import ModelLoadError
@@ -33,3 +35,24 @@ def gpu_memory_allocated(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return int(torch.cuda.memory_allocated(device))
+
+
+def device_memory(device: torch.device) -> tuple[int, int, int]:
+    """A CUDA device's total bytes, what this process's tensors hold (the weights, at start-up), and what
+    others hold (other processes, the CUDA context)."""
+    free, total = torch.cuda.mem_get_info(device)
+    others = max(total - free - torch.cuda.memory_reserved(device), 0)
+    return total, torch.cuda.memory_allocated(device), others
+
+
+def measure_peak(device: torch.device, run: Callable[[], object]) -> int:
+    """Bytes above what is allocated now that `run()` takes at its peak (CUDA); its tensors are freed after."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return int(peak)
+

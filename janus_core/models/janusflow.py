@@ -5,7 +5,7 @@ directory inside the checkpoint is used if there is one (what `janus-server tiny
 janusflow` writes), otherwise `stabilityai/sdxl-vae`. The VAE runs in fp32, or in bf16 beside a bf16
 model; never in fp16, which the SDXL VAE overflows in.
 
-`load_janusflow` returns the same `LoadedModel` as Janus-Pro's loader with `kind = "flow"`,
+`load_janusflow` returns the same `LoadedModel` as Janus-Pro's loader with `generator = "flow"`,
 `image_lead = 1` (each image's features start at its begin-of-image token) and `flow`: the VAE and
 the latent shapes the generator works on.
 """
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from janus_core.errors import ModelLoadError
+from janus_core.models.checkpoint import check_state_dict, deepseek_processor, read_weights
 from janus_core.models.janusflow_net import (
     JanusFlowConfig,
     JanusFlowForConditionalGeneration,
@@ -31,9 +32,6 @@ from janus_core.text.prompts import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 DEFAULT_VAE = "stabilityai/sdxl-vae"
-DEFAULT_STEPS = 30
-MAX_STEPS = 100
-DEFAULT_CFG_WEIGHT = 2.0  # DeepSeek's demo; its README and one demo path say 5
 
 
 @dataclass
@@ -77,17 +75,10 @@ def _instantiate(config: JanusFlowConfig, state: dict[str, torch.Tensor], dtype:
                  path: Path) -> JanusFlowForConditionalGeneration:
     with torch.device("meta"):
         skeleton = JanusFlowForConditionalGeneration(config)
-    expected = set(skeleton.state_dict().keys())
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing, unexpected = sorted(expected - state.keys() - tied), sorted(state.keys() - expected)
-    if missing or unexpected:
-        parts = [f"missing weight(s): {', '.join(missing[:8])}" if missing else "",
-                 f"unexpected weight(s): {', '.join(unexpected[:8])}" if unexpected else ""]
-        raise ModelLoadError(f"checkpoint {path} does not match the JanusFlow architecture: "
-                             + "; ".join(p for p in parts if p))
+    check_state_dict(skeleton, state, config.tie_word_embeddings, path, "JanusFlow")
     model = JanusFlowForConditionalGeneration(config)
     try:
-        model.load_state_dict(state, strict=not tied)
+        model.load_state_dict(state, strict=not config.tie_word_embeddings)
     except RuntimeError as exc:
         raise ModelLoadError(f"cannot load the weights of {path}: {exc}") from exc
     return model.to(dtype)
@@ -111,10 +102,8 @@ def _latent_shapes(net: JanusFlowForConditionalGeneration, vae, image_size: int,
 def load_janusflow(path: Path, raw_config: dict[str, Any], device: torch.device, dtype: torch.dtype,
                    vae: str | None):
     """The network, its processor and VAE (the caller finishes the `LoadedModel`)."""
-    from janus_core.models.loader import _deepseek_processor, read_weights
-
     require_diffusers()
-    processor = _deepseek_processor(path)
+    processor = deepseek_processor(path)
     state = to_flow_state_dict(read_weights(path))
     config = to_flow_config(raw_config, image_token_id=processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                             tie_word_embeddings="lm_head.weight" not in state)

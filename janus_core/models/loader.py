@@ -12,35 +12,29 @@ the model's family (`janus`: Janus-1.3B's and JanusFlow's `User:` / `Assistant:`
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import (
-    AutoTokenizer,
     GenerationConfig,
     JanusConfig,
     JanusForConditionalGeneration,
     JanusProcessor,
-    PretrainedConfig,
 )
-from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from janus_core.errors import ModelLoadError
 from janus_core.models import deepseek
-from janus_core.models.compat import pil_image_processor_class
+from janus_core.models.checkpoint import check_state_dict, deepseek_processor, read_json, read_weights
 from janus_core.models.device import resolve_device, resolve_dtype
 from janus_core.models.janusflow_net import is_flow_config
 from janus_core.text.prompts import (
     BOI_TOKEN,
     CHAT_FORMATS,
     EOI_TOKEN,
-    IMAGE_SPECIAL_TOKENS,
     IMAGE_TOKEN,
     PAD,
     chat_template,
@@ -60,7 +54,7 @@ class LoadedModel:
     dtype: torch.dtype
     special: dict[str, int] = field(default_factory=dict)
     chat_format: str = "janus-pro"  # the roles prompts use: "janus-pro" or "janus" (Janus-1.3B)
-    kind: str = "vq"  # the image generator: "vq" (Janus-Pro's codes) or "flow" (JanusFlow's rectified flow)
+    generator: str = "vq"  # the image generator: "vq" (Janus-Pro's codes) or "flow" (JanusFlow's rectified flow)
     image_lead: int = 0  # positions before an image's placeholders that its features cover (JanusFlow: 1)
     flow: Any = None  # janus_core.models.janusflow.FlowParts for a flow model
 
@@ -105,7 +99,7 @@ def resolve_model_path(model: str) -> Path:
 
 
 def detect_format(path: Path) -> str:
-    config = _read_json(path / "config.json", "the model's config")
+    config = read_json(path / "config.json", "the model's config")
     if deepseek.is_deepseek_config(config):
         return "deepseek"
     if config.get("model_type") == "janus":
@@ -144,7 +138,7 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
     fmt = detect_format(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    raw = _read_json(path / "config.json", "the model's config")
+    raw = read_json(path / "config.json", "the model's config")
     flow = None
     if fmt == "deepseek" and is_flow_config(raw):
         from janus_core.models.janusflow import load_janusflow
@@ -158,10 +152,10 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
         config = JanusConfig.from_pretrained(path)
         net = _instantiate(config, state, dt, path)
     else:
-        processor = _deepseek_processor(path)
+        processor = deepseek_processor(path)
         state = deepseek.to_hf_state_dict(read_weights(path))
         config = deepseek.to_janus_config(
-            _read_json(path / "config.json", "the model's config"),
+            read_json(path / "config.json", "the model's config"),
             image_token_id=processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             tie_word_embeddings="lm_head.weight" not in state,
         )
@@ -171,10 +165,10 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
     if flow is None:
         net.generation_config = _generation_config(processor, path)
     net.to(dev).eval()
-    kind = "vq" if flow is None else "flow"
-    log.info("loaded %s (%s layout, %s generator, %s chat format) on %s as %s", path, fmt, kind, fmt_chat, dev, dt)
-    return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat, kind=kind,
-                       image_lead=0 if flow is None else 1, flow=flow)
+    generator = "vq" if flow is None else "flow"
+    log.info("loaded %s (%s layout, %s generator, %s chat format) on %s as %s", path, fmt, generator, fmt_chat, dev, dt)
+    return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat,
+                       generator=generator, image_lead=0 if flow is None else 1, flow=flow)
 
 
 def special_ids(tok) -> dict[str, int]:
@@ -189,50 +183,10 @@ def special_ids(tok) -> dict[str, int]:
     }
 
 
-# --- weights --------------------------------------------------------------------------------------
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read every weight of a checkpoint directory: safetensors or pickle `.bin`, sharded or not."""
-    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin"), ("model", "bin")):
-        index = path / f"{stem}.{ext}.index.json"
-        if index.exists():
-            weight_map = _read_json(index, "the weight index").get("weight_map", {})
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (path / f).exists()]
-            if missing:
-                raise ModelLoadError(f"{index} names shard(s) that are missing: {missing}")
-            state: dict[str, torch.Tensor] = {}
-            for f in files:
-                state.update(_read_weight_file(path / f))
-            return state
-        single = path / f"{stem}.{ext}"
-        if single.exists():
-            return _read_weight_file(single)
-    raise ModelLoadError(f"no weights in {path}: expected model.safetensors, pytorch_model.bin or a sharded index")
-
-
-def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read weights from {file}: {exc}") from exc
-
-
 def _instantiate(config: JanusConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path):
-    expected = _expected_names(config)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(expected - state.keys() - tied)
-    unexpected = sorted(state.keys() - expected)
-    problems = []
-    if missing:
-        problems.append(f"missing weight(s): {_preview(missing)}")
-    if unexpected:
-        problems.append(f"unexpected weight(s): {_preview(unexpected)}")
-    if problems:
-        raise ModelLoadError(f"checkpoint {path} does not match the Janus architecture: " + "; ".join(problems))
+    with torch.device("meta"):
+        skeleton = JanusForConditionalGeneration(config)
+    check_state_dict(skeleton, state, config.tie_word_embeddings, path, "Janus")
     try:
         model = JanusForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     except Exception as exc:
@@ -240,26 +194,7 @@ def _instantiate(config: JanusConfig, state: dict[str, torch.Tensor], dtype: tor
     return model
 
 
-def _expected_names(config: JanusConfig) -> set[str]:
-    with torch.device("meta"):
-        skeleton = JanusForConditionalGeneration(config)
-    return set(skeleton.state_dict().keys())
-
-
-def _preview(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 # --- processor ------------------------------------------------------------------------------------
-
-
-def _image_processor_class():
-    if is_torchvision_available():
-        from transformers import JanusImageProcessor
-
-        return JanusImageProcessor
-    return pil_image_processor_class()
 
 
 def _hf_processor(path: Path) -> JanusProcessor:
@@ -268,29 +203,6 @@ def _hf_processor(path: Path) -> JanusProcessor:
     except Exception as exc:
         raise ModelLoadError(f"cannot load the processor/tokenizer from {path}: {exc}") from exc
     return processor
-
-
-def _deepseek_processor(path: Path) -> JanusProcessor:
-    """Build transformers' processor from the original `VLChatProcessor` files."""
-    pre = _read_json(path / "preprocessor_config.json", "the image preprocessor config")
-    proc = _read_json(path / "processor_config.json", "the processor config")
-    size = int(pre.get("image_size", 384))
-    kwargs: dict[str, Any] = {"size": {"height": size, "width": size}}
-    for key in ("image_mean", "image_std", "min_size", "rescale_factor", "do_normalize"):
-        if key in pre:
-            kwargs[key] = pre[key]
-    try:
-        # An empty config: transformers would read config.json, whose `multi_modality` it warns about
-        tokenizer = AutoTokenizer.from_pretrained(path, config=PretrainedConfig(),
-                                                  extra_special_tokens=IMAGE_SPECIAL_TOKENS)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
-    return JanusProcessor(
-        image_processor=_image_processor_class()(**kwargs),
-        tokenizer=tokenizer,
-        use_default_system_prompt=True,
-        num_image_tokens=int(proc.get("num_image_tokens", 576)),
-    )
 
 
 def _check_processor(processor: JanusProcessor, config: JanusConfig, path: Path) -> None:
@@ -323,12 +235,3 @@ def _generation_config(processor: JanusProcessor, path: Path) -> GenerationConfi
     if gen.guidance_scale is None:
         gen.guidance_scale = 5.0
     return gen
-
-
-def _read_json(file: Path, what: str) -> dict[str, Any]:
-    if not file.exists():
-        raise ModelLoadError(f"{what} is missing: {file} does not exist")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{file} ({what}) is not valid JSON: {exc}") from exc

@@ -13,58 +13,13 @@ are fixed from here on (a test pins the first uniforms of a seed and a seeded re
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from janus_core.errors import InvalidRequestError
 from janus_core.sampling import philox
-
-MIN_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a row picks its tokens. The filters apply in transformers' order: repetition penalty on the raw
-    logits (every prompt and answer token, as transformers and vLLM count them), temperature, top-k, top-p,
-    min-p. `min_tokens` masks EOS until that many tokens are out; `ignore_eos` lets EOS pass as a token.
-    Only temperature and top_p mean anything to image tokens."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0  # 0: off; else drop tokens below min_p times the most likely one's probability
-    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the prompt or answer
-    min_tokens: int = 0
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0) or self.temperature > 100:
-            raise InvalidRequestError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise InvalidRequestError(f"seed must be between 0 and 2^63-1, got {self.seed}")
-        if not (0 <= self.top_k < 2**31):
-            raise InvalidRequestError(f"top_k must be 0 (off) or a positive number of tokens, got {self.top_k}")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise InvalidRequestError(f"min_p must be between 0 and 1, got {self.min_p}")
-        if not (0.01 <= self.repetition_penalty <= 100.0):  # far below 1, logits / penalty overflows
-            raise InvalidRequestError(f"repetition_penalty must be between 0.01 and 100, got {self.repetition_penalty}")
-        if not (0 <= self.min_tokens < 2**31):
-            raise InvalidRequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
-
-    @property
-    def greedy(self) -> bool:
-        # Below MIN_TEMPERATURE, logits / temperature overflows; the limit of sampling there is argmax anyway.
-        return self.temperature < MIN_TEMPERATURE
-
-
-def new_seed() -> int:
-    return secrets.randbits(62)
+from janus_core.sampling.params import SamplingParams
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -1,15 +1,8 @@
 """Block tables for sequences: what a sequence needs from the `BlockPool`, taken and given back.
 
-- Understanding: one row. At admission its full blocks are looked up in the content cache by their
-  chained keys (`Sequence.cache_keys`, kept current by the engine) and only the rest is allocated;
-  at least the last position is always computed (its hidden state picks the next token). The row
-  grows by one block whenever a decode step starts a new one.
-- Generation: 2n rows laid out [cond_0, uncond_0, cond_1, uncond_1, ...], each of prompt + image
-  tokens - 1 positions, all taken at admission (a generation never grows or needs preempting). The
-  full prompt blocks of each CFG side are held once, by reference from all n images' rows; the
-  partial last prompt block is the first of each image's own blocks (the engine copies it).
-- Flow generation (`Sequence.flow`): two rows, the conditional prompt and the unconditional BOS,
-  held once for the request; its images and ODE steps all attend to them (nothing per image).
+How many blocks and which ones is each sequence's row layout's rule (`janus_core.sched.sequence`:
+a text row, CFG pairs, flow rows); the manager adds what is common: whether a sequence could ever
+fit, growing a text row by a block, giving blocks back, offering full blocks to the content cache.
 
 This module knows blocks, positions and keys; not tensors, tokens or requests' meaning.
 """
@@ -18,11 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from janus_core.engine.memory import blocks_for
 from janus_core.sched.block_pool import BlockPool
+from janus_core.sched.sequence import blocks_for
 
 if TYPE_CHECKING:
-    from janus_core.sched.scheduler import Sequence
+    from janus_core.sched.sequence import Sequence
 
 
 class KVManager:
@@ -37,12 +30,7 @@ class KVManager:
     # --- how much -------------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence) -> int:
         """Blocks `seq` holds once admitted with nothing cached: the planner's and `fits`' measure."""
-        if seq.flow:
-            return blocks_for(seq.prompt_tokens, self.bs) + 1
-        if seq.kind == "generate":
-            shared = seq.prompt_tokens // self.bs
-            return 2 * (shared + seq.width * (blocks_for(seq.row_len, self.bs) - shared))
-        return blocks_for(seq.row_len, self.bs)
+        return seq.layout.blocks_needed(seq, self.bs)
 
     def fits(self, seq: Sequence) -> bool:
         """Whether `seq` could ever run: its whole final size within the pool."""
@@ -51,57 +39,10 @@ class KVManager:
     # --- taking and giving back -----------------------------------------------------------------
     def admit(self, seq: Sequence) -> bool:
         """Take the blocks `seq` needs now (its tables are set), or take nothing and return False."""
-        if seq.flow:
-            return self._admit_flow(seq)
-        return self._admit_generation(seq) if seq.kind == "generate" else self._admit_understanding(seq)
-
-    def _admit_flow(self, seq: Sequence) -> bool:
-        if self.blocks_needed(seq) > self.pool.num_free:
-            return False
-        cond = self.pool.allocate(blocks_for(seq.prompt_tokens, self.bs))
-        uncond = self.pool.allocate(1)
-        assert cond is not None and uncond is not None
-        seq.tables, seq.cached_tokens = [cond, uncond], 0
-        return True
-
-    def _admit_understanding(self, seq: Sequence) -> bool:
-        length = seq.kv_len
-        cached: list[int] = []
-        if self.prefix_caching:
-            cached = self.pool.lookup(seq.cache_keys[:(length - 1) // self.bs])
-        new = blocks_for(length, self.bs) - len(cached)
-        if new + self.pool.cost(cached) > self.pool.num_free:
-            return False
-        self.pool.take(cached)
-        room = min(blocks_for(seq.row_len, self.bs) - blocks_for(length, self.bs), self.room_to_grow)
-        fresh = self.pool.allocate(new, after=cached[-1] if cached else None, reserve=room)
-        assert fresh is not None
-        seq.tables, seq.reserved = [cached + fresh], self.pool.reserved
-        seq.cached_tokens = len(cached) * self.bs
-        return True
-
-    def _admit_generation(self, seq: Sequence) -> bool:
-        n, shared = seq.width, seq.prompt_tokens // self.bs
-        own = blocks_for(seq.row_len, self.bs) - shared
-        if 2 * (shared + n * own) > self.pool.num_free:
-            return False
-        tables: list[list[int]] = [[], []]
-        for side in (0, 1):  # the image-0 row of each side gets its own blocks right after the prompt's
-            blocks = self.pool.allocate(shared + own)
-            assert blocks is not None
-            self.pool.share(blocks[:shared], n - 1)
-            tables[side] = blocks
-        for _ in range(1, n):
-            for side in (0, 1):
-                blocks = self.pool.allocate(own)
-                assert blocks is not None
-                tables.append(tables[side][:shared] + blocks)
-        seq.tables = tables
-        seq.cached_tokens = 0
-        return True
+        return seq.layout.admit(seq, self.pool, prefix_caching=self.prefix_caching, room_to_grow=self.room_to_grow)
 
     def grow(self, seq: Sequence) -> bool:
-        """Make room for positions [0, seq.kv_len) of an understanding row; False if the pool is dry."""
+        """Make room for positions [0, seq.kv_len) of a growing (text) row; False if the pool is dry."""
         table = seq.tables[0]
         missing = blocks_for(seq.kv_len, self.bs) - len(table)
         if missing <= 0:
@@ -120,8 +61,8 @@ class KVManager:
         seq.tables, seq.reserved = [], []
 
     def register(self, seq: Sequence) -> None:
-        """Put the row's full blocks that have keys into the content cache (understanding rows only)."""
-        if not self.prefix_caching or seq.kind != "understand" or not seq.tables:
+        """Put the row's full blocks that have keys into the content cache (text rows only)."""
+        if not self.prefix_caching or not seq.layout.cacheable or not seq.tables:
             return
         table = seq.tables[0]
         for b in range(seq.registered, min(len(seq.cache_keys), len(table))):

@@ -16,79 +16,11 @@ tokens mean or what the engine keeps for each sequence (`Sequence.data`, which i
 
 from __future__ import annotations
 
-import enum
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from janus_core.sched.kv_manager import KVManager
-
-KINDS = ("understand", "generate")
-_arrivals = itertools.count()
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    kind: str  # "understand" | "generate"
-    prompt_tokens: int  # per row
-    max_tokens: int  # max_new_tokens, or image tokens per image
-    width: int = 1  # images of a generation request (two rows each); 1 for understanding
-    stop_token: int | None = None  # understanding's EOS; generation has none
-    status: Status = Status.WAITING
-    num_generated: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    cache_keys: list[bytes] = field(default_factory=list)  # chained keys of the row's full blocks so far
-    tables: list[list[int]] = field(default_factory=list)  # block table per row, while admitted
-    reserved: list[int] = field(default_factory=list)  # free blocks kept after the row for it to grow into
-    cached_tokens: int = 0  # positions found in the content cache at the last admission
-    registered: int = 0  # leading blocks of the row already offered to the content cache
-    preemptions: int = 0
-    arrival: int = field(default_factory=lambda: next(_arrivals))
-    data: Any = None  # the engine's per-request state
-    # Flow generation (JanusFlow): the KV held is the CFG pair's prompts only, the conditional one
-    # (`prompt_tokens`) and the unconditional BOS, shared by every image and ODE step of the request;
-    # `max_tokens` counts ODE steps. The tokens each step feeds are recomputed, never stored.
-    flow: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.flow and self.kind != "generate":
-            raise ValueError("only a generation sequence can be a flow one")
-        if self.width < 1 or (self.kind == "understand" and self.width != 1):
-            raise ValueError(f"width must be 1 for understanding and at least 1 for generation, got {self.width}")
-        if self.prompt_tokens < 1 or self.max_tokens < 1:
-            raise ValueError(f"prompt_tokens and max_tokens must be at least 1, got {self.prompt_tokens}, "
-                             f"{self.max_tokens}")
-
-    @property
-    def num_rows(self) -> int:
-        return 2 * self.width if self.kind == "generate" else 1
-
-    @property
-    def row_len(self) -> int:
-        """Positions a row holds at most: the last token is sampled, never fed back."""
-        return self.prompt_tokens + self.max_tokens - 1
-
-    @property
-    def kv_len(self) -> int:
-        """Positions a row must hold for its next forward pass (a prefill, or the next decode step)."""
-        return self.row_len if self.kind == "generate" else self.prompt_tokens + self.num_generated
-
-    @property
-    def prefill_tokens(self) -> int:
-        """Tokens the (re)admission prefill computes, at most."""
-        if self.flow:
-            return self.prompt_tokens + 1
-        return 2 * self.prompt_tokens if self.kind == "generate" else self.kv_len
+from janus_core.sched.sequence import KINDS, Sequence, Status
 
 
 @dataclass
@@ -208,7 +140,7 @@ class Scheduler:
             self._finish(seq, "stop")
             return True
         seq.num_generated += 1
-        if seq.num_generated >= seq.max_tokens:
+        if seq.num_generated >= seq.max_steps:
             self._finish(seq, "length")
             return True
         return False

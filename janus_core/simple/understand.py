@@ -8,7 +8,7 @@ transformers' `JanusForConditionalGeneration.generate` for the same inputs.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -17,7 +17,9 @@ from transformers import DynamicCache
 from janus_core.errors import InvalidRequestError
 from janus_core.models.compat import cache_arg
 from janus_core.models.loader import LoadedModel
-from janus_core.sampling.sampler import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
+from janus_core.requests import UnderstandResult
+from janus_core.sampling.params import SamplingParams, request_seed
+from janus_core.sampling.sampler import RowSampling, sample, stream_uniforms
 from janus_core.text.detok import IncrementalDecoder
 from janus_core.text.processor import build_understanding_inputs
 
@@ -26,16 +28,6 @@ from janus_core.text.processor import build_understanding_inputs
 class TokenStep:
     token_id: int
     delta: str
-
-
-@dataclass
-class UnderstandResult:
-    text: str
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
 
 
 def embed_prompt(lm: LoadedModel, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -71,7 +63,7 @@ def stream_understanding(
     params = params or SamplingParams()
     inputs = build_understanding_inputs(lm, images, prompt)
     check_limits(lm, len(inputs.input_ids), max_new_tokens)
-    seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
+    seed = request_seed(params, draws=not params.greedy)
     uniforms = stream_uniforms(seed if seed is not None else 0, max_new_tokens)
 
     ids = torch.tensor([inputs.input_ids], device=lm.device)

@@ -26,9 +26,7 @@ which blocks each row holds, the runner's LM layers do the attention over the po
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,14 +35,18 @@ import torch.nn.functional as F
 
 from janus_core.attention.paged import PagedKV, PrefillBatch, slots_of
 from janus_core.errors import InvalidRequestError
-from janus_core.models.janusflow import DEFAULT_CFG_WEIGHT, DEFAULT_STEPS, MAX_STEPS, FlowParts
+from janus_core.limits import FLOW_CFG_WEIGHT, FLOW_STEPS, check_flow_steps, check_generation, generator_refusal
+from janus_core.models.device import measure_peak
+from janus_core.models.janusflow import FlowParts
 from janus_core.models.loader import LoadedModel
-from janus_core.sampling.sampler import make_generator, new_seed
-from janus_core.sched.scheduler import Sequence
-from janus_core.simple.generate import check_generation, image_seeds, prompt_ids
+from janus_core.requests import GenerateRequest, GenerateResult
+from janus_core.sampling.params import image_seeds, request_seed
+from janus_core.sampling.sampler import make_generator
+from janus_core.sched.sequence import FLOW, Sequence
+from janus_core.simple.generate import prompt_ids
+from janus_core.step.batch import Decoded, Foreground, StepOutput, per_sequence
+from janus_core.step.pixels import VAE_CHUNK, PixelDecoder, decode_latents
 from janus_core.step.runner import ModelRunner
-
-VAE_CHUNK = 8  # images per VAE call: the SDXL decoder's activations at 384 px are ~100 MB per image
 
 
 @dataclass(eq=False)
@@ -61,17 +63,6 @@ class FlowState:
     def tokens(self) -> torch.Tensor:
         """What `GenerateResult.tokens` holds for a flow model: the final latents (n, C, L, L), on CPU."""
         return self.z.cpu()
-
-
-def check_flow_request(n: int, cfg_weight: float, steps: int, explicit: frozenset[str]) -> None:
-    check_generation(n, cfg_weight)
-    if not (1 <= steps <= MAX_STEPS):
-        raise InvalidRequestError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    meaningless = sorted(explicit & {"temperature", "top_p"})
-    if meaningless:
-        verb = "means" if len(meaningless) == 1 else "mean"
-        raise InvalidRequestError(f"{' and '.join(meaningless)} {verb} nothing for a rectified-flow model "
-                                  "(JanusFlow samples no tokens; seed picks the starting noise): leave it out")
 
 
 class StepAttention:
@@ -96,39 +87,39 @@ class StepAttention:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale)
 
 
-def run_layers(core, embeds: torch.Tensor, positions: torch.Tensor, batch: StepAttention) -> torch.Tensor:
-    """transformers' Llama layers over `embeds` (B, T, D) at `positions` (B, T), attending with `batch`."""
-    cos_sin = core.rotary_emb(embeds, position_ids=positions)
-    hidden = embeds
-    for layer in core.layers:
-        hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, janus_kv=batch)
-    return core.norm(hidden)  # (B, T, D)
+class FlowBatch(Foreground):
+    kind = "generate"
 
-
-class FlowBatch:
     def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, *, max_images: int,
-                 max_prompt_tokens: int) -> None:
+                 max_prompt_tokens: int, wake: Callable[[], None] = lambda: None) -> None:
         self.lm, self.runner, self.kv = lm, runner, kv
         self.parts: FlowParts = lm.flow
         self.max_images, self.max_prompt_tokens = max_images, max_prompt_tokens
         self.net = lm.model.model  # JanusFlowModel
+        # On CUDA the VAE decodes off the model loop (`PixelDecoder`); on CPU on the engine thread.
+        self.pixels = PixelDecoder(self.parts, wake) if lm.device.type == "cuda" else None
 
     # --- admission ----------------------------------------------------------------------------------
-    def prepare(self, request_id: str, prompt: str, n: int, cfg_weight: float | None, steps: int | None,
-                seed: int | None, explicit: frozenset[str] = frozenset()) -> Sequence:
+    def prepare(self, request: GenerateRequest) -> Sequence:
         """Validate and tokenize a request (raises `InvalidRequestError`), draw its noise; it waits for blocks."""
-        weight = DEFAULT_CFG_WEIGHT if cfg_weight is None else cfg_weight
-        num_steps = DEFAULT_STEPS if steps is None else steps
-        check_flow_request(n, weight, num_steps, explicit)
-        ids = prompt_ids(self.lm, prompt, n, max_images=self.max_images, max_prompt_tokens=self.max_prompt_tokens)
+        n = request.n
+        weight = FLOW_CFG_WEIGHT if request.cfg_weight is None else request.cfg_weight
+        num_steps = FLOW_STEPS if request.steps is None else request.steps
+        check_generation(n, weight)
+        check_flow_steps(num_steps)
+        refusal = generator_refusal("flow", request.given)
+        if refusal:
+            raise InvalidRequestError(refusal)
+        ids = prompt_ids(self.lm, request.prompt, n, max_images=self.max_images,
+                         max_prompt_tokens=self.max_prompt_tokens)
         grid = self.parts.grid
         if len(ids) + grid * grid > self.lm.max_context:
             raise InvalidRequestError(f"prompt is {len(ids)} tokens; with {grid * grid + 1} step tokens it exceeds "
                                       f"the context length of {self.lm.max_context}")
-        seed = seed if seed is not None else new_seed()
+        seed = request_seed(request.params)
         state = FlowState(ids[:-1], n, weight, num_steps, seed, self.noise(seed, n))
-        return Sequence(request_id, "generate", prompt_tokens=len(state.prefix), max_tokens=num_steps, width=n,
-                        data=state, flow=True)
+        return Sequence(request.request_id, "generate", prompt_tokens=len(state.prefix), max_steps=num_steps,
+                        width=n, data=state, layout=FLOW)
 
     def noise(self, seed: int, n: int) -> torch.Tensor:
         """The starting latents of a request's n images: image i from its own generator (seed + i)."""
@@ -139,7 +130,8 @@ class FlowBatch:
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> None:
-        """Write the request's prompt KV: the conditional prompt and the unconditional BOS (no ODE step yet)."""
+        """Write the request's prompt KV: the conditional prompt and the unconditional BOS (no ODE step yet:
+        its first is the next step's, with the others)."""
         state: FlowState = seq.data
         for table, ids in ((seq.tables[0], state.prefix), (seq.tables[1], state.prefix[:1])):
             batch = PrefillBatch.for_rows(self.kv, [table], 0, len(ids))
@@ -166,30 +158,20 @@ class FlowBatch:
         dt = torch.tensor([1.0 / s.num_steps for s in images], device=device)[:, None, None, None]
         z = z + dt * (w * v[0::2] - (w - 1.0) * v[1::2])
         # 4. Euler: each request keeps its images' new latents.
-        out, at = [], 0
-        for s in states:
-            s.z, at = z[at:at + s.n], at + s.n
+        for s, mine in zip(states, per_sequence(z, seqs), strict=True):
+            s.z = mine
             s.steps += 1
-            out.append([s.steps])
-        return out
+        return [[s.steps] for s in states]
 
-    def launch(self, seqs: list[Sequence]) -> torch.Tensor:
-        """The engine's decode entry point: one ODE step (`decode`); per image, its request's steps so far
-        (I,) on the device, as the VQ batch returns its images' codes."""
-        counts = [request[0] for request in self.decode(seqs)]
-        return torch.tensor([c for seq, c in zip(seqs, counts, strict=True) for _ in range(seq.data.n)],
-                            device=self.lm.device)
+    def launch(self, seqs: list[Sequence]) -> None:
+        """The engine's decode entry point: one ODE step (`decode`); nothing to copy back, the latents stay."""
+        self.decode(seqs)
 
-    @staticmethod
-    def record(seqs: list[Sequence], codes: list[int]) -> list[list[int]]:
-        """Per request, the first of its images' entries (the latents were advanced by `launch`)."""
-        out, at = [], 0
-        for seq in seqs:
-            out.append(codes[at:at + seq.data.n])
-            at += seq.data.n
-        return out
+    def update(self, seqs: list[Sequence], chosen: list[int] | None) -> list[StepOutput]:
+        """Each request's progress: ODE steps taken of its total."""
+        return [StepOutput(seq, None, seq.data.steps, seq.data.num_steps) for seq in seqs]
 
-    def reset_rows(self) -> None:
+    def reset(self) -> None:
         """No per-row device state to rebuild: every flow step reads its requests' latents afresh."""
 
     def _run_lm(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor:
@@ -202,7 +184,7 @@ class FlowBatch:
             starts += [len(state.prefix)] * (2 * state.n)
         device = rows.device
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)  # (2I, T)
-        return run_layers(self.runner.core, rows, positions, StepAttention(self.kv, prefixes, length))
+        return self.runner.layers(rows, positions, StepAttention(self.kv, prefixes, length))
 
     def _velocity(self, hidden: torch.Tensor, skip: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """The last g*g hidden states of each row -> its velocity (2I, C, L, L), in fp32."""
@@ -212,103 +194,56 @@ class FlowBatch:
         return self.net.vision_gen_dec_model(h, skip, t_emb).float()
 
     # --- pixels -------------------------------------------------------------------------------------
-    def decode_later(self, seqs: list[Sequence], decoder: PixelDecoder) -> None:
-        """Hand the finished requests' latents to `decoder` (off the model loop)."""
-        decoder.submit(seqs, torch.cat([seq.data.z for seq in seqs]))
-
-    @torch.inference_mode()
-    def decode_pixels(self, seqs: list[Sequence]) -> list[np.ndarray]:
-        """VAE-decode the finished requests together; one (n, H, W, 3) uint8 array per request."""
-        if not seqs:
+    def finish(self, seqs: list[Sequence]) -> list[tuple[Sequence, GenerateResult]]:
+        """VAE-decode the finished requests together: now (CPU), or handed to the decoder's thread (CUDA)."""
+        z = torch.cat([seq.data.z for seq in seqs])
+        if self.pixels is not None:
+            self.pixels.submit(seqs, z)
             return []
-        pixels = decode_latents(self.parts, torch.cat([seq.data.z for seq in seqs]))
-        return list(np.split(pixels, np.cumsum([seq.data.n for seq in seqs])[:-1]))
+        return self._results(seqs, decode_latents(self.parts, z))
 
-
-class PixelDecoder:
-    """VAE decodes on one thread (and, on CUDA, one stream) of their own; results are collected in order by
-    the engine thread, which answers the requests. `wake` is called (from the decoder's thread) as each
-    batch is done."""
-
-    def __init__(self, parts: FlowParts, wake: Callable[[], None]) -> None:
-        self.parts, self.wake = parts, wake
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="janus-vae")
-        self._jobs: deque[tuple[list[Sequence], Future]] = deque()
-        device = parts.vae.device
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def decoded(self, wait: bool = False) -> Decoded:
+        """The decoder's finished batches in submission order: results, or the error that failed them."""
+        if self.pixels is None:
+            return []
+        return [(seqs, pixels if isinstance(pixels, BaseException) else [r for _, r in self._results(seqs, pixels)])
+                for seqs, pixels in self.pixels.done(wait)]
 
     @property
     def pending(self) -> bool:
-        return bool(self._jobs)
+        return self.pixels is not None and self.pixels.pending
 
     @property
     def ready(self) -> bool:
-        """The oldest batch is decoded (the engine answers in submission order)."""
-        return bool(self._jobs) and self._jobs[0][1].done()
-
-    def submit(self, seqs: list[Sequence], z: torch.Tensor) -> None:
-        ready = None
-        if self._stream is not None:  # the VAE's stream starts once the model's stream has written z
-            ready = torch.cuda.Event()
-            ready.record()
-            z.record_stream(self._stream)
-        future = self._pool.submit(self._decode, z, ready)
-        future.add_done_callback(lambda _: self.wake())
-        self._jobs.append((seqs, future))
-
-    @torch.inference_mode()
-    def _decode(self, z: torch.Tensor, ready) -> np.ndarray:
-        if self._stream is None:
-            return decode_latents(self.parts, z)
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(ready)
-            return decode_latents(self.parts, z)  # .cpu() inside synchronises this stream only
-
-    def done(self, wait: bool = False) -> list[tuple[list[Sequence], list[np.ndarray] | BaseException]]:
-        """The finished batches in submission order: each request's (n, H, W, 3) pixels, or the decode's error.
-        `wait`: block for the oldest one if none is finished yet."""
-        out = []
-        if wait and self._jobs:
-            self._jobs[0][1].exception()  # waits
-        while self._jobs and self._jobs[0][1].done():
-            seqs, future = self._jobs.popleft()
-            error = future.exception()
-            if error is not None:
-                out.append((seqs, error))
-            else:
-                pixels = future.result()
-                out.append((seqs, list(np.split(pixels, np.cumsum([seq.data.n for seq in seqs])[:-1]))))
-        return out
+        return self.pixels is not None and self.pixels.ready
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self.pixels is not None:
+            self.pixels.close()
 
+    @staticmethod
+    def _results(seqs: list[Sequence], pixels: np.ndarray) -> list[tuple[Sequence, GenerateResult]]:
+        return [(seq, GenerateResult(seq.data.seed, seq.data.tokens, one))
+                for seq, one in zip(seqs, per_sequence(pixels, seqs), strict=True)]
 
-def decode_latents(parts: FlowParts, z: torch.Tensor) -> np.ndarray:
-    """Latents (B, C, L, L) -> uint8 pixels (B, H, W, 3), mapped from [-1, 1] as DeepSeek's demo does."""
-    out = []
-    for chunk in z.split(VAE_CHUNK):
-        x = chunk / parts.scaling_factor + (parts.shift_factor or 0.0)
-        decoded = parts.vae.decode(x.to(parts.vae_dtype)).sample  # (b, 3, H, W)
-        out.append(decoded.float().clamp(-1.0, 1.0).permute(0, 2, 3, 1).cpu().numpy())
-    images = np.concatenate(out)
-    return ((images + 1.0) / 2.0 * 255.0).astype(np.uint8)
+    @staticmethod
+    def profile_peak(lm: LoadedModel, runner: ModelRunner, prefill_tokens: int, rows: int) -> int:
+        return flow_profile_peak(lm, runner, prefill_tokens, rows)
 
 
 @torch.inference_mode()
 def flow_profile_peak(lm: LoadedModel, runner: ModelRunner, prefill_tokens: int, rows: int) -> int:
     """Bytes above the weights that a prompt prefill, a step of `rows` rows and a VAE call take (CUDA)."""
     device, parts = lm.device, lm.flow
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
     hidden = lm.model.config.text_config.hidden_size
     step = parts.grid * parts.grid + 1
-    for batch, length in ((1, prefill_tokens), (rows, step + 64)):  # a step: its tokens over a 64-token prompt
-        runner.core(inputs_embeds=torch.zeros((batch, length, hidden), dtype=lm.dtype, device=device), use_cache=False)
-    z = torch.zeros((min(VAE_CHUNK, rows), parts.latent_channels, parts.latent_size, parts.latent_size), device=device)
-    decode_latents(parts, z)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    torch.cuda.empty_cache()
-    return int(peak)
+
+    def run() -> None:
+        for batch, length in ((1, prefill_tokens), (rows, step + 64)):  # a step: its tokens over a 64-token prompt
+            runner.core(inputs_embeds=torch.zeros((batch, length, hidden), dtype=lm.dtype, device=device),
+                        use_cache=False)
+        z = torch.zeros((min(VAE_CHUNK, rows), parts.latent_channels, parts.latent_size, parts.latent_size),
+                        device=device)
+        decode_latents(parts, z)
+
+    return measure_peak(device, run)

@@ -1,4 +1,4 @@
-"""A byte-bounded least-recently-used map, shared by the vision-feature and prefix KV caches.
+"""A byte-bounded least-recently-used map, for the vision-feature cache (KV blocks keep their own).
 
 It knows sizes and recency, not what the values are: the caller says how many bytes each value
 holds. Inserting past the budget evicts the least recently used entries; a value larger than the

@@ -15,12 +15,14 @@ The runner knows tensors, slots and positions; not requests, prompts, text or sc
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
 
 from janus_core.attention.paged import ATTENTION, DecodeBatch, PagedKV, PrefillBatch, bucket
 from janus_core.models.compat import unwrap_hub_kernels
+from janus_core.models.device import measure_peak
 from janus_core.models.loader import LoadedModel
 from janus_core.step.packed_linear import pack_linears, packing_supported
 from janus_core.step.static import StaticDecode, tables_to_tensors
@@ -89,8 +91,9 @@ class ModelRunner:
         return self.model.model.get_image_features(pixels.to(self.lm.device, self.lm.dtype)).pooler_output
 
     # --- forward passes ---------------------------------------------------------------------------
-    def _layers(self, embeds: torch.Tensor, positions: torch.Tensor, batch: PrefillBatch | DecodeBatch):
-        # embeds (B, T, D); positions (B, T)
+    def layers(self, embeds: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """transformers' Llama layers over `embeds` (B, T, D) at `positions` (B, T), attending with `batch`
+        (`janus_core.attention.paged`'s prefill or decode batch, or any object with its `attend`)."""
         cos_sin = self.core.rotary_emb(embeds, position_ids=positions)
         hidden = embeds
         for layer in self.core.layers:
@@ -102,12 +105,12 @@ class ModelRunner:
         """Run `embeds` (B, T, D) at positions [start, start + T) of `batch`'s rows; return the last hidden (B, D)."""
         rows, length = embeds.shape[:2]
         positions = torch.arange(start, start + length, device=embeds.device).expand(rows, length)
-        return self._layers(embeds, positions, batch)[:, -1, :]
+        return self.layers(embeds, positions, batch)[:, -1, :]
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step: row b feeds `embeds[b]` (1, D) at `positions[b]`; returns hidden (B, D)."""
-        return self._layers(embeds, positions.to(embeds.device)[:, None], batch)[:, -1, :]
+        return self.layers(embeds, positions.to(embeds.device)[:, None], batch)[:, -1, :]
 
     @torch.inference_mode()
     def decode_logits(self, kv: PagedKV, head: str, tables: Sequence[Sequence[int]], positions: list[int],
@@ -135,18 +138,46 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_peak(self, tokens: int, rows: int) -> int:
         """Bytes above the weights that a `tokens`-long prefill and a `rows`-row step's logits take (CUDA)."""
-        device = self.lm.device
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        embeds = torch.zeros((1, tokens, self.model.config.text_config.hidden_size), dtype=self.lm.dtype,
-                             device=device)
-        hidden = self.core(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
-        self.text_logits(hidden.expand(rows, -1))
-        self.image_logits(hidden.expand(rows, -1))
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del embeds, hidden
-        torch.cuda.empty_cache()
-        return int(peak)
 
+        def run() -> None:
+            embeds = torch.zeros((1, tokens, self.model.config.text_config.hidden_size), dtype=self.lm.dtype,
+                                 device=self.lm.device)
+            hidden = self.core(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
+            self.text_logits(hidden.expand(rows, -1))
+            self.image_logits(hidden.expand(rows, -1))
+
+        return measure_peak(self.lm.device, run)
+
+    def warm_up(self, kv: PagedKV, max_batch_size: int) -> None:
+        """Compile for every batch bucket before requests arrive: on CUDA the flex decode attention, and
+        with `compile` (on any device) the static decode step of each head, so serving never compiles.
+
+        If it cannot be compiled on this torch/driver, log why and fall back: the eager step, or the
+        per-row attention.
+        """
+        on_cuda = self.lm.device.type == "cuda"
+        if kv.attention != "flex" or not (on_cuda or self.compile):
+            return
+        started, rows = time.perf_counter(), 1
+        try:
+            while rows < 2 * 2 * max_batch_size:  # up to the bucket of the largest decode batch
+                ids, positions = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+                if self.compile:  # block 0 is free: scratch for the warm-up
+                    for head in ("text", "image") if rows <= max_batch_size else ("image",):
+                        self.decode_logits(kv, head, [[0]] * rows, [0] * rows, ids, positions)
+                else:
+                    batch = DecodeBatch.for_rows(kv, [[0]] * rows, [0] * rows)
+                    self.decode(batch, self.embed_text(ids[:, None]), positions)
+                rows *= 2
+            if on_cuda:
+                torch.cuda.synchronize(self.lm.device)
+            log.info("compiled the %s for batches up to %d rows in %.1f s",
+                     "static decode step" if self.compile else "flex decode attention", rows // 2,
+                     time.perf_counter() - started)
+        except Exception:
+            if self.compile:
+                log.exception("the static decode step failed to compile; decoding eager instead")
+                self.compile = False
+            else:
+                log.exception("flex decode attention failed to compile; using per-row attention instead")
+                kv.attention = "runs"

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from janus_core.attention.paged import PagedKV, _write
+from janus_core.attention.paged import PagedKV, _write, block_mask
 
 
 def tables_to_tensors(kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int], padded: int,
@@ -75,21 +75,7 @@ class StaticDecode:
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_counts: torch.Tensor,
              block_indices: torch.Tensor, to_logical: torch.Tensor) -> torch.Tensor:
         # ids, positions, slots: (P,); block_counts (P, 1, 1), block_indices (P, 1, 1, NB), to_logical (P, NB)
-        from torch.nn.attention.flex_attention import BlockMask  # torch >= 2.5; imported where it is used
-
-        bs = self.kv.block_size
-
-        def visible(b, h, q_idx, kv_idx):
-            logical = to_logical[b, kv_idx // bs]
-            return (logical >= 0) & (logical * bs + kv_idx % bs <= positions[b])
-
-        mask = BlockMask.from_kv_blocks(block_counts, block_indices, BLOCK_SIZE=(128, bs), mask_mod=visible,
-                                        seq_lengths=(1, self.kv.num_slots))
-        core = self.runner.core
+        mask = block_mask(self.kv, block_counts, block_indices, to_logical, positions)
         embeds = self.embed(ids[:, None])  # (P, 1, D)
-        cos_sin = core.rotary_emb(embeds, position_ids=positions.clamp(min=0)[:, None])
-        batch = _Attention(self.kv, slots, mask)
-        hidden = embeds
-        for layer in core.layers:
-            hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, janus_kv=batch)
-        return self.head(core.norm(hidden)[:, -1, :]).float()  # (P, V)
+        hidden = self.runner.layers(embeds, positions.clamp(min=0)[:, None], _Attention(self.kv, slots, mask))
+        return self.head(hidden[:, -1, :]).float()  # (P, V)

@@ -10,8 +10,8 @@ own position. Two caches save work:
   system prompt, the same image and another question, the next turn of a conversation, a preempted
   request coming back) takes those blocks by reference and prefills only the rest.
 
-This module knows the understanding prompt format, limits and detokenisation; the scheduler
-decides who runs and holds which blocks, and the runner does the tensor work.
+This module knows the understanding prompt format and limits; the scheduler decides who runs and holds
+which blocks, the runner does the tensor work, and the engine's output processor turns tokens into text.
 """
 
 from __future__ import annotations
@@ -20,22 +20,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from janus_core.attention.paged import PagedKV, PrefillBatch
 from janus_core.errors import InvalidRequestError
 from janus_core.models.loader import LoadedModel
-from janus_core.sampling.sampler import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
+from janus_core.requests import UnderstandRequest
+from janus_core.sampling.params import SamplingParams, request_seed
+from janus_core.sampling.sampler import RowSampling, sample, stream_uniforms
 from janus_core.sched.block_pool import chain_keys
 from janus_core.sched.kv_manager import KVManager
-from janus_core.sched.scheduler import Sequence as Seq
+from janus_core.sched.sequence import TEXT
+from janus_core.sched.sequence import Sequence as Seq
 from janus_core.simple.understand import check_limits
+from janus_core.step.batch import Foreground, StepOutput
 from janus_core.step.lru import ByteLRU
 from janus_core.step.rows import DecodeRows, RowValues
 from janus_core.step.runner import ModelRunner
 from janus_core.step.vision_cache import image_key
-from janus_core.text.conversation import Message
-from janus_core.text.detok import IncrementalDecoder
 from janus_core.text.processor import build_conversation_inputs, build_text_inputs, build_understanding_inputs
 
 Span = tuple[int, int, str]  # positions [start, end) of one image's placeholders, and its content key
@@ -50,7 +51,7 @@ class UnderstandingState:
     params: SamplingParams
     seed: int | None
     uniforms: torch.Tensor  # (1, max_new_tokens) float64: the stream of `seed`; (1, 1) if greedy
-    decoder: IncrementalDecoder
+    stop: list[str] = field(default_factory=list)  # stop strings (the output processor watches the text)
     out: list[int] = field(default_factory=list)
 
     @property
@@ -82,7 +83,9 @@ def image_spans(ids: Sequence[int], image_token: int, keys: Sequence[str]) -> li
     return spans
 
 
-class UnderstandingBatch:
+class TextBatch(Foreground):
+    kind = "understand"
+
     def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, manager: KVManager, *,
                  vision_cache_bytes: int, max_images: int, max_new_tokens: int, max_context: int,
                  max_running: int) -> None:
@@ -93,12 +96,12 @@ class UnderstandingBatch:
         self.vocab = int(lm.model.config.text_config.vocab_size)
         self.rows = DecodeRows(max_running, max_new_tokens, lm.device, vocab=self.vocab, eos=lm.special["eos"])
 
-    def prepare(self, request_id: str, images: Sequence[Image.Image], prompt: str, max_new_tokens: int,
-                params: SamplingParams, *, messages: Sequence[Message] | None = None, raw: bool = False,
-                prompt_ids: Sequence[int] | None = None) -> Seq:
+    def prepare(self, request: UnderstandRequest) -> Seq:
         """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for blocks.
         With `messages`, the whole conversation is the prompt and `images` are its images in order; `raw`
         (a plain completion): `prompt`, or `prompt_ids`, is the whole prompt, no chat format, no images."""
+        images, prompt, max_new_tokens, params = request.images, request.prompt, request.max_new_tokens, request.params
+        raw, prompt_ids, messages = request.raw, request.prompt_ids, request.messages
         if len(images) > self.max_images:
             raise InvalidRequestError(f"{len(images)} images given; at most {self.max_images} per request")
         if max_new_tokens > self.max_new_tokens:
@@ -119,15 +122,15 @@ class UnderstandingBatch:
         spans = image_spans(inputs.input_ids, self.lm.special["image"], keys)
         if self.lm.image_lead:  # features that start before the placeholders (JanusFlow: its begin-of-image)
             spans = [(a - self.lm.image_lead, b, key) for a, b, key in spans]
-        seed = params.seed if params.seed is not None else (None if params.greedy else new_seed())
+        seed = request_seed(params, draws=not params.greedy)
         state = UnderstandingState(
             ids=inputs.input_ids, pixels=inputs.pixel_values, image_keys=keys, spans=spans, params=params, seed=seed,
             uniforms=stream_uniforms(seed if seed is not None else 0, 1 if params.greedy else max_new_tokens)[None],
-            decoder=IncrementalDecoder(self.lm.tokenizer),
+            stop=list(request.stop),
         )
-        return Seq(request_id, "understand", prompt_tokens=len(inputs.input_ids), max_tokens=max_new_tokens,
+        return Seq(request.request_id, "understand", prompt_tokens=len(inputs.input_ids), max_steps=max_new_tokens,
                    stop_token=None if params.ignore_eos else self.lm.special["eos"], data=state,
-                   cache_keys=chain_keys(state.ids, self.kv.block_size, spans))
+                   cache_keys=chain_keys(state.ids, self.kv.block_size, spans), layout=TEXT)
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         check_limits(self.lm, prompt_tokens, max_new_tokens)
@@ -136,8 +139,8 @@ class UnderstandingBatch:
                 f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the engine's "
                 f"context length of {self.max_context} tokens")
 
-    def prefill(self, seq: Seq) -> int:
-        """Compute the positions the row's table does not hold yet (all but cached blocks); sample a token.
+    def prefill(self, seq: Seq) -> torch.Tensor:
+        """Compute the positions the row's table does not hold yet (all but cached blocks); sample a token (1,).
 
         A preempted request comes back through here: its prompt and every token it had sampled are its
         new prompt, and the token sampled now is the one its next decode step would have given.
@@ -155,7 +158,7 @@ class UnderstandingBatch:
         rows = RowSampling.of([state.params], state.uniforms[:, min(len(state.out), state.uniforms.shape[1] - 1)],
                               hidden.device, produced=[len(state.out)], history=[tokens], vocab=self.vocab,
                               eos=self.lm.special["eos"])
-        return int(sample(self.runner.text_logits(hidden), rows)[0])
+        return sample(self.runner.text_logits(hidden), rows)
 
     def _embed(self, state: UnderstandingState, start: int, end: int) -> torch.Tensor:
         """Embeddings of positions [start, end): text, with SigLIP features over the images' placeholders."""
@@ -194,12 +197,6 @@ class UnderstandingBatch:
             seq.cache_keys += chain_keys(state.tokens[:fed], bs, state.spans, prev=prev, first=len(seq.cache_keys))
         self.manager.register(seq)
 
-    def push(self, seq: Seq, token: int) -> str:
-        """Record a (non-stop) token; returns the newly settled text."""
-        state: UnderstandingState = seq.data
-        state.out.append(token)
-        return state.decoder.push(token)
-
     def launch(self, seqs: list[Seq]) -> torch.Tensor:
         """Queue one token for every running request (each feeds its last token at its next position);
         returns the chosen tokens (B,) on the device. Inputs come from the preallocated rows."""
@@ -215,9 +212,23 @@ class UnderstandingBatch:
         rows.advance(chosen)
         return chosen
 
-    def reset_rows(self) -> None:
+    def update(self, seqs: list[Seq], chosen: list[int] | None) -> list[StepOutput]:
+        """Record each row's token in its answer (a stop token ends it without being part of it)."""
+        assert chosen is not None
+        outputs = []
+        for seq, token in zip(seqs, chosen, strict=True):
+            state: UnderstandingState = seq.data
+            if token != seq.stop_token:
+                state.out.append(token)
+            outputs.append(StepOutput(seq, token, len(state.out), seq.max_steps))
+        return outputs
+
+    def reset(self) -> None:
         """Forget the row state (after a failed step): the next `launch` writes every row afresh."""
         self.rows.reset()
+
+    def clear_caches(self) -> None:
+        self.vision.clear()
 
     @staticmethod
     def _values(seq: Seq) -> RowValues:

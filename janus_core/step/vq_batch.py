@@ -6,7 +6,7 @@ by all n images; the pair is prefilled once into image 0's rows and the partial 
 copied into each other image's first own block. Each step feeds every image's last code at its own
 position (requests that joined later are at earlier positions), applies the guidance
 `uncond + cfg_weight * (cond - uncond)` per image, and samples all images in one pass, each from its
-own counter-based stream (seed + i, as `generation.image_seeds`), so the draws do not depend on the
+own counter-based stream (seed + i: `janus_core.sampling.params.image_seeds`), so the draws do not depend on the
 rest of the batch. Finished requests are VQ-decoded one image at a time (byte-reproducible pixels).
 
 This module knows the generation prompt format, CFG and image codes; the scheduler decides who
@@ -16,6 +16,7 @@ the caller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +24,14 @@ import torch
 
 from janus_core.attention.paged import PagedKV, PrefillBatch, slots_of
 from janus_core.errors import InvalidRequestError
+from janus_core.limits import VQ_CFG_WEIGHT, check_generation, generator_refusal
 from janus_core.models.loader import LoadedModel
-from janus_core.sampling.sampler import RowSampling, SamplingParams, new_seed, sample, stream_uniforms
-from janus_core.sched.scheduler import Sequence
-from janus_core.simple.generate import check_generation, decode_images, image_seeds, prompt_ids
+from janus_core.requests import GenerateRequest, GenerateResult
+from janus_core.sampling.params import SamplingParams, image_seeds, request_seed
+from janus_core.sampling.sampler import RowSampling, sample, stream_uniforms
+from janus_core.sched.sequence import CFG_PAIR, Sequence
+from janus_core.simple.generate import decode_images, prompt_ids
+from janus_core.step.batch import Foreground, StepOutput, per_sequence
 from janus_core.step.rows import DecodeRows, RowValues
 from janus_core.step.runner import ModelRunner
 from janus_core.text.processor import unconditional_ids
@@ -48,34 +53,42 @@ class GenerationState:
         return self.pair.shape[1]
 
 
-class GenerationBatch:
+class VQBatch(Foreground):
+    kind = "generate"
+    defer_finish = True  # VQ decoding, image by image, can run while the device computes the next step
+
     def __init__(self, lm: LoadedModel, runner: ModelRunner, kv: PagedKV, *, max_images: int,
-                 max_prompt_tokens: int) -> None:
+                 max_prompt_tokens: int, wake: Callable[[], None] | None = None) -> None:
+        # `wake`: unused; a VQ batch has no background work to report
         self.lm, self.runner, self.kv = lm, runner, kv
         self.max_images, self.max_prompt_tokens = max_images, max_prompt_tokens
         self.rows = DecodeRows(max_images, lm.num_image_tokens, lm.device)  # one sampling row per image
 
-    def prepare(self, request_id: str, prompt: str, n: int, cfg_weight: float,
-                params: SamplingParams) -> Sequence:
+    def prepare(self, request: GenerateRequest) -> Sequence:
         """Validate and tokenize a request (raises `InvalidRequestError`); the sequence waits for blocks."""
+        refusal = generator_refusal("vq", ["steps"] if request.steps is not None else [])
+        if refusal:
+            raise InvalidRequestError(refusal)
+        n, params, prompt = request.n, request.params, request.prompt
+        cfg_weight = VQ_CFG_WEIGHT if request.cfg_weight is None else request.cfg_weight
         check_generation(n, cfg_weight)
         cond = prompt_ids(self.lm, prompt, n, max_images=self.max_images, max_prompt_tokens=self.max_prompt_tokens)
         total = len(cond) + self.lm.num_image_tokens
         if total > self.lm.max_context:
             raise InvalidRequestError(f"prompt is {len(cond)} tokens; with {self.lm.num_image_tokens} image tokens "
                                       f"it exceeds the generation context length of {self.lm.max_context}")
-        seed = params.seed if params.seed is not None else new_seed()
+        seed = request_seed(params)
         steps = 1 if params.greedy else self.lm.num_image_tokens
         state = GenerationState(
             pair=torch.tensor([cond, unconditional_ids(self.lm, cond)]), n=n, cfg_weight=cfg_weight,
             params=params, seed=seed, uniforms=torch.stack([stream_uniforms(s, steps) for s in image_seeds(seed, n)]),
             tokens=torch.zeros((n, self.lm.num_image_tokens), dtype=torch.long),
         )
-        return Sequence(request_id, "generate", prompt_tokens=len(cond), max_tokens=self.lm.num_image_tokens,
-                        width=n, data=state)
+        return Sequence(request.request_id, "generate", prompt_tokens=len(cond), max_steps=self.lm.num_image_tokens,
+                        width=n, data=state, layout=CFG_PAIR)
 
-    def prefill(self, seq: Sequence) -> list[int]:
-        """Prefill the CFG pair once, copy its partial block to every image's rows, sample each image's first code."""
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        """Prefill the CFG pair once, copy its partial block to every image's rows; each image's first code (n,)."""
         state: GenerationState = seq.data
         bs, length = self.kv.block_size, state.prompt_len
         batch = PrefillBatch.for_rows(self.kv, seq.tables[:2], 0, length)
@@ -88,7 +101,7 @@ class GenerationBatch:
         logits = self.runner.image_logits(hidden)  # (2, V)
         guided = logits[1:] + state.cfg_weight * (logits[:1] - logits[1:])  # (1, V)
         rows = RowSampling.of([state.params] * state.n, state.uniforms[:, 0], guided.device)
-        return self.record([seq], sample(guided.expand(state.n, -1), rows).tolist())[0]
+        return sample(guided.expand(state.n, -1), rows)
 
     def launch(self, seqs: list[Sequence]) -> torch.Tensor:
         """Queue one step for every running request's rows; returns the new code of each image (I,) on the device.
@@ -109,7 +122,7 @@ class GenerationBatch:
         rows.advance(chosen)
         return chosen
 
-    def reset_rows(self) -> None:
+    def reset(self) -> None:
         """Forget the row state (after a failed step): the next `launch` writes every row afresh."""
         self.rows.reset()
 
@@ -121,19 +134,22 @@ class GenerationBatch:
                          step=state.steps, temperature=p.temperature, top_p=p.top_p, greedy=p.greedy,
                          uniforms=state.uniforms, cfg_weight=state.cfg_weight)
 
-    @staticmethod
-    def record(seqs: list[Sequence], codes: list[int]) -> list[list[int]]:
-        """Store one step's codes (all images of `seqs`, in order) in the requests; returns them per request."""
-        out, at = [], 0
-        for seq in seqs:
+    def update(self, seqs: list[Sequence], chosen: list[int] | None) -> list[StepOutput]:
+        """Store one step's codes (all images of `seqs`, in order) in the requests."""
+        assert chosen is not None
+        outputs = []
+        for seq, codes in zip(seqs, per_sequence(chosen, seqs), strict=True):
             state: GenerationState = seq.data
-            mine = codes[at:at + state.n]
-            state.tokens[:, state.steps] = torch.tensor(mine)
+            state.tokens[:, state.steps] = torch.tensor(codes)
             state.steps += 1
-            out.append(mine)
-            at += state.n
-        return out
+            outputs.append(StepOutput(seq, None, state.steps, seq.max_steps))
+        return outputs
 
-    def decode_pixels(self, seqs: list[Sequence]) -> list[np.ndarray]:
-        """VQ-decode the finished requests (image by image: `decode_images`); one (n, H, W, 3) uint8 array each."""
-        return [decode_images(self.lm, seq.data.tokens) for seq in seqs]
+    def finish(self, seqs: list[Sequence]) -> list[tuple[Sequence, GenerateResult]]:
+        """VQ-decode the finished requests (image by image: `decode_images`, byte-reproducible pixels)."""
+        return [(seq, GenerateResult(seq.data.seed, seq.data.tokens, decode_images(self.lm, seq.data.tokens)))
+                for seq in seqs]
+
+    @staticmethod
+    def profile_peak(lm: LoadedModel, runner: ModelRunner, prefill_tokens: int, rows: int) -> int:
+        return runner.profile_peak(prefill_tokens, rows)

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from .helpers import (
+from tests.support.deploy import (
     DEPLOY,
     REPO,
     compose_default,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO
+from tests.support.deploy import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .helpers import (
+from tests.support.deploy import (
     KUSTOMIZATIONS,
     UnsupportedKustomization,
     by_kind,

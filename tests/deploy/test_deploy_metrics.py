@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from .helpers import DEPLOY, load_metric_catalog
+from tests.support.deploy import DEPLOY, load_metric_catalog
 
 DASHBOARD = DEPLOY / "grafana" / "janus-dashboard.json"
 TYPES = {"counter", "gauge", "histogram"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import KUSTOMIZATIONS, by_kind, containers, render
+from tests.support.deploy import KUSTOMIZATIONS, by_kind, containers, render
 
 ALL = list(KUSTOMIZATIONS)
 NAMESPACE = "janus"

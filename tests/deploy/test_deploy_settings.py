@@ -9,8 +9,7 @@ import re
 import pytest
 
 from server.settings import Settings
-
-from .helpers import DEPLOY, KUSTOMIZATIONS, REPO, by_kind, containers, load_compose, render
+from tests.support.deploy import DEPLOY, KUSTOMIZATIONS, REPO, by_kind, containers, load_compose, render
 
 FIELDS = set(Settings.model_fields)
 DOCKERFILE_TEXT = (REPO / "Dockerfile").read_text()

@@ -1,12 +1,11 @@
+"""Fixtures of the integration tests: one `janus-server serve` of the tiny model shared by read-only tests."""
+
 from __future__ import annotations
 
-import base64
-import io
-
 import pytest
-from PIL import Image
 
-from tests.integration.servers import start_server
+from tests.support.images import b64, png_bytes
+from tests.support.servers import start_server
 
 
 @pytest.fixture(scope="session")
@@ -15,16 +14,6 @@ def server(tiny_hf_dir, tmp_path_factory):
     proc = start_server(["serve", "--model", str(tiny_hf_dir)], tmp_path_factory.mktemp("logs"))
     yield proc
     proc.stop()
-
-
-def png_bytes(size=(48, 32), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="session")

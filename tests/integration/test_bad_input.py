@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import b64, png_bytes
+from tests.support.images import b64, png_bytes
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

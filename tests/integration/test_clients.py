@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import b64, png_bytes
+from tests.support.images import b64, png_bytes
 
 pytestmark = pytest.mark.timeout(300)
 OFFLINE = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1",

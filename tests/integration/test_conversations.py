@@ -20,7 +20,7 @@ from transformers import JanusForConditionalGeneration, JanusProcessor
 
 from server.rpc.client import JanusClient
 from server.rpc.gen.janus.v1 import janus_pb2
-from tests.integration.servers import start_server
+from tests.support.servers import start_server
 
 SYSTEM = "You describe pictures briefly."
 ANSWER = "A red square on a blue field."

@@ -24,9 +24,9 @@ import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration import redis_fixture
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import spawn_worker, start_server, wait_http_ok, wait_until_ready
+from tests.support import redis_fixture
+from tests.support.images import b64, png_bytes
+from tests.support.servers import spawn_worker, start_server, wait_http_ok, wait_until_ready
 
 redis_server = redis_fixture.redis_server
 

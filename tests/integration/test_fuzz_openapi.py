@@ -3,7 +3,7 @@ the truth about what each route accepts (positive data accepted, negative data r
 codes, content types and headers it returns (405 with `Allow`), and the server never answers 5xx.
 
 Two runs of the real CLI (its pytest plugin does not load under this pytest):
-- with `tests/integration/schemathesis_hooks.py`, which puts real images into generated requests,
+- with `tests/support/schemathesis_hooks.py`, which puts real images into generated requests,
   so the understanding success path is fuzzed too;
 - without it, so undecodable images must be refused with a documented 4xx (the check that
   schema-valid data is accepted is left out: no schema can say "a decodable image").
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import start_server
+from tests.support.servers import start_server
 
 pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def schemathesis(url: str, *args: str, hooks: bool) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
     env.pop("SCHEMATHESIS_HOOKS", None)
     if hooks:
-        env["SCHEMATHESIS_HOOKS"] = "tests.integration.schemathesis_hooks"
+        env["SCHEMATHESIS_HOOKS"] = "tests.support.schemathesis_hooks"
     cli = Path(sys.executable).with_name("schemathesis")
     done = subprocess.run([str(cli), "run", url + "/openapi.json", "--checks", "all", "--max-examples", "3",
                            "--seed", "16", "--request-timeout", "60", "--no-color", "--output-sanitize", "false",

@@ -31,8 +31,10 @@ from server.keys import current_key
 from server.metrics import Metrics
 from server.queue.memory import MemoryQueue
 from server.rpc.client import Images, JanusClient, Progress
+from server.rpc.gate import status_for
 from server.rpc.gen.janus.v1 import janus_pb2, janus_pb2_grpc
-from server.rpc.service import MAX_HEALTH_WATCHES, create_grpc_server, status_for, stop_grpc_server
+from server.rpc.health import MAX_HEALTH_WATCHES
+from server.rpc.service import create_grpc_server, stop_grpc_server
 from server.service import Service
 from server.settings import Settings
 

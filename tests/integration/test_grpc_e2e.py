@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.rpc.client import JanusClient, Progress
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import metric, start_server, tokens_after_stop
-from tests.integration.test_metrics import scrape, value
+from tests.support.images import b64, png_bytes
+from tests.support.metrics import scrape, value
+from tests.support.servers import metric, start_server, tokens_after_stop
 
 IMAGE = png_bytes()
 

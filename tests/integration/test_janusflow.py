@@ -1,6 +1,6 @@
 """JanusFlow end to end: a real `janus-server serve` of the tiny JanusFlow checkpoint, over REST, the OpenAI
 images route and gRPC; the same request gives the same PNG on every surface, and that PNG is the official
-algorithm's (tests.flow_reference) to within one level. Parameters that mean nothing for the model are a 400.
+algorithm's (tests.support.flow_reference) to within one level. Parameters that mean nothing for the model are a 400.
 """
 
 from __future__ import annotations
@@ -16,18 +16,9 @@ import pytest
 from PIL import Image
 
 from server.rpc.client import Images, JanusClient, Progress
-from tests.integration.browser import console_problems, require_browser, start_chromium, wait_for
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import start_server
+from tests.support.images import b64, png_bytes
 
 PROMPT = "a red fox in the snow"
-
-
-@pytest.fixture(scope="module")
-def flow_server(tiny_flow_dir, tmp_path_factory):
-    proc = start_server(["serve", "--model", str(tiny_flow_dir)], tmp_path_factory.mktemp("flow-logs"))
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +52,8 @@ def test_models_says_flow(http):
 def test_rest_png_is_the_official_algorithm(http, tiny_flow_dir):
     from janus_core.models.loader import load_model
     from janus_core.text.processor import build_generation_ids
-    from tests.flow_reference import reference_latents, reference_pixels
-    from tests.unit.test_flow import assert_same_pixels, noise
+    from tests.support.flow_checks import assert_same_pixels, noise
+    from tests.support.flow_reference import reference_latents, reference_pixels
 
     png = rest_png(http, steps=4, seed=21, cfg_weight=3.0)
     lm = load_model(str(tiny_flow_dir), device="cpu")
@@ -71,7 +62,7 @@ def test_rest_png_is_the_official_algorithm(http, tiny_flow_dir):
 
 
 def test_same_seed_same_png_and_defaults(http):
-    from tests.unit.test_flow import assert_same_pixels
+    from tests.support.flow_checks import assert_same_pixels
 
     first = rest_png(http, steps=3, seed=5)
     assert rest_png(http, steps=3, seed=5) == first
@@ -162,17 +153,3 @@ def test_openapi_documents_the_parameters_each_model_takes(flow_server, server):
         for body in ("GenerateBody", "ImagesGenerationsBody"):
             fields = schemas[body]["properties"]
             assert has in fields and not any(f in fields for f in lacks), (url, body, sorted(fields))
-
-
-def test_playground_shows_steps_and_no_temperature(flow_server):
-    """JanusFlow in the playground: ODE steps to set, no temperature (it samples no tokens)."""
-    require_browser()
-    driver = start_chromium()
-    try:
-        driver.get(flow_server.url + "/")
-        wait_for(lambda: driver.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
-        wait_for(lambda: driver.find_element("id", "gen-steps-label").is_displayed(), 10, "the Steps field")
-        assert not driver.find_element("id", "gen-temperature-label").is_displayed()
-        assert console_problems(driver) == []
-    finally:
-        driver.quit()

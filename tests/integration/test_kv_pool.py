@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import start_server
-from tests.integration.test_metrics import scrape, total, value
+from tests.support.images import b64, png_bytes
+from tests.support.metrics import scrape, total, value
+from tests.support.servers import start_server
 
 POOL_TOKENS = 256  # 16 blocks: an image of the tiny model (16 codes, CFG) takes 4, an image question ~6
 IMAGES = [b64(png_bytes(color=c)) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]

@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import metric, start_server, tokens_after_stop
+from tests.support.images import b64, png_bytes
+from tests.support.servers import metric, start_server, tokens_after_stop
 
 IMAGE = b64(png_bytes())
 # With the seed-0 tiny model this prompt runs to max_new_tokens without meeting EOS (about two

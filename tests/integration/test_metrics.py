@@ -7,28 +7,12 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import start_server, wait_for_fresh_metrics
+from tests.support.images import b64, png_bytes
+from tests.support.metrics import scrape, value
+from tests.support.servers import start_server, wait_for_fresh_metrics
 
 IMAGE = b64(png_bytes())
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def total(samples, name: str) -> float:
-    return sum(v for (n, _), v in samples.items() if n == name)
 
 
 @pytest.fixture(scope="module")

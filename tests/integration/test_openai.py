@@ -10,7 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import b64, png_bytes
+from tests.support.images import b64, png_bytes
 
 DATA_URL = "data:image/png;base64," + b64(png_bytes())
 

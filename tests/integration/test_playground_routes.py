@@ -5,49 +5,21 @@ The app runs in a real uvicorn server on a free port, without a model: these rou
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import sys
-import threading
-import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from server.cli import build_parser, settings_from
-from server.http.app import create_app
-from server.metrics import Metrics
-from server.queue import create_queue
-from server.service import Service
 from server.settings import Settings
-from tests.integration.servers import free_port
+from tests.support.app_server import serving
 
 REPO = Path(__file__).resolve().parents[2]
 STATIC = ["playground.html", "playground.css", "playground.js"]
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    app = create_app(settings, Service(settings, create_queue("memory")), Metrics())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_served_at_root_and_playground_with_its_assets():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import free_port, start_server
+from tests.support.servers import free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

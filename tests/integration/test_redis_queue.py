@@ -32,7 +32,7 @@ from server.jobs import (
 from server.queue import IdempotencyConflict, QueueFull, QueueUnavailable, create_queue
 from server.queue.memory import MemoryQueue
 from server.queue.redis.queue import RedisQueue
-from tests.integration import redis_fixture
+from tests.support import redis_fixture
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import b64, png_bytes
+from tests.support.images import b64, png_bytes
 
 
 def _sse(response: httpx.Response) -> list:
@@ -97,8 +97,9 @@ def test_generate_unseeded_reports_seed(server):
 
 
 def test_generate_greedy_equals_engine(server, tiny_hf):
-    from janus_core.sampling.sampler import SamplingParams
-    from janus_core.simple.generate import encode_png, generate_images
+    from janus_core.images import encode_png
+    from janus_core.sampling.params import SamplingParams
+    from janus_core.simple.generate import generate_images
 
     r = httpx.post(server.url + "/v1/generate", json={"prompt": "a cat", "temperature": 0}, timeout=60)
     expected = generate_images(tiny_hf, "a cat", params=SamplingParams(temperature=0.0))

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from janus_core.engine import memory
-from janus_core.engine.engine import Engine, EngineConfig
 from janus_core.models import deepseek
-from janus_core.models.loader import load_model
-from tests.real_configs import janus_pro_config, write_config
+from tests.support.real_configs import janus_pro_config, write_config
 
 GiB = 2**30
 
@@ -55,31 +51,3 @@ def test_plan_reads_the_transformers_layout_too(tmp_path):
     hf = memory.plan(str(tmp_path), [40 * GiB])
     ds = memory.plan(str(write_config(tmp_path / "ds", "1b")), [40 * GiB])
     assert hf["plans"] == ds["plans"] and hf["kv_bytes_per_token"] == 192 * 1024
-
-
-def test_plan_cli_prints_json_and_names_a_missing_config(tmp_path):
-    model = write_config(tmp_path / "7b", "7b")
-    out = subprocess.run([sys.executable, "-m", "server.cli", "plan", "--model", str(model), "--json",
-                          "--gpu-memory", "24GiB", "--gpu-memory", "80GiB"], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    assert set(result) >= {"weights_bytes", "kv_bytes_per_token", "plans"}
-    assert [set(p) for p in result["plans"]] == [{"memory_bytes", "kv_cache_bytes", "kv_tokens", "concurrent_images",
-                                                  "concurrent_sequences"}] * 2
-    assert [p["memory_bytes"] for p in result["plans"]] == [24 * GiB, 80 * GiB]
-    table = subprocess.run([sys.executable, "-m", "server.cli", "plan", "--model", str(model)], capture_output=True,
-                           text=True, check=True).stdout
-    assert "80.0 GiB" in table and "images" in table
-    missing = subprocess.run([sys.executable, "-m", "server.cli", "plan", "--model", str(tmp_path / "nowhere")],
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and "neither a local directory nor a hub id" in missing.stderr
-
-
-def test_the_engine_sizes_its_pool_with_the_planners_arithmetic(tiny_hf_dir):
-    tiny_hf = load_model(str(tiny_hf_dir), "cpu")  # not the session's oracle copy: an engine adapts its model
-    per_token = memory.kv_bytes_per_token(tiny_hf.model.config.text_config, tiny_hf.dtype)
-    engine = Engine(tiny_hf, EngineConfig(kv_cache_memory=100 * 16 * per_token + 5, pack_cpu_linears=False))
-    assert engine.capacity == memory.capacity(100 * 16 * per_token + 5, per_token, tiny_hf.num_image_tokens)
-    assert engine.pool.num_blocks == 100 and engine.kv.nbytes == 100 * 16 * per_token
-    default = Engine(tiny_hf, EngineConfig(max_batch_size=4, pack_cpu_linears=False))
-    # CPU default: what the batch cap could use at the model's context, at most 2 GiB.
-    assert default.kv.nbytes == 2 * 4 * tiny_hf.max_context * per_token

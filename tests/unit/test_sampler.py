@@ -16,8 +16,9 @@ import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from janus_core.attention.paged import _general_groups, _single_run_groups
+from janus_core.sampling.params import SamplingParams
 from janus_core.sampling.philox import philox4x32, uniforms
-from janus_core.sampling.sampler import RowSampling, SamplingParams, sample, stream_uniforms, top_p_filter, warp
+from janus_core.sampling.sampler import RowSampling, sample, stream_uniforms, top_p_filter, warp
 from janus_core.step.rows import DecodeRows, RowValues
 
 CPU = torch.device("cpu")

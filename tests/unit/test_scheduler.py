@@ -16,12 +16,12 @@ BS = 4  # small blocks keep the arithmetic readable
 
 
 def understand(rid: str, prompt: int = 10, max_tokens: int = 4, keys: list[bytes] | None = None) -> Sequence:
-    return Sequence(rid, "understand", prompt_tokens=prompt, max_tokens=max_tokens, stop_token=EOS,
+    return Sequence(rid, "understand", prompt_tokens=prompt, max_steps=max_tokens, stop_token=EOS,
                     cache_keys=keys or [])
 
 
 def generate(rid: str, n: int = 1, prompt: int = 10, steps: int = 3) -> Sequence:
-    return Sequence(rid, "generate", prompt_tokens=prompt, max_tokens=steps, width=n)
+    return Sequence(rid, "generate", prompt_tokens=prompt, max_steps=steps, width=n)
 
 
 def make(blocks: int = 64, running: int = 8, budget: int = 1000, caching: bool = True) -> Scheduler:
@@ -244,7 +244,7 @@ def test_room_to_grow_is_kept_for_a_row_and_given_up_under_pressure():
         sched.update(a, 5)
         sched.schedule()
     assert a.tables == [[0, 1, 2]] and a.reserved == [3]  # a grew into its room: still one run
-    c = Sequence("c", "generate", prompt_tokens=8, max_tokens=5, width=1)  # 6 blocks: 5 free + a's last one
+    c = Sequence("c", "generate", prompt_tokens=8, max_steps=5, width=1)  # 6 blocks: 5 free + a's last one
     sched.add(c)
     sched.schedule()
     assert c.status is Status.RUNNING and sched.kv.pool.num_free == 0  # the room went when nothing else was free

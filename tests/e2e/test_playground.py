@@ -16,8 +16,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.integration.browser import console_problems, require_browser, start_chromium, wait_for
-from tests.integration.servers import start_server
+from tests.support.browser import console_problems, require_browser, start_chromium, wait_for
+from tests.support.servers import start_server
 
 MAX_IMAGE_BYTES = 1024 * 1024  # above a 384x384 noise PNG (so "use as input" works), below the one made here
 
@@ -257,7 +257,7 @@ def test_page_assets_are_local_and_locked_down(page_server):
 def test_asks_for_the_api_key_once_and_keeps_it_in_the_session(browser):
     """Behind --api-key the page loads without one, asks for it, and keeps it in sessionStorage only."""
     from server.settings import Settings
-    from tests.integration.test_playground_routes import serving
+    from tests.support.app_server import serving
 
     with serving(Settings(api_key=["s3cret"])) as url:
         browser.get(url + "/")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_core.sampling.sampler import SamplingParams
+from janus_core.sampling.params import SamplingParams
 from janus_core.simple.generate import generate_images
 from janus_core.simple.understand import understand
 

@@ -26,8 +26,8 @@ import pytest
 import redis.asyncio
 
 from server.rpc.gen.janus.v1 import janus_pb2, janus_pb2_grpc
-from tests.integration import redis_fixture
-from tests.integration.servers import (
+from tests.support import redis_fixture
+from tests.support.servers import (
     ServerProcess,
     WorkerProcess,
     metric,

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from janus_core import Engine, EngineConfig, FailedOutput, GenerateRequest, UnderstandRequest
 from janus_core.attention.paged import runs_of
-from janus_core.engine.engine import Engine, EngineConfig, FailedOutput, GenerateRequest, UnderstandRequest
 from janus_core.engine.memory import kv_bytes_per_token
 from janus_core.models.loader import LoadedModel, load_model
-from janus_core.sampling.sampler import SamplingParams
+from janus_core.sampling.params import SamplingParams
 from janus_core.simple.generate import decode_images
-from tests.unit.test_engine_batching import (
+from tests.support.engine_oracle import (
     Collector,
     reference_image_tokens,
     run,
@@ -174,25 +174,3 @@ def test_requests_larger_than_the_pool_are_refused_with_the_numbers(sharp, reque
     out = run(engine, [request_]).outputs["r"]
     assert len(out) == 1 and isinstance(out[0], FailedOutput) and out[0].reason == "invalid"
     assert words in out[0].message and "KV pool holds 128" in out[0].message
-
-
-def test_grouped_attention_over_shared_and_own_runs_equals_row_by_row():
-    """Rows of a shared prefix run plus evenly spaced own runs of different lengths: one strided call per run,
-    merged by log-sum-exp, equals SDPA over each row's gathered keys."""
-    from janus_core.attention.paged import DecodeBatch, PagedKV
-
-    kv = PagedKV(layers=1, kv_heads=4, num_blocks=40, block_size=16, head_dim=8, dtype=torch.float32,
-                 device=torch.device("cpu"))
-    for buf in (*kv.k, *kv.v):
-        buf.normal_()
-    tables = [[0, 1, 5 + 4 * b, 6 + 4 * b, 7 + 4 * b] for b in range(4)]  # two shared blocks, then each row's own
-    positions = [70, 75, 66, 79]
-    batch = DecodeBatch.for_rows(kv, tables, positions)
-    assert len(batch.groups) == 1 and [p.step for p in batch.groups[0].parts] == [0, 64]
-    q, new = torch.randn(4, 4, 1, 8), torch.randn(4, 4, 1, 8)
-    got = batch.attend(0, q, new, new, 8 ** -0.5)
-    for b, (table, p) in enumerate(zip(tables, positions, strict=True)):
-        slots = torch.tensor([table[i // 16] * 16 + i % 16 for i in range(p + 1)])
-        expected = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1], kv.k[0][None, :, slots],
-                                                                    kv.v[0][None, :, slots])
-        assert torch.allclose(got[b:b + 1], expected, atol=1e-5), b

@@ -1,4 +1,4 @@
-"""schemathesis hooks (SCHEMATHESIS_HOOKS=tests.integration.schemathesis_hooks): real images.
+"""schemathesis hooks (SCHEMATHESIS_HOOKS=tests.support.schemathesis_hooks): real images.
 
 No schema can say "a decodable image", so fuzzed image fields are strings or bytes that the server
 rightly refuses. For the run that fuzzes the understanding success path, `before_call` swaps every

@@ -1,6 +1,6 @@
 """JanusFlow on the tiny checkpoint: the batched, cached engine against the official algorithm.
 
-Generation: `tests.flow_reference` (DeepSeek's loop, full recompute, one request at a time, on its own
+Generation: `tests.support.flow_reference` (DeepSeek's loop, full recompute, one request at a time, on its own
 copy of the weights) and the engine agree on the final latents within fp32 tolerance (LATENT_ATOL)
 and on the PNGs' pixels, for a mixed batch (prompts, n, CFG weights, step counts, a request joining
 mid-run); a seeded request gives the same image alone and batched. Understanding: greedy tokens equal
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_core.engine.engine import (
+from janus_core import (
     Engine,
     EngineConfig,
     FailedOutput,
@@ -28,10 +28,10 @@ from janus_core.engine.engine import (
 )
 from janus_core.engine.memory import blocks_for
 from janus_core.models.loader import load_model
-from janus_core.sampling.sampler import SamplingParams, make_generator
-from janus_core.simple.generate import image_seeds
+from janus_core.sampling.params import SamplingParams
 from janus_core.text.processor import build_generation_ids, build_understanding_inputs
-from tests.flow_reference import reference_latents, reference_pixels
+from tests.support.flow_checks import assert_same_pixels, noise
+from tests.support.flow_reference import reference_latents, reference_pixels
 
 # Largest |engine - reference| allowed on any latent value (latents are ~N(0, 1) plus the flow's drift).
 # Measured: at most 3.3e-5 (the request with w = 5, |z| up to 7.5; ~4e-6 relative): the same fp32 arithmetic in
@@ -66,19 +66,6 @@ class Collector:
             self.progress.setdefault(out.request_id, []).append((out.step, out.total))
         elif isinstance(out, (FinishedOutput, FailedOutput)):
             self.done[out.request_id] = out
-
-
-def noise(lm, seed: int, n: int) -> torch.Tensor:
-    p = lm.flow
-    return torch.stack([torch.randn((p.latent_channels, p.latent_size, p.latent_size), generator=make_generator(s,
-                        lm.device)) for s in image_seeds(seed, n)])
-
-
-def assert_same_pixels(a: np.ndarray, b: np.ndarray) -> None:
-    """Within one level on at most 0.1% of values (see the mixed-batch test for why not bit-exact)."""
-    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
-    off = np.abs(a.astype(int) - b.astype(int))
-    assert off.max() <= 1 and (off > 0).mean() <= 1e-3, (off.max(), (off > 0).mean())
 
 
 def flow_request(rid: str, prompt: str, n: int, weight: float, steps: int, seed: int) -> GenerateRequest:
@@ -244,7 +231,7 @@ def test_tiny_model_cli_writes_a_janusflow_checkpoint_and_a_vae(tmp_path, capsys
     assert {"vision_und_enc_config", "vision_gen_enc_config", "vision_gen_dec_config", "language_config"} <= set(config)
     assert json.loads((out / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
     lm = load_model(str(out), device="cpu")
-    assert (lm.kind, lm.chat_format, lm.flow.grid, lm.flow.latent_size) == ("flow", "janus", 4, 8)
+    assert (lm.generator, lm.chat_format, lm.flow.grid, lm.flow.latent_size) == ("flow", "janus", 4, 8)
     assert main(["tiny-model", str(tmp_path / "hf"), "--family", "janusflow", "--format", "hf"]) == 2
     assert "DeepSeek's layout only" in capsys.readouterr().err
 
@@ -269,14 +256,14 @@ def test_loading_names_a_missing_weight_and_a_bad_vae(tiny_flow_dir, tmp_path):
 
 def test_vae_decode_off_the_model_loop_gives_the_same_images(flow_lm, engine):
     """The CUDA path (PixelDecoder on its own thread), forced on CPU: same pixels, answered in order."""
-    from janus_core.step.flow_batch import PixelDecoder
+    from janus_core.step.pixels import PixelDecoder
 
     inline = Collector()
     for rid, prompt, n, w, steps, seed in MIXED:
         engine.add_request(flow_request(rid, prompt, n, w, steps, seed), inline)
     engine.run_until_idle()
     off = Engine(flow_lm, EngineConfig(kv_cache_memory=2**24, max_batch_size=16))
-    off.pixels = PixelDecoder(flow_lm.flow, off._notify)
+    off.batches["generate"].pixels = PixelDecoder(flow_lm.flow, off._notify)
     threaded = Collector()
     off.start()
     try:
@@ -291,13 +278,4 @@ def test_vae_decode_off_the_model_loop_gives_the_same_images(flow_lm, engine):
         a, b = inline.done[rid], threaded.done[rid]
         assert isinstance(b, FinishedOutput), b
         assert_same_pixels(a.result.images, b.result.images)  # requests may join at other steps here
-    assert not off.pixels.pending
-
-
-def test_generation_jobs_carry_steps_and_unset_parameters_through_a_queue():
-    from server.jobs import GenerateParams, Job
-
-    job = Job("generate", GenerateParams("a cat", n=2, seed=3, steps=12))
-    back = Job.from_dict(job.to_dict())
-    assert back.params == GenerateParams("a cat", n=2, seed=3, steps=12)
-    assert (back.params.cfg_weight, back.params.temperature, back.params.top_p) == (None, None, None)
+    assert not off.batches["generate"].pending

@@ -35,9 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from janus_core.models.loader import LoadedModel
 from server.jobs import GenerateParams, Job, UnderstandParams
 from server.queue.redis.queue import RedisQueue
-from tests.integration import redis_fixture
-from tests.integration.conftest import b64, png_bytes
-from tests.integration.servers import (
+from tests.support import redis_fixture
+from tests.support.images import b64, png_bytes
+from tests.support.servers import (
     ServerProcess,
     WorkerProcess,
     free_port,
@@ -179,7 +179,7 @@ class Oracle:
         return self._texts[key]
 
     def generate(self, prompt: str, seed: int, n: int) -> np.ndarray:
-        from janus_core.sampling.sampler import SamplingParams
+        from janus_core.sampling.params import SamplingParams
         from janus_core.simple.generate import generate_images
 
         key = (prompt, seed, n)

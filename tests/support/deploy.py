@@ -32,7 +32,7 @@ KUSTOMIZATIONS = {
     "cpu": K8S / "overlays" / "cpu",
 }
 KUBERNETES_VERSION = "1.30"
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
+SCHEMAS = REPO / "tests" / "deploy" / "schemas"
 
 Obj = dict[str, Any]
 

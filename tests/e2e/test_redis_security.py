@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.redis_fixture import RedisServer, free_port, make_certificates
-from tests.integration.servers import start_server
+from tests.support.redis_fixture import RedisServer, free_port, make_certificates
+from tests.support.servers import start_server
 
 pytestmark = pytest.mark.timeout(180)
 
