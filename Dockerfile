@@ -1,18 +1,21 @@
 # syntax=docker/dockerfile:1
 #
-# janus-server images. Two final targets:
+# janus-server images. Three final targets:
 #
 #   docker build --target cuda -t janus-server:0.1.0 .        # NVIDIA GPUs (last stage: the default)
 #   docker build --target cpu  -t janus-server:0.1.0-cpu .    # CPU-only try-out image
+#   docker build --target api  -t janus-server-api:0.1.0 .    # `janus-server api` alone: no torch, no model
 #
-# Both run `janus-server` as a non-root user; every CLI flag can be set with an env var JANUS_<FLAG>
+# All run `janus-server` as a non-root user; every CLI flag can be set with an env var JANUS_<FLAG>
 # (JANUS_MODEL, JANUS_QUEUE, JANUS_DEVICE, JANUS_PORT, JANUS_GRPC_PORT, JANUS_API_KEY, ...), so the
-# default command is just `serve` and `docker run -e JANUS_MODEL=... janus-server:0.1.0` works.
+# default command of cuda and cpu is just `serve` and `docker run -e JANUS_MODEL=... janus-server:0.1.0`
+# works; the api image's is `api` (set JANUS_QUEUE=redis://...: its workers run from one of the others).
 # Model weights are downloaded into HF_HOME=/models, a volume: mount a persistent one.
 #
 # Layer order is chosen for the build cache: torch (GBs, changes rarely), then the locked dependencies
 # (requirements/serve.txt: every package pinned with its hashes, the same lock CI tests; torch is the
-# one package outside it, installed per target), then our own source (changes on every commit).
+# one package outside it, installed per target), then our own source (changes on every commit). The api
+# target installs requirements/api.txt instead: the same pins without the model runtime.
 # Base images are pinned by version; bump them deliberately, like the lock (scripts/lock.sh).
 
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
@@ -69,6 +72,48 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('JANUS_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["janus-server"]
 CMD ["serve"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# API only: `janus-server api --queue redis://...`, the REST + gRPC frontends of workers that run from the
+# cuda or cpu image. That process never imports torch, transformers or diffusers, so this venv has none
+# (requirements/api.txt: requirements/serve.txt's pins without the model runtime); the same image fronts
+# GPU and CPU workers. The build checks both: the installed api modules import (-I: not from /src), and the
+# model runtime is absent.
+FROM ${PYTHON_IMAGE} AS api-build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+RUN pip install --no-cache-dir --require-hashes -r requirements/api.txt
+COPY janus_core ./janus_core
+COPY server ./server
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && janus-server --help > /dev/null \
+    && python -I -c "import server.cli, server.runtime, server.http.app, server.rpc.service" \
+    && python -I -c "import importlib.util as u; assert not any(map(u.find_spec, ('torch', 'transformers', 'diffusers')))"
+
+
+FROM ${PYTHON_IMAGE} AS api
+RUN groupadd --system --gid 10001 janus \
+    && useradd --system --uid 10001 --gid janus --create-home --home-dir /home/janus janus
+COPY --from=api-build /opt/venv /opt/venv
+# JANUS_MODEL only names what /v1/models lists and OpenAI requests may say: set it to the workers' model.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    JANUS_MODEL=deepseek-community/Janus-Pro-1B \
+    JANUS_HOST=0.0.0.0 \
+    JANUS_PORT=8000 \
+    JANUS_GRPC_PORT=50051
+WORKDIR /home/janus
+USER 10001:10001
+EXPOSE 8000 50051
+# REST on JANUS_PORT; no model to load, so it answers within seconds of starting.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=1m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('JANUS_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["janus-server"]
+CMD ["api"]
 
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Refreshes the lock (requirements/test.txt, requirements/serve.txt) to the newest releases that
-# pyproject.toml's ranges allow, then reinstalls .venv from it and runs the whole test suite:
+# Refreshes the lock (requirements/test.txt, serve.txt, api.txt) to the newest releases that
+# pyproject.toml's ranges (and requirements/api.in's) allow, then reinstalls .venv from it and runs the
+# whole test suite:
 #   scripts/lock.sh                 # upgrade everything, then test
 #   scripts/lock.sh --no-upgrade    # re-resolve after editing pyproject.toml, keeping other pins
 #   JANUS_LOCK_ONLY=1 scripts/lock.sh   # write the lock, do not test
-# Commit the two files only when the tests pass: upgrading is a deliberate step, never a side effect
+# Commit the three files only when the tests pass: upgrading is a deliberate step, never a side effect
 # of installing. The lock pins every dependency with hashes except torch, which is installed first,
 # on its own (scripts/setup.sh: the CPU wheel; your CUDA build on a GPU machine; the Dockerfile: per
 # target): the lock is resolved against the CPU wheel so that torch's own dependencies are pinned
@@ -31,9 +32,11 @@ echo "torch==$torch_version+cpu" > "$constraint"
 compile=("$tools/bin/uv" pip compile --quiet --universal --python-version 3.11 --generate-hashes
          --no-emit-package torch --find-links "$torch_links" --constraint "$constraint"
          --custom-compile-command "scripts/lock.sh" "${upgrade[@]}")
-# test first; serve is resolved within it, so the two never pin a package differently
+# test first; serve and api are resolved within it, so no two files pin a package differently
 "${compile[@]}" pyproject.toml requirements/build.in --extra test -o requirements/test.txt
 "${compile[@]}" pyproject.toml requirements/build.in --constraint requirements/test.txt -o requirements/serve.txt
-echo "lock written: requirements/test.txt, requirements/serve.txt (torch $torch_version installed separately)"
+# the api-only image (Dockerfile target `api`): no model runtime, so no torch at all
+"${compile[@]}" requirements/api.in requirements/build.in --constraint requirements/test.txt -o requirements/api.txt
+echo "lock written: requirements/test.txt, requirements/serve.txt, requirements/api.txt (torch $torch_version installed separately)"
 [ -n "${JANUS_LOCK_ONLY:-}" ] && exit 0
 JANUS_SETUP_FORCE=1 exec scripts/test.sh

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     from server.logs import configure_logging
 
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, model_libraries=args.command != "api")
     from server import runtime
 
     if args.command in ("serve", "api") and (refused := check_keys(settings, args)) is not None:

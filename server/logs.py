@@ -63,7 +63,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str = "info", json_lines: bool = True) -> None:
+def configure_logging(level: str = "info", json_lines: bool = True, model_libraries: bool = True) -> None:
+    """One root handler for everything. `model_libraries`: also quiet transformers' and huggingface_hub's
+    (which imports them); off in `janus-server api`, which never loads either."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -73,7 +75,8 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.showwarning = _log_warning
-    quiet_libraries()
+    if model_libraries:
+        quiet_libraries()
 
 
 def quiet_libraries() -> None:

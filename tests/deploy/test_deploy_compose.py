@@ -71,7 +71,18 @@ def test_images_pinned(services):
         assert tag and tag != "latest", f"{name}: image {service['image']} not pinned"
         assert re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: image {service['image']} has a moving tag"
     assert services["redis"]["image"] == "redis:7.4.6-alpine"
-    assert services["api"]["build"] == {"context": ".", "target": "cuda"}
+    assert services["worker"]["build"] == {"context": ".", "target": "cuda"}
+    assert services["api"]["build"] == {"context": ".", "target": "api"}
+
+
+def test_api_runs_the_api_image(services):
+    """The api has no worker in its container: it runs the Dockerfile's `api` target (no torch), under an image
+    name of its own, and names the worker's model (what /v1/models lists and OpenAI requests may say)."""
+    api, worker = services["api"], services["worker"]
+    assert split_image(api["image"])[0] == "janus-server-api"
+    assert split_image(worker["image"])[0] == "janus-server"
+    assert re.search(r"^FROM \S+ AS api$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert compose_default(api["environment"]["JANUS_MODEL"]) == compose_default(_flag(worker["command"], "--model"))
 
 
 def test_api_and_worker_share_the_redis_queue(services):
@@ -210,9 +221,9 @@ def test_grafana_provisioning(services):
 
 def test_cpu_override():
     override = load_compose(CPU_OVERRIDE)["services"]
-    assert set(override) == {"api", "worker"}
-    for name in ("api", "worker"):
-        assert override[name]["build"] == {"target": "cpu"}
-        assert override[name]["image"].endswith("-cpu")
+    # the api image has no torch and runs no model: the same one fronts CPU workers
+    assert set(override) == {"worker"}
+    assert override["worker"]["build"] == {"target": "cpu"}
+    assert override["worker"]["image"].endswith("-cpu")
     assert override["worker"]["deploy"] == {"__tag__": "!reset", "value": {}}, "drop the GPU reservation"
     assert override["worker"]["environment"]["JANUS_DEVICE"] == "cpu"

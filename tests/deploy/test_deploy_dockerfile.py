@@ -92,9 +92,10 @@ def test_hadolint_catches_mistakes(tmp_path):
 
 def test_targets(parsed):
     _, stages, ordered = parsed
-    assert {"cpu", "cuda"} <= set(stages)
+    assert {"cpu", "cuda", "api"} <= set(stages)
     assert ordered[-1].name == "cuda", "`docker build .` (no --target) must give the GPU image"
     assert stages["cpu"].base.startswith("python:") and "-slim" in stages["cpu"].base
+    assert stages["api"].base == stages["api-build"].base == stages["cpu"].base
     assert stages["cuda"].base.startswith("nvidia/cuda:")
 
 
@@ -131,6 +132,30 @@ def test_runtime_stage(parsed, target):
     assert not any("pip install" in a for a in stage.args("RUN")), "install in the build stage, not at runtime"
 
 
+def test_api_stage(parsed):
+    """`janus-server api` alone: the api lock (no torch) and our package without its dependencies, non-root."""
+    _, stages, _ = parsed
+    build, stage = stages["api-build"], stages["api"]
+    runs = build.args("RUN")
+    installs = [c.strip() for r in runs for c in re.split(r"&&|;", r) if re.search(r"\bpip install\b", c)]
+    assert installs == [
+        "pip install --no-cache-dir --require-hashes -r requirements/api.txt",
+        "pip install --no-cache-dir --no-deps --no-build-isolation .",
+    ]
+    assert "torch" not in " ".join(build.args("ARG")) and "serve.txt" not in " ".join(runs)
+    assert any("find_spec" in r and "'torch'" in r for r in runs), "the build checks the model runtime is absent"
+    users = stage.args("USER")
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, "must run as a non-root user"
+    (healthcheck,) = stage.args("HEALTHCHECK")
+    assert "/health" in healthcheck and "8000" in healthcheck and "urllib" in healthcheck
+    assert stage.args("ENTRYPOINT") == ['["janus-server"]']
+    assert stage.args("CMD") == ['["api"]']
+    assert {"8000", "50051"} <= set(" ".join(stage.args("EXPOSE")).split())
+    assert stage.args("COPY") == ["--from=api-build /opt/venv /opt/venv"]
+    assert not any("pip install" in a for a in stage.args("RUN")), "install in the build stage, not at runtime"
+    assert "JANUS_DEVICE" not in " ".join(stage.args("ENV")) and not stage.args("VOLUME"), "it loads no model"
+
+
 def test_pip_and_apt_hygiene(parsed):
     _, _, ordered = parsed
     for stage in ordered:
@@ -157,7 +182,7 @@ def test_torch_index_per_target(parsed):
     assert cuda_version and index.group(1)[:-1] == cuda_version.group(1)
 
 
-@pytest.mark.parametrize("stage_name", ["cpu-build", "cuda-build"])
+@pytest.mark.parametrize("stage_name", ["cpu-build", "cuda-build", "api-build"])
 def test_dependencies_installed_before_source_is_copied(parsed, stage_name):
     _, stages, _ = parsed
     order = [(i, a) for i, a in stages[stage_name].instructions if i in {"COPY", "RUN"}]
@@ -166,7 +191,7 @@ def test_dependencies_installed_before_source_is_copied(parsed, stage_name):
         for n, (i, a) in enumerate(order)
         for what in ("pyproject", "requirements", "src")
         if (what == "pyproject" and i == "COPY" and "pyproject.toml" in a)
-        or (what == "requirements" and i == "RUN" and "--require-hashes -r requirements/serve.txt" in a)
+        or (what == "requirements" and i == "RUN" and "--require-hashes -r requirements/" in a)
         or (what == "src" and i == "COPY" and "janus_core" in a)
     }
     assert position["pyproject"] < position["requirements"] < position["src"]

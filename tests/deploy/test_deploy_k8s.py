@@ -331,13 +331,27 @@ def test_cpu_overlay_is_cpu_only():
         for c in containers(d)
         if split_image(c["image"])[0] == "janus-server"
     ]
-    assert len(images) == 2 and all(split_image(i)[1].endswith("-cpu") for i in images)
+    assert len(images) == 1 and all(split_image(i)[1].endswith("-cpu") for i in images), "the worker's"
     assert by_kind(objects, "ScaledObject") == []
     (container,) = containers(find(objects, "Deployment", "janus-worker"))
     requests = container["resources"]["requests"]
     assert _cpu_cores(requests["cpu"]) <= 1 and _gibibytes(requests["memory"]) <= 4, "try-out requests stay tiny"
     pvc = find(objects, "PersistentVolumeClaim", "janus-models")
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_api_runs_the_api_image(name):
+    """The api Deployment runs the Dockerfile's `api` target (no torch), the same image on every cluster; the
+    worker runs the full one. Both read the model name from one ConfigMap (the api lists it in /v1/models)."""
+    objects = render(name)
+    (api,) = containers(find(objects, "Deployment", "janus-api"))
+    (worker,) = containers(find(objects, "Deployment", "janus-worker"))
+    api_name, api_tag, _ = split_image(api["image"])
+    worker_name, worker_tag, _ = split_image(worker["image"])
+    assert (api_name, worker_name) == ("janus-server-api", "janus-server")
+    assert api_tag and api_tag == worker_tag.removesuffix("-cpu"), "the api and the workers of one release"
+    assert _environment(objects, api)["JANUS_MODEL"] == _environment(objects, worker)["JANUS_MODEL"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,6 +1,7 @@
 """The lock (requirements/*.txt) agrees with pyproject.toml: every dependency the project declares is
 pinned, with hashes, at a version its range allows, for every Python the project supports; serve's
-pins are test's pins; torch is left to the installer. Editing pyproject.toml without running
+and api's pins are test's pins; torch is left to the installer; the api image's lock (api.in -> api.txt)
+is pyproject.toml's dependencies without the model runtime. Editing pyproject.toml without running
 `scripts/lock.sh --no-upgrade` fails here, not on a fresh machine."""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHONS = ["3.11", "3.12", "3.13"]
+# Declared dependencies only the model runtime imports: requirements/api.in (the api image) leaves them out.
+MODEL_RUNTIME = {"torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "diffusers"}
 
 
 def _pins(path: Path) -> list[tuple[Requirement, list[str]]]:
@@ -73,8 +76,35 @@ def test_serve_pins_are_test_pins(python):
     assert {name: test.get(name) for name in serve} == serve
 
 
+def _api_in() -> list[Requirement]:
+    lines = (REPO / "requirements" / "api.in").read_text().splitlines()
+    return [Requirement(line.split("#", 1)[0]) for line in lines if line.split("#", 1)[0].strip()]
+
+
+def test_api_in_is_pyproject_without_the_model_runtime():
+    """Same ranges and security floors as pyproject.toml, every declared dependency but the model runtime."""
+    declared = {canonicalize_name(d.name): str(d) for d in _declared(None)}
+    assert set(declared) >= MODEL_RUNTIME
+    assert {canonicalize_name(r.name): str(r) for r in _api_in()} == {
+        name: spec for name, spec in declared.items() if name not in MODEL_RUNTIME}
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_api_lock_is_test_pins_without_the_model_runtime(python):
+    api, test = (_versions(REPO / "requirements" / f, python) for f in ("api.txt", "test.txt"))
+    assert {name: test.get(name) for name in api} == api
+    for dep in _api_in():
+        name = canonicalize_name(dep.name)
+        assert name in api and dep.specifier.contains(api[name], prereleases=True), f"api.txt: {dep}"
+    heavy = MODEL_RUNTIME | {"triton", "sympy", "networkx"}
+    assert not [name for name in api if name in heavy or name.startswith("nvidia-")], "the api image has no torch"
+
+
 def test_the_installers_use_the_lock():
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert '--require-hashes -r "$lock"' in setup and 'lock="requirements/${extra:-serve}.txt"' in setup
     assert "scripts/setup.sh test" in (REPO / "scripts" / "test.sh").read_text()
     assert "--require-hashes -r requirements/serve.txt" in (REPO / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements/api.txt" in (REPO / "Dockerfile").read_text()
+    assert "requirements/api.in requirements/build.in --constraint requirements/test.txt -o requirements/api.txt" in (
+        REPO / "scripts" / "lock.sh").read_text()
