@@ -7,9 +7,10 @@ reaches `sink` (called on the engine thread, by the `OutputProcessor`): `TokenOu
 
 Each `step` is: take in new requests (validated and tokenized by their batch), let the `Scheduler`
 (plain Python) drop cancelled requests, make room in the KV block pool (preempting if it must) and
-admit waiting ones; launch the admitted ones' prefills and one decode step per request kind; copy
-what the device chose to the host at once; hand each batch's step outputs to the output processor,
-which streams them, finishes requests and answers them. The batches (`janus_core.step`) share one
+admit waiting ones; prefill the admitted ones (their first tokens go out before the others' step, as
+time to first token wants), then launch one decode step per request kind; copy what the device chose to
+the host at once; hand each batch's step outputs to the output processor, which streams them,
+finishes requests and answers them. The batches (`janus_core.step`) share one
 contract, so the engine never asks which model it runs. With overlap (CUDA), the previous step's
 streaming runs while the device computes this one: `outputs.flush()` between launch and update.
 
@@ -178,8 +179,9 @@ class Engine:
             return self._idle()
         for seq in plan.cancelled:
             self.outputs.fail(seq, "cancelled", "the request was cancelled")
-        launches = [self._launch(self.batches[seq.kind], [seq], prefill=True) for seq in plan.prefill]
-        launches += [self._launch(self.batches[kind], seqs) for kind, seqs in plan.decode.items() if seqs]
+        prefills = [self._launch(self.batches[seq.kind], [seq], prefill=True) for seq in plan.prefill]
+        self._update([launch for launch in prefills if launch is not None])  # first tokens before the others' step
+        launches = [self._launch(self.batches[kind], seqs) for kind, seqs in plan.decode.items() if seqs]
         self.outputs.flush()  # overlap: the previous step's streaming, while the device runs this one
         self._update([launch for launch in launches if launch is not None])
         if not self.scheduler.has_work():  # no next step to overlap with: answer now

@@ -174,8 +174,11 @@ class OutputProcessor:
         if hold and self.overlap:
             assert isinstance(owner, Sequence)
             self._held.append((owner, fn))
-        else:
-            self._guard(owner if isinstance(owner, list) else [owner], fn)
+            return
+        seqs = owner if isinstance(owner, list) else [owner]
+        for seq in seqs:  # what a request had held back goes first
+            self.flush(seq)
+        self._guard(seqs, fn)
 
     def _guard(self, seqs: list[Sequence], fn: Callable[[], None]) -> None:
         try:

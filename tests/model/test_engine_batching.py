@@ -396,3 +396,25 @@ def test_seeded_extensions_same_alone_and_batched(lm, images):
     assert crowd.result("x").token_ids == alone.token_ids and len(alone.token_ids) >= 3
     reference = understand(lm, [images[1]], "Describe this image.", max_new_tokens=14, params=params)
     assert reference.token_ids == alone.token_ids  # the one-request path (janus_core.simple.understand) agrees
+
+
+def test_an_admitted_request_streams_its_first_token_before_the_running_ones_step(lm, images):
+    """Time to first token: a request prefilled in a step answers its first token before the step's decode of
+    the requests already running is launched, not after it."""
+    engine = Engine(lm, EngineConfig(max_batch_size=4))
+    order: list[str] = []
+    launch = engine.text.launch
+
+    def traced(seqs):
+        order.append("decode " + ",".join(s.request_id for s in seqs))
+        return launch(seqs)
+
+    engine.text.launch = traced
+    sink = lambda out: order.append(f"{type(out).__name__} {out.request_id}")  # noqa: E731
+    engine.add_request(UnderstandRequest("a", "Describe this image.", [images[0]], max_new_tokens=8, params=GREEDY),
+                       sink)
+    engine.step()  # a: prefill and first token
+    engine.add_request(UnderstandRequest("b", "What is shown?", [images[1]], max_new_tokens=8, params=GREEDY), sink)
+    order.clear()
+    engine.step()  # b admitted and prefilled; a decodes
+    assert order == ["TokenOutput b", "decode a", "TokenOutput a"]
