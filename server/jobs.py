@@ -42,7 +42,7 @@ class UnderstandParams:
     # `images` in order.
     messages: list[dict[str, Any]] | None = None
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not returned)
-    # vLLM's sampling extensions (janus_core.sampling.sampler.SamplingParams): 0 / 1.0 / False are off
+    # vLLM's sampling extensions (janus_core.SamplingParams): 0 / 1.0 / False are off
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0

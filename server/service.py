@@ -138,7 +138,7 @@ def validate_understand(settings: Settings, p: UnderstandParams, *, require_imag
                          f"({p.max_new_tokens})")
 
 
-OUTPUT_FORMATS = get_args(OutputFormat)  # as janus_core.simple.generate.IMAGE_FORMATS
+OUTPUT_FORMATS = get_args(OutputFormat)  # as janus_core.IMAGE_FORMATS
 
 
 def validate_generate(settings: Settings, p: GenerateParams, generator: str | None = None) -> None:

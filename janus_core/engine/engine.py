@@ -22,6 +22,7 @@ queues or PNG encoding.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -55,7 +56,7 @@ class Engine:
         images = image_batch(lm.generator)
         context = min(cfg.max_context or lm.max_context, lm.max_context)
         per_token = memory.kv_bytes_per_token(lm.model.config.text_config, lm.dtype)
-        peak = lambda rows: images.profile_peak(lm, self.runner, cfg.max_prefill_tokens, rows)  # noqa: E731
+        peak = functools.partial(images.profile_peak, lm, self.runner, cfg.max_prefill_tokens)  # (rows) -> bytes
         pool_bytes = memory.engine_pool_bytes(cfg, lm.device, per_token, context, peak)
         self.capacity = memory.capacity(pool_bytes, per_token, lm.num_image_tokens)
         num_blocks = self.capacity.kv_tokens // BLOCK_SIZE

@@ -139,8 +139,9 @@ class FlowBatch(Foreground):
 
     # --- one ODE step for every running request -----------------------------------------------------
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> list[list[int]]:
-        """One Euler step for every image of `seqs`; returns, per request, the number of steps taken so far."""
+    def launch(self, seqs: list[Sequence]) -> None:
+        """One Euler step for every image of `seqs`. Nothing to copy back: the latents stay on the device, and
+        each request's progress is its `steps` (`update`)."""
         states: list[FlowState] = [s.data for s in seqs]
         images = [s for s in states for _ in range(s.n)]  # the request of each image, in row order
         device = self.lm.device
@@ -161,11 +162,6 @@ class FlowBatch(Foreground):
         for s, mine in zip(states, per_sequence(z, seqs), strict=True):
             s.z = mine
             s.steps += 1
-        return [[s.steps] for s in states]
-
-    def launch(self, seqs: list[Sequence]) -> None:
-        """The engine's decode entry point: one ODE step (`decode`); nothing to copy back, the latents stay."""
-        self.decode(seqs)
 
     def update(self, seqs: list[Sequence], chosen: list[int] | None) -> list[StepOutput]:
         """Each request's progress: ODE steps taken of its total."""

@@ -30,8 +30,9 @@ from janus_core.requests import GenerateRequest, GenerateResult
 from janus_core.sampling.params import SamplingParams, image_seeds, request_seed
 from janus_core.sampling.sampler import RowSampling, sample, stream_uniforms
 from janus_core.sched.sequence import CFG_PAIR, Sequence
-from janus_core.simple.generate import decode_images, prompt_ids
+from janus_core.simple.generate import prompt_ids
 from janus_core.step.batch import Foreground, StepOutput, per_sequence
+from janus_core.step.pixels import decode_images
 from janus_core.step.rows import DecodeRows, RowValues
 from janus_core.step.runner import ModelRunner
 from janus_core.text.processor import unconditional_ids

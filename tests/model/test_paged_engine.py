@@ -14,7 +14,7 @@ from janus_core.attention.paged import runs_of
 from janus_core.engine.memory import kv_bytes_per_token
 from janus_core.models.loader import LoadedModel, load_model
 from janus_core.sampling.params import SamplingParams
-from janus_core.simple.generate import decode_images
+from janus_core.step.pixels import decode_images
 from tests.support.engine_oracle import (
     Collector,
     reference_image_tokens,
