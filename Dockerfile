@@ -142,9 +142,11 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . && janus-server 
 
 FROM ${CUDA_IMAGE} AS cuda
 ENV DEBIAN_FRONTEND=noninteractive
+# redis-server: on a host with several GPUs `serve` runs one worker per GPU over a private redis-server
+# (a unix socket in a private directory, no TCP port) unless JANUS_QUEUE names a Redis of your own.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 ca-certificates \
+    && apt-get install -y --no-install-recommends python3.12 ca-certificates redis-server \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 janus \
     && useradd --system --uid 10001 --gid janus --create-home --home-dir /home/janus janus \
@@ -156,6 +158,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \
     JANUS_MODEL=deepseek-community/Janus-Pro-1B \
     JANUS_DEVICE=cuda \
+    JANUS_QUANTIZATION=none \
     JANUS_HOST=0.0.0.0 \
     JANUS_PORT=8000 \
     JANUS_GRPC_PORT=50051 \
@@ -164,6 +167,9 @@ VOLUME ["/models"]
 WORKDIR /home/janus
 USER 10001:10001
 EXPOSE 8000 50051 9100
+# Janus-Pro-7B on a 16 GB card (T4, A10-class, RTX 4080): int8 linears and heads, the compiled step
+#   docker run --gpus 1 -p 8000:8000 -v models:/models -e JANUS_MODEL=deepseek-ai/Janus-Pro-7B \
+#     -e JANUS_QUANTIZATION=int8 -e JANUS_COMPILE=true -e JANUS_API_KEY=... janus-server:0.1.0
 # Liveness of `serve`/`api` (REST on JANUS_PORT). Workers answer /health on JANUS_METRICS_PORT;
 # docker-compose.yml overrides the check for them. The long start period covers model downloads.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \

@@ -14,6 +14,7 @@ only queues requests (`janus-server api`) never loads torch, transformers or dif
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from janus_core import limits
@@ -36,6 +37,12 @@ from janus_core.requests import (
 )
 from janus_core.sampling.params import SamplingParams
 from janus_core.text.conversation import Message, check_conversation
+
+# torchao (which transformers and diffusers import whenever it is installed) warns as it loads: kernels a CPU
+# build of torch cannot load, enum registrations torch.compile no longer needs, diffusers' older tensor names.
+# None of it concerns this runtime; real errors still show.
+for _noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from janus_core.engine import memory

@@ -22,6 +22,9 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--gpu-memory-utilization", type=float, dest="gpu_memory_utilization",
                        help="CUDA: share of the device for weights + activations + KV (default 0.90)")
         p.add_argument("--compile", action="store_true", default=None, help="compile the decode step (CUDA)")
+        p.add_argument("--quantization", choices=["none", "int8", "fp8"],
+                       help="weights of the LM's linears and heads: int8 weight-only (CPU, CUDA) or fp8 (CUDA, "
+                            "compute capability >= 8.9); quantized while loading (default: none)")
         p.add_argument("--vae", help="JanusFlow: the diffusers AutoencoderKL (directory or hub id); default: the "
                                      "checkpoint's vae/ directory if it has one, else stabilityai/sdxl-vae")
         p.add_argument("--chat-format", dest="chat_format", choices=["janus-pro", "janus"],
@@ -63,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="API + gRPC + worker(s) in one process tree")
     _common(serve, model=True, network=True)
-    serve.add_argument("--workers", type=int, help="worker processes (Redis queue only)")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes (default: one per GPU on CUDA, else 1); several share a Redis "
+                            "queue: --queue, or a private redis-server serve starts")
+    serve.add_argument("--gpus", help="CUDA: the visible GPUs that get workers, e.g. 0,2,3 (default: all)")
     api = sub.add_parser("api", help="REST + gRPC frontends only (needs workers on a Redis queue)")
     _common(api, model=False, network=True)
     worker = sub.add_parser("worker", help="one engine pulling jobs from a Redis queue")
@@ -87,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="device size to plan for, e.g. 24GiB (repeatable; default 24, 40, 48 and 80 GiB)")
     plan.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     plan.add_argument("--gpu-memory-utilization", type=float, default=0.90, dest="gpu_memory_utilization")
+    plan.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
+                      help="count the LM's linears and heads at one byte per weight (int8 or fp8)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -98,14 +106,16 @@ def run_plan(args: argparse.Namespace) -> int:
 
     try:
         sizes = [memory.parse_size(s) for s in args.gpu_memory] if args.gpu_memory else list(memory.PLAN_MEMORIES)
-        result = memory.plan(args.model, sizes, args.dtype, args.gpu_memory_utilization)
+        result = memory.plan(args.model, sizes, args.dtype, args.gpu_memory_utilization,
+                             quantization=args.quantization)
     except (ModelLoadError, ValueError) as exc:
         print(f"janus-server plan: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.model} in {args.dtype}: weights {memory.format_size(result['weights_bytes'])}, "
+    quantized = "" if args.quantization == "none" else f" with {args.quantization} linears"
+    print(f"{args.model} in {args.dtype}{quantized}: weights {memory.format_size(result['weights_bytes'])}, "
           f"KV {memory.format_size(result['kv_bytes_per_token'])} per token, "
           f"{args.gpu_memory_utilization:.0%} of each device")
     print(f"{'GPU memory':>10} {'KV pool':>10} {'KV tokens':>10} {'images':>7} {'1k-token seqs':>14}")
@@ -201,11 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "api") and (refused := check_keys(settings, args)) is not None:
         return refused
     if args.command == "serve":
-        local = settings.queue in ("", "memory", "memory://")
         if not settings.model:
             print("janus-server serve: --model is required (or JANUS_MODEL)", file=sys.stderr)
             return 2
-        return asyncio.run(runtime.serve_api(settings, with_local_worker=local, spawn_workers_here=not local))
+        return runtime.serve(settings)
     if args.command == "api":
         if settings.queue in ("", "memory", "memory://"):
             print("janus-server api: needs --queue redis://... (workers run elsewhere)", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -14,8 +15,10 @@ from typing import TypeVar
 
 import uvicorn
 
+from server.gpus import Assignment, expected_by_gpu, plan_workers
 from server.http.app import ModelInfo, create_app
 from server.metrics import Metrics
+from server.private_redis import PrivateRedis, PrivateRedisError
 from server.queue import JobQueue, QueueMisconfigured, create_queue
 from server.service import Service
 from server.settings import Settings
@@ -65,7 +68,7 @@ def load_engine(settings: Settings):
     # progress bars are off (logs are JSON lines): say why a first start with a hub id takes minutes
     log.info("loading %s (a hub id not in the Hugging Face cache is downloaded first)", settings.model)
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_format=settings.chat_format,
-                    vae=settings.vae)
+                    vae=settings.vae, quantization=settings.quantization)
     config = EngineConfig(max_batch_size=settings.max_batch_size, max_images=settings.max_images,
                           max_new_tokens=settings.max_new_tokens, max_context=settings.max_context,
                           kv_cache_memory=settings.kv_cache_bytes,
@@ -126,16 +129,66 @@ async def run_worker(settings: Settings, queue: JobQueue, metrics: Metrics, stop
         await asyncio.to_thread(engine.stop, 30.0)
 
 
-async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_workers_here: bool = False) -> int:
-    """REST + gRPC frontends; with a local worker (the in-process queue) the model runs here too."""
+MEMORY = ("", "memory", "memory://")
+
+
+def serve(settings: Settings) -> int:
+    """`janus-server serve`: one worker in this process (one GPU, or CPU with one worker, and no --queue),
+    or worker processes (server.gpus: one per GPU on CUDA) over --queue or a private redis-server."""
+    try:
+        assignments = plan_workers(settings.device, settings.workers, settings.gpus)
+    except ValueError as exc:
+        print(f"janus-server serve: {exc}", file=sys.stderr)
+        return 2
+    shared = {label: n for label, n in expected_by_gpu(assignments).items() if n > 1}
+    if shared and assignments[0].visible is not None and settings.kv_cache_memory is None:
+        label, n = next(iter(shared.items()))
+        print(f"janus-server serve: {n} workers share GPU {label}: give each its KV pool with --kv-cache-memory SIZE "
+              "(--gpu-memory-utilization sizes one engine per GPU: it counts the other worker's memory as taken)",
+              file=sys.stderr)
+        return 2
+    if settings.queue not in MEMORY:
+        return asyncio.run(serve_api(settings, with_local_worker=False, spawn_workers_here=True,
+                                     assignments=assignments))
+    if len(assignments) == 1:
+        local = settings.model_copy(update={"device": assignments[0].local_device})
+        return asyncio.run(serve_api(local, with_local_worker=True, assignments=assignments))
+    executable = shutil.which(settings.redis_server)
+    if executable is None:
+        print(f"janus-server serve: {len(assignments)} workers share a Redis queue, and {settings.redis_server!r} "
+              "(JANUS_REDIS_SERVER) is not installed or not on PATH: pass --queue redis://HOST:PORT/DB, or "
+              "install redis-server (serve then starts a private one on a unix socket)", file=sys.stderr)
+        return 2
+    private = PrivateRedis(executable)
+    try:
+        url = private.start()
+    except (PrivateRedisError, OSError) as exc:
+        print(f"janus-server serve: could not start a private redis-server: {exc}; pass --queue redis://... "
+              "instead", file=sys.stderr)
+        return 2
+    try:
+        # nothing of a --queue's credentials applies to the private server
+        own = settings.model_copy(update={"queue": url, "queue_password": None, "queue_tls_ca": None})
+        return asyncio.run(serve_api(own, with_local_worker=False, spawn_workers_here=True, assignments=assignments))
+    finally:
+        private.stop()  # after serve_api stopped the workers, which drain into it
+
+
+async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_workers_here: bool = False,
+                    assignments: list[Assignment] | None = None) -> int:
+    """REST + gRPC frontends; with a local worker (the in-process queue) the model runs here too.
+    `assignments`: serve's workers (server.gpus), which /ready counts per GPU."""
     metrics = Metrics()
     queue = await open_queue(settings)
     supervisor = None
+    by_gpu = expected_by_gpu(assignments) if assignments else None
     if spawn_workers_here and not with_local_worker and settings.model:
-        supervisor = WorkerSupervisor(settings, metrics)
-        service = Service(settings, queue, expected_workers=supervisor.expected, local_workers=supervisor.worker_ids)
+        supervisor = WorkerSupervisor(settings, metrics, assignments=assignments)
+        service = Service(settings, queue, expected_workers=supervisor.expected, local_workers=supervisor.worker_ids,
+                          expected_by_gpu=supervisor.expected_by_gpu())
     else:
-        service = Service(settings, queue, expected_workers=1 if with_local_worker else None)
+        service = Service(settings, queue, expected_workers=1 if with_local_worker else None,
+                          expected_by_gpu=by_gpu if with_local_worker else None)
     info = model_info(settings)
     service.model_info = info
     app = create_app(settings, service, metrics, info)

@@ -40,6 +40,7 @@ from server.jobs import (
 from server.keys import KeyRing, Quotas, current_key
 from server.logs import request_id_var
 from server.queue import IdempotencyConflict, JobQueue
+from server.readiness import ReadyState, ready_state
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -238,31 +239,18 @@ class Ticket:
     idempotent: bool = False
 
 
-@dataclass(frozen=True)
-class ReadyState:
-    """What /ready reports: ready while the queue answers and at least one worker is live."""
-
-    ready: bool
-    reason: str
-    live_workers: int = 0
-    expected_workers: int | None = None  # None: workers run elsewhere and their number is not known here
-
-    def body(self) -> dict[str, Any]:
-        status = "ready" if self.ready else "not_ready"
-        if self.ready and self.expected_workers is not None and self.live_workers < self.expected_workers:
-            status = "degraded"
-        return {"status": status, "workers": {"live": self.live_workers, "expected": self.expected_workers}}
-
-
 class Service:
     def __init__(self, settings: Settings, queue: JobQueue, *, expected_workers: int | None = None,
-                 local_workers: Callable[[], set[str]] | None = None) -> None:
+                 local_workers: Callable[[], set[str]] | None = None,
+                 expected_by_gpu: dict[str, int] | None = None) -> None:
         """`local_workers`: the ids of the worker processes this process supervises; only those count
-        as live (a killed one stops counting at once, not when its heartbeat ages out)."""
+        as live (a killed one stops counting at once, not when its heartbeat ages out). `expected_by_gpu`:
+        serve's workers per device label, which /ready reports live counts of."""
         self.settings = settings
         self.queue = queue
         self.expected_workers = expected_workers
         self.local_workers = local_workers
+        self.expected_by_gpu = expected_by_gpu
         self.decoding = PixelBudget(settings.max_image_pixels)  # images decoded at once at the edge
         # image headers and checks run here: at most two at once, so a flood of heavy images takes two cores'
         # worth of threads, not every thread of the default pool
@@ -375,18 +363,5 @@ class Service:
         return state.ready, state.reason
 
     async def ready_state(self) -> ReadyState:
-        expected = self.expected_workers
-        try:
-            if not await self.queue.ping():
-                return ReadyState(False, "queue is not reachable", 0, expected)
-            live = await self.queue.live_workers(self.settings.heartbeat_max_age)
-        except Exception as exc:  # any backend failure means not ready
-            return ReadyState(False, f"queue is not reachable: {exc}", 0, expected)
-        if self.local_workers is not None:
-            live &= self.local_workers()
-        if not live:
-            of = f" (0 of {expected} expected)" if expected else ""
-            return ReadyState(False, f"no live worker{of}: none has sent a heartbeat recently "
-                                     "(model still loading, or workers down)", 0, expected)
-        return ReadyState(True, "ready", len(live), expected)
-
+        return await ready_state(self.queue, self.settings.heartbeat_max_age, self.expected_workers,
+                                 self.local_workers, self.expected_by_gpu)

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
+    # LM linears and heads: int8 weight-only (CPU and CUDA) or fp8 (CUDA, compute capability >= 8.9)
+    quantization: Literal["none", "int8", "fp8"] = "none"
+    # serve on CUDA: the visible GPUs that get workers (indices into the visible list); empty: every one
+    gpus: CsvList = Field(default_factory=list)
     cpu_packed_linears: bool = True  # CPU fp32: oneDNN-packed linear weights (faster decode steps)
     chat_format: Literal["janus-pro", "janus"] | None = None  # None: the checkpoint's template or family
     served_model_name: CsvList = Field(default_factory=list)  # names clients may use; empty: the checkpoint's
@@ -33,7 +37,10 @@ class Settings(BaseSettings):
 
     # queue and workers
     queue: str = "memory"
-    workers: int = 1
+    # serve: worker processes; None: one per GPU on CUDA (see --gpus), else 1. Several share a Redis queue:
+    # --queue, or a private redis-server (this executable) that serve starts and stops on a unix socket
+    workers: int | None = None
+    redis_server: str = "redis-server"
     max_queue_depth: int = 256
     request_timeout: float = 300.0  # seconds; becomes each job's deadline
     heartbeat_interval: float = 2.0
@@ -95,7 +102,7 @@ class Settings(BaseSettings):
     log_json: bool = True  # false: plain text log lines
     access_log: bool = True  # one line per HTTP request (and gRPC call), refusals with their reason
 
-    @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", mode="before")
+    @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", "gpus", mode="before")
     @classmethod
     def _split_csv(cls, value):
         # `JANUS_API_KEY=a,b` and a single flag value both work.
@@ -105,8 +112,8 @@ class Settings(BaseSettings):
 
     @field_validator("max_batch_size", "workers", "max_queue_depth", "max_n", "max_images", "max_new_tokens")
     @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError(f"must be at least 1, got {value}")
         return value
 

@@ -1,4 +1,6 @@
-"""The local worker pool of `serve --queue redis://... --workers N`: N worker processes, kept running.
+"""The local worker pool of `serve` over Redis (`--queue`, or a private redis-server): worker processes,
+one per assignment (`server.gpus`: on CUDA each pinned to its GPU with CUDA_VISIBLE_DEVICES), kept running.
+Every setting serve was given reaches them through `JANUS_*` variables (`worker_env`).
 
 A worker that exits (crash, OOM kill, `kill -9`) is reaped at once, logged with its exit status,
 counted in `janus_worker_restarts_total` and started again after a backoff that doubles while
@@ -17,9 +19,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import SecretStr
+
+from server import gpus
+from server.gpus import Assignment
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -33,7 +40,7 @@ POLL = 0.2
 
 @dataclass
 class _Slot:
-    index: int
+    assignment: Assignment
     proc: subprocess.Popen | None = None
     started: float = 0.0
     backoff: float = FIRST_BACKOFF
@@ -49,29 +56,78 @@ def describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
-def worker_command(settings: Settings) -> list[str]:
-    # The queue URL travels in the environment (JANUS_QUEUE), not in argv where `ps` shows a password.
+# Not passed to workers: the frontend's keys, and the topology that only serve itself reads.
+FRONTEND_ONLY = frozenset({"api_key", "api_keys_file", "workers", "gpus", "redis_server"})
+
+
+def env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_env(settings: Settings) -> dict[str, str | None]:
+    """Every setting a worker reads, as the `JANUS_*` variable it reads it from (None: unset it), so flags
+    given to serve reach its workers; secrets travel here, never in argv where `ps` shows them."""
+    return {f"JANUS_{name.upper()}": None if value is None else env_value(value)
+            for name in Settings.model_fields if name not in FRONTEND_ONLY
+            for value in [getattr(settings, name)]}
+
+
+def worker_command(settings: Settings, assignment: Assignment) -> list[str]:
+    # Everything else travels in the environment (worker_env); these two make `ps` readable.
     return [sys.executable, "-m", "server.cli", "worker", "--model", str(settings.model),
-            "--device", settings.device, "--dtype", settings.dtype]
+            "--device", assignment.device]
 
 
-def worker_env(settings: Settings, index: int) -> dict[str, str]:
-    return dict(os.environ, JANUS_QUEUE=settings.queue, JANUS_METRICS_PORT=str(settings.metrics_port + index))
+def worker_env(settings: Settings, assignment: Assignment, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    for name, value in settings_env(settings).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env["JANUS_DEVICE"] = assignment.device
+    env["JANUS_METRICS_PORT"] = str(settings.metrics_port + assignment.index)
+    if assignment.visible is not None:
+        env[gpus.ENV] = assignment.visible  # the worker sees its GPU alone, as cuda:0
+    return env
+
+
+def unpinned(settings: Settings) -> list[Assignment]:
+    return [Assignment(i, settings.device, settings.device) for i in range(settings.workers or 1)]
+
+
+Spawn = Callable[[list[str], dict[str, str]], subprocess.Popen]
+
+
+def popen(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env)
 
 
 class WorkerSupervisor:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None,
-                 spawn: Callable[[int], subprocess.Popen] | None = None) -> None:
+    """`assignments`: one per worker (`server.gpus.plan_workers`); default `settings.workers` unpinned ones.
+    `spawn(command, env)` starts one (tests pass their own)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, spawn: Spawn | None = None,
+                 assignments: list[Assignment] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._spawn = spawn or (lambda i: subprocess.Popen(worker_command(settings), env=worker_env(settings, i)))
-        self._slots = [_Slot(i) for i in range(settings.workers)]
+        self._spawn = spawn or popen
+        self._slots = [_Slot(a) for a in (assignments or unpinned(settings))]
         self._stopping = False
         self._hostname = socket.gethostname()
 
     @property
     def expected(self) -> int:
         return len(self._slots)
+
+    def expected_by_gpu(self) -> dict[str, int]:
+        return gpus.expected_by_gpu([s.assignment for s in self._slots])
 
     def worker_ids(self) -> set[str]:
         """Queue ids of the running children (`server.worker.default_worker_id` of each)."""
@@ -112,10 +168,11 @@ class WorkerSupervisor:
                 proc.wait()
 
     def _start(self, slot: _Slot) -> None:
-        slot.proc = self._spawn(slot.index)
+        a = slot.assignment
+        slot.proc = self._spawn(worker_command(self.settings, a), worker_env(self.settings, a))
         slot.started = time.monotonic()
         slot.restart_at = None
-        log.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
+        log.info("worker %d started (pid %d) on %s", a.index, slot.proc.pid, _where(a))
 
     def _on_exit(self, slot: _Slot, code: int, now: float) -> None:
         assert slot.proc is not None
@@ -129,4 +186,9 @@ class WorkerSupervisor:
         slot.restart_at = now + delay
         if self.metrics is not None:
             self.metrics.worker_restarts.inc()
-        log.error("worker %d (pid %d) %s; restarting it in %.0f s", slot.index, pid, describe_exit(code), delay)
+        log.error("worker %d (pid %d) on %s %s; restarting it in %.0f s", slot.assignment.index, pid,
+                  _where(slot.assignment), describe_exit(code), delay)
+
+
+def _where(a: Assignment) -> str:
+    return f"GPU {a.label}" if a.visible is not None else a.label

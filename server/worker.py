@@ -34,6 +34,7 @@ from janus_core import (
     gpu_memory_allocated,
 )
 from server import jobs as J
+from server.gpus import device_label
 from server.jobs import GenerateParams, Job, UnderstandParams
 from server.logs import request_id_var
 from server.metrics import Metrics
@@ -68,6 +69,8 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        device = engine.lm.device
+        self.gpu = device_label(device.type, device.index)  # its heartbeat says where it runs: /ready counts it
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until `stop` is set, then finish the running ones (graceful drain)."""
@@ -259,7 +262,7 @@ class Worker:
                     self.metrics.gpu_memory.labels(self.worker_id).set(gpu_bytes)
             try:
                 await self.queue.heartbeat(self.worker_id, {"running": sum(stats.running.values()),
-                                                            "waiting": stats.waiting})
+                                                            "waiting": stats.waiting, "gpu": self.gpu})
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_interval)

@@ -174,26 +174,37 @@ def janus_config(config: dict[str, Any]):
     return JanusConfig(**{k: v for k, v in config.items() if k != "model_type"})
 
 
-def weights_bytes(janus: Any, dtype: str) -> int:
-    """The checkpoint's weights in `dtype`, counted on the meta device (no memory, no weights read)."""
+def weights_bytes(janus: Any, dtype: str, quantization: str = "none") -> int:
+    """The checkpoint's weights in `dtype`, counted on the meta device (no memory, no weights read); with int8
+    or fp8 the quantized linears (`janus_core.models.quantize.target_linears`) at their stored size."""
     import torch
     from transformers import JanusForConditionalGeneration
 
+    from janus_core.models.quantize import QUANTIZATIONS, quantized_bytes, target_linears
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     with torch.device("meta"):
         model = JanusForConditionalGeneration(janus)
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes(dtype)
+    params = {id(p): p for p in model.parameters()}  # tied weights once
+    total = sum(p.numel() for p in params.values()) * dtype_bytes(dtype)
+    if quantization != "none":
+        for linear in target_linears(model):
+            total += quantized_bytes(linear) - sum(p.numel() for p in linear.parameters()) * dtype_bytes(dtype)
+    return total
 
 
 def plan(model: str, memories: list[int], dtype: str = "bfloat16", utilization: float = 0.9,
-         max_prefill_tokens: int = 8192, max_rows: int = 128) -> dict[str, Any]:
+         max_prefill_tokens: int = 8192, max_rows: int = 128, quantization: str = "none") -> dict[str, Any]:
     config, _ = read_config(model)
     janus = janus_config(config)
     text = janus.text_config
-    weights = weights_bytes(janus, dtype)
+    weights = weights_bytes(janus, dtype, quantization)
     per_token = kv_bytes_per_token(text, dtype)
     activation = activation_bytes(text, dtype, max_prefill_tokens, max_rows)
     image_tokens = int(janus.vision_config.num_image_tokens)
     plans = [capacity(pool_bytes(m, utilization, weights, activation), per_token, image_tokens, m).as_dict()
              for m in memories]
     return {"weights_bytes": weights, "kv_bytes_per_token": per_token, "activation_bytes": activation,
-            "dtype": dtype, "gpu_memory_utilization": utilization, "block_size": BLOCK_SIZE, "plans": plans}
+            "dtype": dtype, "quantization": quantization, "gpu_memory_utilization": utilization,
+            "block_size": BLOCK_SIZE, "plans": plans}

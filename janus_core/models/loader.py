@@ -31,6 +31,7 @@ from janus_core.models import deepseek
 from janus_core.models.checkpoint import check_state_dict, deepseek_processor, read_json, read_weights
 from janus_core.models.device import resolve_device, resolve_dtype
 from janus_core.models.janusflow_net import is_flow_config
+from janus_core.models.quantize import check_quantization, place
 from janus_core.text.prompts import (
     BOI_TOKEN,
     CHAT_FORMATS,
@@ -57,6 +58,9 @@ class LoadedModel:
     generator: str = "vq"  # the image generator: "vq" (Janus-Pro's codes) or "flow" (JanusFlow's rectified flow)
     image_lead: int = 0  # positions before an image's placeholders that its features cover (JanusFlow: 1)
     flow: Any = None  # janus_core.models.janusflow.FlowParts for a flow model
+    quantization: str = "none"  # the LM's linears and heads: "none", "int8" or "fp8" (janus_core.models.quantize)
+    weights_bytes: int = 0  # what the weights hold on the device, quantized ones at their stored size
+    load_peak_bytes: int | None = None  # CUDA: the allocator's peak while the weights were placed
 
     @property
     def tokenizer(self):
@@ -131,13 +135,15 @@ def _apply_chat_format(processor: JanusProcessor, model: str, path: Path, chat_f
 
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_format: str | None = None,
-               vae: str | None = None) -> LoadedModel:
-    """`vae`: JanusFlow only (see `janus_core.models.janusflow`)."""
+               vae: str | None = None, quantization: str = "none") -> LoadedModel:
+    """`vae`: JanusFlow only (see `janus_core.models.janusflow`); `quantization`: see
+    `janus_core.models.quantize` (the weights are quantized as they move to the device)."""
     hf_logging.disable_progress_bar()
-    path = resolve_model_path(model)
-    fmt = detect_format(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_quantization(quantization, dev, dt)
+    path = resolve_model_path(model)
+    fmt = detect_format(path)
     raw = read_json(path / "config.json", "the model's config")
     flow = None
     if fmt == "deepseek" and is_flow_config(raw):
@@ -160,15 +166,19 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", chat_forma
             tie_word_embeddings="lm_head.weight" not in state,
         )
         net = _instantiate(config, state, dt, path)
+    state = None  # the weights live in `net` alone now: quantizing frees each full-precision one
     _check_processor(processor, net.config, path)
     fmt_chat = _apply_chat_format(processor, model, path, chat_format)
     if flow is None:
         net.generation_config = _generation_config(processor, path)
-    net.to(dev).eval()
+    placed = place(net, dev, quantization)
+    net.eval()
     generator = "vq" if flow is None else "flow"
-    log.info("loaded %s (%s layout, %s generator, %s chat format) on %s as %s", path, fmt, generator, fmt_chat, dev, dt)
+    log.info("loaded %s (%s layout, %s generator, %s chat format) on %s as %s%s", path, fmt, generator, fmt_chat, dev,
+             dt, "" if quantization == "none" else f" with {quantization} linears")
     return LoadedModel(net, processor, path, fmt, dev, dt, special_ids(processor.tokenizer), fmt_chat,
-                       generator=generator, image_lead=0 if flow is None else 1, flow=flow)
+                       generator=generator, image_lead=0 if flow is None else 1, flow=flow, quantization=quantization,
+                       weights_bytes=placed.weights_bytes, load_peak_bytes=placed.load_peak_bytes)
 
 
 def special_ids(tok) -> dict[str, int]:

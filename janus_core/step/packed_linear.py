@@ -49,7 +49,8 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
-    """Replace every fp32 CPU `nn.Linear` inside `model` by a `PackedLinear`; returns how many.
+    """Replace every fp32 CPU `nn.Linear` inside `model` by a `PackedLinear`; returns how many. Quantized
+    linears (`janus_core.models.quantize`) stay as they are.
 
     Call it once, on a model used only for inference. It checks one product against `F.linear`
     first and leaves the model alone (returning 0) if oneDNN disagrees or fails.
@@ -58,7 +59,8 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32
+        if type(child) is nn.Linear and type(child.weight) is nn.Parameter  # quantized weights are subclasses
+        and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32
     ]
     if not targets or not _self_check():
         return 0

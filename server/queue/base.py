@@ -73,6 +73,10 @@ class JobQueue(abc.ABC):
     async def live_workers(self, max_age: float) -> set[str]:
         """Ids of the workers that sent a heartbeat within `max_age` seconds."""
 
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        """Workers heard from lately: the info of each one's last heartbeat plus `last_seen` (epoch seconds)."""
+        return {}
+
     async def workers_alive(self, max_age: float) -> bool:
         """Some worker sent a heartbeat within `max_age` seconds."""
         return bool(await self.live_workers(max_age))

@@ -52,6 +52,7 @@ class MemoryQueue(JobQueue):
         self._keys: dict[str, tuple[str | None, str]] = {}  # idempotency key -> (fingerprint, job id)
         self._available = asyncio.Event()
         self._heartbeats: dict[str, float] = {}
+        self._worker_info: dict[str, dict[str, Any]] = {}
 
     async def submit(self, job: Job) -> str:
         self._expire_results()
@@ -147,6 +148,10 @@ class MemoryQueue(JobQueue):
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any] | None = None) -> None:
         self._heartbeats[worker_id] = time.time()
+        self._worker_info[worker_id] = dict(info or {})
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        return {w: {**self._worker_info.get(w, {}), "last_seen": t} for w, t in self._heartbeats.items()}
 
     def _expire_results(self) -> None:
         cutoff = time.time() - self.result_ttl

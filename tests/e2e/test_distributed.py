@@ -592,7 +592,7 @@ async def test_serve_replaces_a_worker_killed_under_load_and_loses_nothing(
         async with http_client() as http:
             async def full() -> bool:
                 status, body = await ready_body(http, serve.url)
-                return status == 200 and body["workers"] == {"live": 2, "expected": 2}
+                return status == 200 and body["workers"] == {"live": 2, "expected": 2, "by_gpu": {"cpu": 2}}
 
             await eventually(full, 60, "both workers to count as live")
             assert (await ready_body(http, serve.url))[1]["status"] == "ready"
@@ -617,7 +617,8 @@ async def test_serve_replaces_a_worker_killed_under_load_and_loses_nothing(
 
             async def degraded() -> bool:
                 status, body = await ready_body(http, serve.url)
-                return status == 200 and body["status"] == "degraded" and body["workers"]["live"] == 1
+                return status == 200 and body["status"] == "degraded" and body["workers"]["live"] == 1 \
+                    and body["workers"]["by_gpu"] == {"cpu": 1}
 
             await eventually(degraded, 10, "/ready to report one live worker of two")
             replies = await asyncio.wait_for(asyncio.gather(*posts), REQUEST_TIMEOUT + SLACK)

@@ -24,6 +24,11 @@ def test_plan_cli_prints_json_and_names_a_missing_config(tmp_path):
     table = subprocess.run([sys.executable, "-m", "server.cli", "plan", "--model", str(model)], capture_output=True,
                            text=True, check=True).stdout
     assert "80.0 GiB" in table and "images" in table
+    int8 = subprocess.run([sys.executable, "-m", "server.cli", "plan", "--model", str(model), "--quantization", "int8",
+                           "--gpu-memory", "16GiB"], capture_output=True, text=True, check=True).stdout
+    assert "with int8 linears" in int8
+    row = next(line.split() for line in int8.splitlines() if line.strip().startswith("16.0 GiB"))
+    assert int(row[-2]) >= 6  # images in flight on a 16 GiB card
     missing = subprocess.run([sys.executable, "-m", "server.cli", "plan", "--model", str(tmp_path / "nowhere")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "neither a local directory nor a hub id" in missing.stderr

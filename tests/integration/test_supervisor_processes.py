@@ -1,19 +1,23 @@
 """WorkerSupervisor with stand-in child processes (no model): a killed child is reaped, counted and restarted
-with backoff."""
+with backoff; each child runs with its own GPU pinned in its environment, as serve's plan says."""
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from server import gpus
 from server import supervisor as sup
 from server.metrics import Metrics
 from server.settings import Settings
 
 
-def sleeper(_: int) -> subprocess.Popen:
+def sleeper(_command: list[str], _env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
@@ -45,3 +49,34 @@ def test_a_killed_worker_is_reaped_counted_and_restarted(caplog) -> None:
     finally:
         pool.stop(timeout=10)
     assert all(s.proc is None or s.proc.poll() is not None for s in pool._slots)
+
+
+def test_each_worker_process_starts_pinned_to_its_gpu(tmp_path: Path, caplog, monkeypatch) -> None:
+    """Real children that write the environment they were started with (the command is the worker's own
+    `server.cli worker ...`, run here as a script that only reports)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,MIG-bbb,GPU-ccc")
+    caplog.set_level(logging.INFO, logger="server.supervisor")
+    report = ("import json, os, sys, time; out = sys.argv[1]; seen = {'argv': sys.argv[2:], **{k: v for k, v in "
+              "os.environ.items() if k == 'CUDA_VISIBLE_DEVICES' or k.startswith('JANUS_')}}; "
+              "open(out + '.part', 'w').write(json.dumps(seen)); os.replace(out + '.part', out); time.sleep(60)")
+
+    def reporter(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        out = tmp_path / f"worker-{env['JANUS_METRICS_PORT']}.json"
+        return subprocess.Popen([sys.executable, "-c", report, str(out), *command[3:]], env=env)
+
+    settings = Settings(model="/m", device="cuda", workers=4, gpus=["2", "1"], metrics_port=9300,
+                        kv_cache_memory="64MiB", max_batch_size=3)
+    assignments = gpus.plan_workers(settings.device, settings.workers, settings.gpus)
+    pool = sup.WorkerSupervisor(settings, spawn=reporter, assignments=assignments)
+    pool.start()
+    try:
+        files = [tmp_path / f"worker-{9300 + i}.json" for i in range(4)]
+        wait_for(lambda: all(f.exists() for f in files))
+        seen = [json.loads(f.read_text()) for f in files]
+    finally:
+        pool.stop(timeout=10)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in seen] == ["GPU-ccc", "MIG-bbb", "GPU-ccc", "MIG-bbb"]
+    assert {(s["JANUS_DEVICE"], s["JANUS_KV_CACHE_MEMORY"], s["JANUS_MAX_BATCH_SIZE"]) for s in seen} == {
+        ("cuda", "64MiB", "3")}
+    assert all(s["argv"] == ["worker", "--model", "/m", "--device", "cuda"] for s in seen)
+    assert "worker 0 started" in caplog.text and "on GPU GPU-ccc" in caplog.text and "on GPU MIG-bbb" in caplog.text

@@ -2,12 +2,13 @@
 positions move, one compilation per batch bucket, and the same logits and keys as the eager paged step.
 
 This is what `--compile` needs on CUDA, caught without a GPU: a graph break, a guard on a value
-that changes every step, or a wrong kernel (inductor's CPU flex attention misread KV views at a storage
-offset, hence one allocation per layer in `PagedKV`).
+that changes every step, a quantized weight that does not trace, or a wrong kernel (inductor's CPU flex
+attention misread KV views at a storage offset, hence one allocation per layer in `PagedKV`).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._inductor.compile_fx import compile_fx
 
@@ -20,8 +21,10 @@ TABLES = [[0, 1, 2], [5, 6, 7], [10, 3, 12], [20, 21, 22], [30, 31, 9]]  # conse
 LENGTHS = [20, 33, 17, 40, 25]
 
 
-def test_static_decode_step_compiles_once_per_bucket_and_equals_eager(tiny_hf_dir):
-    lm = load_model(str(tiny_hf_dir), "cpu")
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_static_decode_step_compiles_once_per_bucket_and_equals_eager(tiny_hf_dir, quantization):
+    """int8: torchao's quantized weights trace into the same single graph (what `--compile` fuses on CUDA)."""
+    lm = load_model(str(tiny_hf_dir), "cpu", quantization=quantization)
     runner = ModelRunner(lm, pack_cpu_linears=False)
     kv = runner.new_kv(num_blocks=40, block_size=16)
     scratch = (kv.num_blocks - 1) * kv.block_size  # a block no row holds: where padding rows write

@@ -17,7 +17,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[2]
 PYTHONS = ["3.11", "3.12", "3.13"]
 # Declared dependencies only the model runtime imports: requirements/api.in (the api image) leaves them out.
-MODEL_RUNTIME = {"torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "diffusers"}
+MODEL_RUNTIME = {"torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "diffusers", "torchao"}
 
 
 def _pins(path: Path) -> list[tuple[Requirement, list[str]]]:

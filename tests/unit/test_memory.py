@@ -51,3 +51,18 @@ def test_plan_reads_the_transformers_layout_too(tmp_path):
     hf = memory.plan(str(tmp_path), [40 * GiB])
     ds = memory.plan(str(write_config(tmp_path / "ds", "1b")), [40 * GiB])
     assert hf["plans"] == ds["plans"] and hf["kv_bytes_per_token"] == 192 * 1024
+
+
+def test_int8_weights_put_janus_pro_7b_on_16_gib_cards(tmp_path):
+    """The issue's targets: int8 >= 6 images in flight on 16 GiB and >= 18 on 24 GiB (bf16: none and 11)."""
+    config = str(write_config(tmp_path / "7b", "7b"))
+    full = memory.plan(config, [16 * GiB, 24 * GiB])
+    int8 = memory.plan(config, [16 * GiB, 24 * GiB], quantization="int8")
+    assert [p["concurrent_images"] for p in full["plans"]] == [0, 11]
+    on16, on24 = (p["concurrent_images"] for p in int8["plans"])
+    assert on16 >= 6 and on24 >= 18
+    # The LM's linears and both heads at a byte per weight; embeddings, vision and VQ stay in bf16.
+    assert 8.0e9 < int8["weights_bytes"] < 8.5e9 and int8["quantization"] == "int8"
+    assert memory.plan(config, [16 * GiB], quantization="fp8")["weights_bytes"] == int8["weights_bytes"]
+    with pytest.raises(ValueError, match="unknown quantization"):
+        memory.plan(config, [16 * GiB], quantization="int4")

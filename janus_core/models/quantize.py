@@ -1,0 +1,160 @@
+"""Quantized weights: the LM's linear layers and both heads in int8 or fp8, quantized while the model is placed.
+
+- `int8`: weight-only, one scale per output channel (torchao's `Int8WeightOnlyConfig`); CPU and CUDA. The
+  product runs in the model's dtype from the int8 weight; on CUDA the compiled step fuses the dequantization
+  into the matmul, so a decode step reads one byte per weight.
+- `fp8`: e4m3 weights with a scale per output channel, activations scaled per row at run time (torchao's
+  `Float8DynamicActivationFloat8WeightConfig`, fp8 tensor cores): CUDA devices of compute capability 8.9 or
+  newer (Ada, Hopper and later), in bfloat16.
+
+What is quantized: every `nn.Linear` of the language model's decoder layers, the text head (`lm_head`) and
+the image head (`generation_head`). The vision towers and aligners, the VQ decoder, JanusFlow's UViT and
+VAE, norms and embeddings keep the model's dtype. A head that shares its weight with the embedding table
+(tied) stays as it is: the embedding needs the full-precision rows.
+
+`place` moves a model to its device one module at a time and quantizes each target linear as soon as it is
+there, so at most one linear layer's full-precision weight sits on the device beside what is already
+quantized: the load peak is the quantized model plus one layer, not the full-precision model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from janus_core.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8", "fp8")
+FP8_CAPABILITY = (8, 9)
+
+
+def check_quantization(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a quantization this device or dtype cannot run, naming what would."""
+    if name not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if name != "fp8":
+        return
+    if device.type != "cuda":
+        raise ModelLoadError(f"fp8 weights need a CUDA GPU of compute capability {FP8_CAPABILITY[0]}."
+                             f"{FP8_CAPABILITY[1]} or newer; the device is {device.type}: use --quantization int8")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise ModelLoadError(f"fp8 weights need compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer "
+                             f"(Ada, Hopper); {torch.cuda.get_device_name(device)} has {capability[0]}."
+                             f"{capability[1]}: use --quantization int8")
+    if dtype != torch.bfloat16:
+        raise ModelLoadError(f"fp8 weights run with bfloat16 activations; the model is {dtype}: pass --dtype bfloat16")
+
+
+def _config(name: str):
+    import torchao.quantization as tq
+
+    if name == "int8":
+        return tq.Int8WeightOnlyConfig(granularity=tq.PerRow())
+    return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
+
+
+def target_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linears `--quantization` covers: the LM's decoder layers and both heads (a tied head excepted)."""
+    found: list[nn.Linear] = []
+    lm = model.model.language_model
+    embedding = lm.embed_tokens.weight
+    for layer in lm.layers:
+        found += [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    heads = [model.lm_head]
+    head = getattr(model.model, "generation_head", None)  # JanusFlow has none
+    if head is not None:
+        heads += [m for m in head.modules() if isinstance(m, nn.Linear)]
+    found += [m for m in heads if m.weight is not embedding]
+    return found
+
+
+@dataclass(frozen=True)
+class Placement:
+    quantized_layers: int
+    weights_bytes: int  # what the model's parameters and buffers hold now, quantized ones at their stored size
+    load_peak_bytes: int | None  # CUDA: the allocator's peak while placing; None elsewhere
+
+
+def place(model: nn.Module, device: torch.device, quantization: str = "none") -> Placement:
+    """Move `model` to `device` module by module, quantizing each target linear once it is there."""
+    targets = {id(m) for m in target_linears(model)} if quantization != "none" else set()
+    config = _config(quantization) if targets else None
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    moved: dict[int, torch.Tensor] = {}  # tied tensors move once and stay tied
+    for module in model.modules():
+        _move_own(module, device, moved)
+        if id(module) in targets:
+            _quantize(module, config)
+            moved.pop(id(module.weight), None)
+    peak = int(torch.cuda.max_memory_allocated(device) - base) if cuda else None
+    placement = Placement(len(targets), stored_bytes(model), peak)
+    if targets:
+        log.info("quantized %d linear layers to %s while loading; weights %.2f GiB%s", len(targets), quantization,
+                 placement.weights_bytes / 2**30,
+                 "" if peak is None else f", load peak {peak / 2**30:.2f} GiB on {device}")
+    return placement
+
+
+def _move_own(module: nn.Module, device: torch.device, moved: dict[int, torch.Tensor]) -> None:
+    for store in (module._parameters, module._buffers):
+        for key, tensor in store.items():
+            if tensor is None or tensor.device == device:
+                continue
+            if id(tensor) not in moved:
+                data = tensor.detach().to(device)
+                is_param = isinstance(tensor, nn.Parameter)
+                moved[id(tensor)] = nn.Parameter(data, requires_grad=False) if is_param else data
+            store[key] = moved[id(tensor)]
+
+
+def _quantize(linear: nn.Module, config) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(linear, config, filter_fn=lambda m, _name: m is linear)
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers hold, each storage once (a quantized weight: its data and scales)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        for part in _parts(tensor):
+            try:
+                key, size = part.untyped_storage().data_ptr(), part.untyped_storage().nbytes()
+            except NotImplementedError:  # an opaque layout (oneDNN-packed weights): its elements
+                key, size = id(part), part.numel() * part.element_size()
+            if key not in seen:
+                seen.add(key)
+                total += size
+    return total
+
+
+def _parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """A plain tensor itself; a tensor subclass (torchao's quantized weights) its inner tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if type(tensor) in (torch.Tensor, nn.Parameter) or flatten is None:
+        return [tensor]
+    names, _ = flatten()
+    inner = [getattr(tensor, name) for name in names]
+    return [p for t in inner if t is not None for p in _parts(t)]
+
+
+def quantized_bytes(linear: nn.Linear) -> int:
+    """What a target linear holds once quantized: one byte per weight, a float32 scale per output channel."""
+    out_features, in_features = linear.weight.shape
+    bias = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
+    return out_features * in_features + 4 * out_features + bias
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight) not in (torch.Tensor, nn.Parameter)
