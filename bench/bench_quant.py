@@ -2,7 +2,7 @@
 
     python -m bench.bench_quant                       # mid shape (fp32) and the 1B shape (bf16), on CPU
     python -m bench.bench_quant --shapes mid --quantization int8,bfloat16   # beside ordinary bf16 rounding
-    python -m bench.bench_quant --shapes 1b,7b --device cuda --dtype bfloat16 --quantization int8,fp8
+    python -m bench.bench_quant --shapes 7b --device cuda --quantization int8,fp8 --step-images 1,16,64 --compile
 
 For each shape one random-weight model is built in memory and a second copy quantized with
 `janus_core.models.quantize.place` (the server's own path). Reported per quantization:
@@ -10,7 +10,8 @@ For each shape one random-weight model is built in memory and a second copy quan
   largest KL(full || quantized) per position and top-1 agreement;
 - greedy generated tokens through the engine: understanding answers (and, with --image-agreement, whole
   images of 576 codes) compared position by position and as the share before the first difference;
-- weight bytes as stored (`stored_bytes`) and the engine's decode step with 8 images (16 CFG rows) in flight.
+- weight bytes as stored (`stored_bytes`), the CUDA load peak of the quantized copy, and the engine's decode
+  step with 8 images (16 CFG rows; `--step-images`) in flight.
 """
 
 from __future__ import annotations
@@ -32,17 +33,32 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def quantized_copy(lm, quantization: str):
-    """A quantized copy; "bfloat16": a plain bf16 copy of an fp32 model, the scale of ordinary rounding."""
-    model = copy.deepcopy(lm.model)
+    """A quantized copy placed as the server places one (on CUDA from a host copy, so `load_peak_bytes` is the
+    allocator's peak of a real load); "bfloat16": a plain bf16 copy of an fp32 model, the scale of rounding."""
+    if lm.device.type == "cuda":
+        lm.model.to("cpu")
+        model = copy.deepcopy(lm.model)
+        lm.model.to(lm.device)
+    else:
+        model = copy.deepcopy(lm.model)
     if quantization == "bfloat16":
-        model.to(torch.bfloat16)
+        model.to(device=lm.device, dtype=torch.bfloat16)
         return dataclasses.replace(lm, model=model, dtype=torch.bfloat16, weights_bytes=stored_bytes(model))
     placed = place(model, lm.device, quantization)
-    return dataclasses.replace(lm, model=model, quantization=quantization, weights_bytes=placed.weights_bytes)
+    return dataclasses.replace(lm, model=model, quantization=quantization, weights_bytes=placed.weights_bytes,
+                               load_peak_bytes=placed.load_peak_bytes)
+
+
+COMPILE = False  # --compile: every engine here compiles its decode step (CUDA)
+
+
+def engine_for(lm, max_batch_size: int, cpu_pool: int) -> Engine:
+    return Engine(lm, EngineConfig(max_batch_size=max_batch_size, compile=COMPILE,
+                                   kv_cache_memory=cpu_pool if lm.device.type == "cpu" else None))
 
 
 def run_engine(lm, requests) -> dict:
-    engine = Engine(lm, EngineConfig(max_batch_size=64, kv_cache_memory=2**30 if lm.device.type == "cpu" else None))
+    engine = engine_for(lm, 64, 2**30)
     last: dict = {}
     for req in requests:
         engine.add_request(req, lambda out: last.__setitem__(out.request_id, out))
@@ -63,10 +79,9 @@ def greedy_images(lm, count: int) -> list[list[int]]:
     return [done[r.request_id].tokens[0].tolist() for r in reqs]
 
 
-def decode_step_ms(lm, images: int = 8, steps: int = 12) -> float:
+def decode_step_ms(lm, images: int, steps: int = 12) -> float:
     """Mean wall time of an engine step once `images` requests (2 rows each) are all decoding."""
-    engine = Engine(lm, EngineConfig(max_batch_size=2 * images, kv_cache_memory=2**29 if lm.device.type == "cpu"
-                                     else None))
+    engine = engine_for(lm, 2 * images, 2**29)
     for i, p in enumerate(prompts(images, seed=5)):
         engine.add_request(GenerateRequest(f"t{i}", p, n=1, params=GREEDY), lambda _out: None)
     for _ in range(4):  # admit, prefill, warm up
@@ -81,14 +96,14 @@ def decode_step_ms(lm, images: int = 8, steps: int = 12) -> float:
 
 
 def measure(shape: str, device: str, dtype: torch.dtype, quantizations: list[str], prompts_n: int,
-            code_positions: int | None, image_agreement: int) -> list[dict]:
+            code_positions: int | None, image_agreement: int, step_images: list[int]) -> list[dict]:
     full = build_random_model(shape, torch.device(device), dtype)
     rows = []
     full_bytes = stored_bytes(full.model)  # before an engine packs CPU linears in place
     quants = {q: quantized_copy(full, q) for q in quantizations}
     ref_answers = greedy_answers(full, prompts_n, 16)
     ref_images = greedy_images(full, image_agreement) if image_agreement else None
-    ref_ms = decode_step_ms(full)
+    ref_ms = {k: decode_step_ms(full, k) for k in step_images}
     for q, qlm in quants.items():
         text = teacher_forced_text(full, qlm, prompts_n)
         codes = teacher_forced_codes(full, qlm, prompts_n, code_positions)
@@ -100,26 +115,30 @@ def measure(shape: str, device: str, dtype: torch.dtype, quantizations: list[str
             "text_positions": len(text.kl), "code_kl_mean": codes.mean_kl, "code_kl_max": codes.max_kl,
             "code_top1": codes.top1_rate, "code_positions": len(codes.kl), "greedy_text": answers,
             "greedy_images": images, "weights_full": full_bytes, "weights_quant": qlm.weights_bytes,
-            "step_ms_full": ref_ms, "step_ms_quant": decode_step_ms(qlm),
+            "step_ms_full": ref_ms, "step_ms_quant": {k: decode_step_ms(qlm, k) for k in step_images},
+            "load_peak": qlm.load_peak_bytes,
         })
     return rows
 
 
 def report(rows: list[dict]) -> None:
     print(f"{'shape':>5} {'dtype':>8} {'quant':>5} | {'text KL mean/max':>17} {'top-1':>6} | {'code KL mean/max':>17} "
-          f"{'top-1':>6} | {'greedy text':>11} {'greedy img':>10} | {'weights GiB':>13} {'saved':>6} | "
-          f"{'step ms (16 rows)':>17}")
+          f"{'top-1':>6} | {'greedy text':>11} {'greedy img':>10} | {'weights GiB':>13} {'saved':>6} | load peak")
     for r in rows:
         gi = "-" if r["greedy_images"] is None else f"{r['greedy_images'][0]:.1%}"
+        peak = "-" if r["load_peak"] is None else f"{r['load_peak'] / 2**30:.2f} GiB"
         print(f"{r['shape']:>5} {r['dtype']:>8} {r['quantization'][:5]:>5} | "
               f"{r['text_kl_mean']:>8.2e}/{r['text_kl_max']:<8.2e} {r['text_top1']:>6.1%} | "
               f"{r['code_kl_mean']:>8.2e}/{r['code_kl_max']:<8.2e} {r['code_top1']:>6.1%} | "
               f"{r['greedy_text'][0]:>11.1%} {gi:>10} | "
               f"{r['weights_full'] / 2**30:>5.2f} -> {r['weights_quant'] / 2**30:<5.2f} "
-              f"{1 - r['weights_quant'] / r['weights_full']:>6.1%} | "
-              f"{r['step_ms_full']:>7.1f} -> {r['step_ms_quant']:<7.1f}")
+              f"{1 - r['weights_quant'] / r['weights_full']:>6.1%} | {peak}")
     print("KL: nats per position, full || quantized (teacher forced); top-1: argmax agreement; greedy: equal tokens "
-          "position by position; step: engine decode step, 8 images in flight")
+          "position by position; load peak: CUDA allocator's peak while placing the quantized copy")
+    print(f"{'shape':>5} {'quant':>5} | decode step ms, full -> quantized, by images in flight (2 CFG rows each)")
+    for r in rows:
+        steps = "  ".join(f"{k}: {r['step_ms_full'][k]:.1f} -> {r['step_ms_quant'][k]:.1f}" for k in r["step_ms_full"])
+        print(f"{r['shape']:>5} {r['quantization'][:5]:>5} | {steps}")
 
 
 def main() -> None:
@@ -131,7 +150,11 @@ def main() -> None:
                         help="comma-separated: int8, fp8, and bfloat16 (an fp32 model's plain bf16 copy, for scale)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--step-images", default="8", help="images in flight for the step times, e.g. 1,16,64")
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps (CUDA; int8 fuses there)")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -145,7 +168,7 @@ def main() -> None:
         # greedy image runs (576 steps of a 1B model in bf16 take tens of minutes there).
         cpu_big = args.device == "cpu" and not small
         rows += measure(shape, args.device, dtype, args.quantization.split(","), args.prompts,
-                        64 if cpu_big else None, 0 if cpu_big else 8)
+                        64 if cpu_big else None, 0 if cpu_big else 8, [int(k) for k in args.step_images.split(",")])
         report(rows[-len(args.quantization.split(",")):])
     print()
     report(rows)

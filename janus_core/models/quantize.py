@@ -13,8 +13,9 @@ VAE, norms and embeddings keep the model's dtype. A head that shares its weight 
 (tied) stays as it is: the embedding needs the full-precision rows.
 
 `place` moves a model to its device one module at a time and quantizes each target linear as soon as it is
-there, so at most one linear layer's full-precision weight sits on the device beside what is already
-quantized: the load peak is the quantized model plus one layer, not the full-precision model.
+there, so at most one linear layer's full-precision weight (and the temporaries of quantizing it) sits on the
+device beside what is already quantized: the load peak is the quantized model plus one layer, not the
+full-precision model.
 """
 
 from __future__ import annotations

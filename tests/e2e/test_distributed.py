@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from tests.support.images import b64, png_bytes
 from tests.support.servers import (
     ServerProcess,
     WorkerProcess,
-    free_port,
+    free_port_pair,
     spawn_worker,
     start_server,
     wait_for_fresh_metrics,
@@ -554,18 +553,6 @@ async def test_redis_restart_mid_load_loses_no_request(cluster: Cluster, oracle:
     print(f"Redis restart under load: {len(done)}/{len(done)} answered 200, {resubmitted:.0f} jobs "
           f"submitted again, slowest {max(r.seconds for r in done):.1f} s, 503s in "
           f"{max(r.seconds for r in refusals) * 1000:.0f} ms while down")
-
-
-def free_port_pair() -> int:
-    """A port p with p + 1 free too (`serve --workers 2` gives its workers metrics_port + i)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 async def ready_body(http: httpx.AsyncClient, url: str) -> tuple[int, dict[str, Any]]:

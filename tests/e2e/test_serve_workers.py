@@ -10,7 +10,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from janus_core import memory
 from janus_core.models.loader import LoadedModel
 from tests.support.images import b64, png_bytes
-from tests.support.servers import free_port, start_server
+from tests.support.servers import free_port_pair, start_server
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
@@ -31,18 +30,6 @@ pytestmark = [pytest.mark.timeout(120),
 IMAGE_PNG = png_bytes()
 KV_CACHE = "8MiB"  # given to serve only: the workers' pools show whether it reached them
 ENV = {"JANUS_HOST": "127.0.0.1", "OMP_NUM_THREADS": "1", "JANUS_QUEUE": "memory", "CUDA_VISIBLE_DEVICES": ""}
-
-
-def free_port_pair() -> int:
-    """A port p with p + 1 free too (the workers' metrics ports)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def children(pid: int) -> dict[int, tuple[str, list[str]]]:

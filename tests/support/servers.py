@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A free port p with p + 1 free too (`serve --workers 2` gives its workers metrics_port + i)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 @dataclass
 class ManagedProcess:
     """A subprocess the tests started, with its log file; `stop` escalates to SIGKILL."""
