@@ -223,7 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     if settings.queue in ("", "memory", "memory://"):
         print("janus-server worker: needs --queue redis://...", file=sys.stderr)
         return 2
-    return asyncio.run(runtime.serve_worker(settings))
+    from janus_core import ModelLoadError
+    from server.supervisor import CANNOT_LOAD, follow_parent
+
+    follow_parent()
+    try:
+        return asyncio.run(runtime.serve_worker(settings))
+    except ModelLoadError as exc:  # a restart cannot fix it: say so with a status serve recognises
+        print(f"janus-server worker: cannot load the model: {exc}", file=sys.stderr)
+        return CANNOT_LOAD
 
 
 if __name__ == "__main__":

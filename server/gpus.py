@@ -40,10 +40,17 @@ def torch_device_count() -> int:
 
 
 def parse_visible(value: str) -> list[str]:
+    """The entries CUDA will use. Where CUDA would silently drop the rest of the list (a malformed entry) or
+    every device (a repeated one), this raises ValueError instead, so serve does not plan workers for GPUs
+    its workers will not see."""
     entries: list[str] = []
     for entry in (e.strip() for e in value.split(",")):
         if not entry or (entry.startswith("-") and entry[1:].isdigit()):
             break
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            raise ValueError(f"{ENV}={value!r}: {entry!r} is neither a device index nor a GPU-/MIG- UUID")
+        if entry in entries or (entry.isdigit() and str(int(entry)) in [e for e in entries if e.isdigit()]):
+            raise ValueError(f"{ENV}={value!r} names {entry!r} twice (CUDA would then show no device)")
         entries.append(entry)
     return entries
 

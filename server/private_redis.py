@@ -56,11 +56,19 @@ def _config(directory: Path, maxmemory: int) -> str:
 
 def _die_with_parent():
     """Linux: a hook that has the child get SIGTERM when the thread that started it ends (a `kill -9` of
-    serve included); looked up before the fork, so the child only makes the call."""
+    serve included); looked up before the fork, so the child only makes the call. A parent that died before
+    the call is caught by comparing the parent's pid."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 class PrivateRedis:

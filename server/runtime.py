@@ -140,6 +140,11 @@ def serve(settings: Settings) -> int:
     except ValueError as exc:
         print(f"janus-server serve: {exc}", file=sys.stderr)
         return 2
+    if settings.quantization == "fp8" and assignments[0].visible is None and not assignments[0].device.startswith(
+            "cuda"):
+        print(f"janus-server serve: --quantization fp8 needs CUDA GPUs (compute capability 8.9 or newer); the "
+              f"device is {assignments[0].device}: use --quantization int8", file=sys.stderr)
+        return 2
     shared = {label: n for label, n in expected_by_gpu(assignments).items() if n > 1}
     if shared and assignments[0].visible is not None and settings.kv_cache_memory is None:
         label, n = next(iter(shared.items()))
@@ -159,7 +164,10 @@ def serve(settings: Settings) -> int:
               "(JANUS_REDIS_SERVER) is not installed or not on PATH: pass --queue redis://HOST:PORT/DB, or "
               "install redis-server (serve then starts a private one on a unix socket)", file=sys.stderr)
         return 2
-    private = PrivateRedis(executable)
+    from janus_core import parse_size
+
+    maxmemory = parse_size(settings.redis_maxmemory) if settings.redis_maxmemory else None
+    private = PrivateRedis(executable, maxmemory=maxmemory)
     try:
         url = private.start()
     except (PrivateRedisError, OSError) as exc:
@@ -172,6 +180,14 @@ def serve(settings: Settings) -> int:
         return asyncio.run(serve_api(own, with_local_worker=False, spawn_workers_here=True, assignments=assignments))
     finally:
         private.stop()  # after serve_api stopped the workers, which drain into it
+
+
+def shutdown(server: uvicorn.Server, supervisor: WorkerSupervisor | None) -> None:
+    """SIGTERM / Ctrl-C: the API drains; workers that got the signal too (a terminal's process group) drain
+    and exit, and are not restarted."""
+    server.should_exit = True
+    if supervisor is not None:
+        supervisor.stopping()
 
 
 async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_workers_here: bool = False,
@@ -222,11 +238,20 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     if supervisor is not None:
         supervisor.start()
         supervising = asyncio.create_task(supervisor.run())
+
+        def supervisor_done(task: asyncio.Task) -> None:
+            nonlocal exit_code
+            if supervisor.fatal is not None:
+                print(f"janus-server serve: {supervisor.fatal}", file=sys.stderr)
+                exit_code = 1
+                server.should_exit = True
+
+        supervising.add_done_callback(supervisor_done)
     # uvicorn re-raises SIGTERM/SIGINT under the handlers it found once it has shut down; with the
     # default ones that kills the process before the `finally` below stops workers and gRPC.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, lambda: shutdown(server, supervisor))
     try:
         await server.serve()
     finally:

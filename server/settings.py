@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # --queue, or a private redis-server (this executable) that serve starts and stops on a unix socket
     workers: int | None = None
     redis_server: str = "redis-server"
+    # the private redis-server's maxmemory (e.g. 4GiB); None: 1 GiB, or a quarter of the machine's memory if less.
+    # Results wait there for result_ttl: raise it for many GPUs making large batches.
+    redis_maxmemory: str | None = None
     max_queue_depth: int = 256
     request_timeout: float = 300.0  # seconds; becomes each job's deadline
     heartbeat_interval: float = 2.0
@@ -117,7 +120,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least 1, got {value}")
         return value
 
-    @field_validator("kv_cache_memory")
+    @field_validator("kv_cache_memory", "redis_maxmemory")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
         if value is not None:

@@ -57,7 +57,7 @@ def describe_exit(code: int) -> str:
 
 
 # Not passed to workers: the frontend's keys, and the topology that only serve itself reads.
-FRONTEND_ONLY = frozenset({"api_key", "api_keys_file", "workers", "gpus", "redis_server"})
+FRONTEND_ONLY = frozenset({"api_key", "api_keys_file", "workers", "gpus", "redis_server", "redis_maxmemory"})
 
 
 def env_value(value: Any) -> str:
@@ -78,6 +78,23 @@ def settings_env(settings: Settings) -> dict[str, str | None]:
             for value in [getattr(settings, name)]}
 
 
+PARENT_ENV = "JANUS_SUPERVISOR_PID"
+CANNOT_LOAD = 3  # a worker's exit status when its model cannot load here: restarting cannot help
+
+
+def follow_parent() -> None:
+    """In a worker that serve started (Linux): SIGTERM when serve dies, even by `kill -9`, so no worker is left
+    holding a GPU; if serve is already gone, exit at once."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        raise SystemExit("janus-server worker: the serve process that started this worker is gone")
+
+
 def worker_command(settings: Settings, assignment: Assignment) -> list[str]:
     # Everything else travels in the environment (worker_env); these two make `ps` readable.
     return [sys.executable, "-m", "server.cli", "worker", "--model", str(settings.model),
@@ -86,6 +103,9 @@ def worker_command(settings: Settings, assignment: Assignment) -> list[str]:
 
 def worker_env(settings: Settings, assignment: Assignment, base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    for name in FRONTEND_ONLY:  # nor inherited from serve's own environment
+        env.pop(f"JANUS_{name.upper()}", None)
+    env[PARENT_ENV] = str(os.getpid())  # the worker exits with serve (server.supervisor.follow_parent)
     for name, value in settings_env(settings).items():
         if value is None:
             env.pop(name, None)
@@ -120,6 +140,7 @@ class WorkerSupervisor:
         self._spawn = spawn or popen
         self._slots = [_Slot(a) for a in (assignments or unpinned(settings))]
         self._stopping = False
+        self.fatal: str | None = None  # why serve must stop: a worker that cannot load its model
         self._hostname = socket.gethostname()
 
     @property
@@ -138,10 +159,15 @@ class WorkerSupervisor:
             self._start(slot)
 
     async def run(self) -> None:
-        """Watch the children until `stop`; call `start` first."""
-        while not self._stopping:
+        """Watch the children until `stop` (or until a worker cannot load its model: `fatal`); call `start`
+        first."""
+        while not self._stopping and self.fatal is None:
             self.check()
             await asyncio.sleep(POLL)
+
+    def stopping(self) -> None:
+        """No restarts from here on (serve got SIGTERM or Ctrl-C; the children get it too, or from `stop`)."""
+        self._stopping = True
 
     def check(self) -> None:
         """Reap exited children and start the ones whose backoff has passed (one pass)."""
@@ -178,6 +204,11 @@ class WorkerSupervisor:
         assert slot.proc is not None
         pid, slot.proc = slot.proc.pid, None
         if self._stopping:
+            return
+        if code == CANNOT_LOAD:
+            self.fatal = (f"worker {slot.assignment.index} on {_where(slot.assignment)} cannot load the model "
+                          "(its log says why); not restarting it")
+            log.error("%s", self.fatal)
             return
         if now - slot.started >= STABLE_AFTER:
             slot.backoff = FIRST_BACKOFF

@@ -190,7 +190,8 @@ def weights_bytes(janus: Any, dtype: str, quantization: str = "none") -> int:
     total = sum(p.numel() for p in params.values()) * dtype_bytes(dtype)
     if quantization != "none":
         for linear in target_linears(model):
-            total += quantized_bytes(linear) - sum(p.numel() for p in linear.parameters()) * dtype_bytes(dtype)
+            size = dtype_bytes(dtype)
+            total += quantized_bytes(linear, size) - sum(p.numel() for p in linear.parameters()) * size
     return total
 
 

@@ -1,8 +1,8 @@
 """Quantized weights: the LM's linear layers and both heads in int8 or fp8, quantized while the model is placed.
 
 - `int8`: weight-only, one scale per output channel (torchao's `Int8WeightOnlyConfig`); CPU and CUDA. The
-  product runs in the model's dtype from the int8 weight; on CUDA the compiled step fuses the dequantization
-  into the matmul, so a decode step reads one byte per weight.
+  product runs in the model's dtype from the int8 weight (eager: the whole weight converted every call); on
+  CUDA the compiled step is expected to fuse that into the matmul and read one byte per weight (unmeasured).
 - `fp8`: e4m3 weights with a scale per output channel, activations scaled per row at run time (torchao's
   `Float8DynamicActivationFloat8WeightConfig`, fp8 tensor cores): CUDA devices of compute capability 8.9 or
   newer (Ada, Hopper and later), in bfloat16.
@@ -21,6 +21,8 @@ full-precision model.
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +82,14 @@ class Placement:
     quantized_layers: int
     weights_bytes: int  # what the model's parameters and buffers hold now, quantized ones at their stored size
     load_peak_bytes: int | None  # CUDA: the allocator's peak while placing; None elsewhere
+    lingering: int = 0  # full-precision weights still referenced right after their quantization (should be 0)
 
 
 def place(model: nn.Module, device: torch.device, quantization: str = "none") -> Placement:
     """Move `model` to `device` module by module, quantizing each target linear once it is there."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # tensors report their index
     targets = {id(m) for m in target_linears(model)} if quantization != "none" else set()
     config = _config(quantization) if targets else None
     cuda = device.type == "cuda"
@@ -91,14 +97,19 @@ def place(model: nn.Module, device: torch.device, quantization: str = "none") ->
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    moved: dict[int, torch.Tensor] = {}  # tied tensors move once and stay tied
+    slots = Counter(id(t) for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()))
+    tied: dict[int, torch.Tensor] = {}  # a tensor held in two places moves once and stays shared
+    lingering = 0
     for module in model.modules():
-        _move_own(module, device, moved)
+        _move_own(module, device, tied, slots)
         if id(module) in targets:
-            _quantize(module, config)
-            moved.pop(id(module.weight), None)
+            weight = weakref.ref(module.weight)
+            _quantize(module, config)  # the full-precision weight's last reference goes here
+            lingering += weight() is not None
+    if lingering:
+        log.warning("%d full-precision weights outlived their quantization while loading", lingering)
     peak = int(torch.cuda.max_memory_allocated(device) - base) if cuda else None
-    placement = Placement(len(targets), stored_bytes(model), peak)
+    placement = Placement(len(targets), stored_bytes(model), peak, lingering)
     if targets:
         log.info("quantized %d linear layers to %s while loading; weights %.2f GiB%s", len(targets), quantization,
                  placement.weights_bytes / 2**30,
@@ -106,16 +117,18 @@ def place(model: nn.Module, device: torch.device, quantization: str = "none") ->
     return placement
 
 
-def _move_own(module: nn.Module, device: torch.device, moved: dict[int, torch.Tensor]) -> None:
+def _move_own(module: nn.Module, device: torch.device, tied: dict[int, torch.Tensor], slots: Counter) -> None:
     for store in (module._parameters, module._buffers):
         for key, tensor in store.items():
             if tensor is None or tensor.device == device:
                 continue
-            if id(tensor) not in moved:
+            moved = tied.get(id(tensor))
+            if moved is None:
                 data = tensor.detach().to(device)
-                is_param = isinstance(tensor, nn.Parameter)
-                moved[id(tensor)] = nn.Parameter(data, requires_grad=False) if is_param else data
-            store[key] = moved[id(tensor)]
+                moved = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
+                if slots[id(tensor)] > 1:
+                    tied[id(tensor)] = moved
+            store[key] = moved
 
 
 def _quantize(linear: nn.Module, config) -> None:
@@ -150,11 +163,12 @@ def _parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [p for t in inner if t is not None for p in _parts(t)]
 
 
-def quantized_bytes(linear: nn.Linear) -> int:
-    """What a target linear holds once quantized: one byte per weight, a float32 scale per output channel."""
+def quantized_bytes(linear: nn.Linear, dtype_bytes: int) -> int:
+    """What a target linear holds once quantized: one byte per weight, per output channel a float32 scale and a
+    one-byte zero point (torchao keeps one even when symmetric), the bias in the model's dtype."""
     out_features, in_features = linear.weight.shape
-    bias = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
-    return out_features * in_features + 4 * out_features + bias
+    bias = 0 if linear.bias is None else linear.bias.numel() * dtype_bytes
+    return out_features * in_features + 5 * out_features + bias
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

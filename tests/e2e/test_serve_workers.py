@@ -98,7 +98,8 @@ async def test_serve_runs_two_workers_over_a_private_redis_and_leaves_nothing_be
     base = free_port_pair()
     args = ["serve", "--model", str(tiny_hf_dir), "--device", "cpu", "--workers", "2", "--metrics-port", str(base),
             "--kv-cache-memory", KV_CACHE, "--max-batch-size", "2"]
-    serve = await asyncio.to_thread(start_server, args, tmp_path, ENV, ready_timeout=90)
+    serve = await asyncio.to_thread(start_server, args, tmp_path, {**ENV, "JANUS_REDIS_MAXMEMORY": "256MiB"},
+                                    ready_timeout=90)
     pids: set[int] = set()
     directory: Path | None = None
     try:
@@ -113,6 +114,7 @@ async def test_serve_runs_two_workers_over_a_private_redis_and_leaves_nothing_be
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         assert stat.S_ISSOCK((directory / "redis.sock").stat().st_mode)
         assert "port 0\n" in (directory / "redis.conf").read_text()
+        assert f"maxmemory {256 << 20}\n" in (directory / "redis.conf").read_text()
 
         async with httpx.AsyncClient(timeout=60) as http:
             seen: list[Any] = []
@@ -164,3 +166,41 @@ async def test_serve_runs_two_workers_over_a_private_redis_and_leaves_nothing_be
                 os.kill(pid, signal.SIGKILL)
         if directory is not None:  # what a killed serve leaves
             shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_killed_serve_takes_its_workers_and_redis_with_it(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """`kill -9` of serve: its workers (and the private redis-server) get SIGTERM from the kernel and exit, so no
+    orphan keeps a GPU, its memory or its metrics port."""
+    base = free_port_pair()
+    args = ["serve", "--model", str(tiny_hf_dir), "--device", "cpu", "--workers", "2", "--metrics-port", str(base),
+            "--kv-cache-memory", KV_CACHE]
+    serve = await asyncio.to_thread(start_server, args, tmp_path, ENV, ready_timeout=90)
+    kids = children(serve.proc.pid)
+    try:
+        assert len(kids) == 3, kids  # two workers and redis-server
+        serve.proc.send_signal(signal.SIGKILL)
+        serve.proc.wait()
+
+        async def all_gone() -> bool:
+            return not [pid for pid in kids if alive(pid)]
+
+        await eventually(all_gone, 60, lambda: f"serve's children to exit; alive: "
+                                               f"{[kids[p] for p in kids if alive(p)]}")
+    finally:
+        for pid in kids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_that_cannot_load_its_model_stops_serve(tmp_path: Path) -> None:
+    """No restart loop: both workers exit with `cannot load`, serve says so and exits 1."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "missing"),
+                          "--device", "cpu", "--workers", "2", "--host", "127.0.0.1", "--port", "0",
+                          "--grpc-port", "0", "--no-log-json"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **ENV})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "cannot load the model" in out.stderr and "not restarting" in out.stderr
+    assert "restarting it in" not in out.stderr

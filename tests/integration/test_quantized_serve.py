@@ -46,3 +46,7 @@ def test_fp8_on_a_cpu_stops_serve_with_the_reason(tiny_hf_dir, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "compute capability 8.9" in out.stderr + out.stdout
+    # with several workers serve refuses before starting any of them (no restart loop of failing workers)
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_hf_dir), "--device", "cpu",
+                          "--workers", "2", "--quantization", "fp8"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--quantization fp8 needs CUDA GPUs" in out.stderr, out.stderr

@@ -80,3 +80,36 @@ def test_each_worker_process_starts_pinned_to_its_gpu(tmp_path: Path, caplog, mo
         ("cuda", "64MiB", "3")}
     assert all(s["argv"] == ["worker", "--model", "/m", "--device", "cuda"] for s in seen)
     assert "worker 0 started" in caplog.text and "on GPU GPU-ccc" in caplog.text and "on GPU MIG-bbb" in caplog.text
+
+
+def test_a_worker_that_cannot_load_stops_serve_instead_of_restarting(caplog) -> None:
+    """Exit status 3 (`janus-server worker` when its model cannot load: a bad path, fp8 on a GPU without it)
+    is final: restarting cannot fix it, so the supervisor reports it instead of looping."""
+    def cannot_load(_command: list[str], _env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({sup.CANNOT_LOAD})"])
+
+    metrics = Metrics()
+    pool = sup.WorkerSupervisor(Settings(workers=2, model="m"), metrics, spawn=cannot_load)
+    pool.start()
+    try:
+        wait_for(lambda: (pool.check(), pool.fatal is not None)[1])
+        assert "cannot load the model" in pool.fatal and "not restarting" in caplog.text
+        assert metrics.registry.get_sample_value("janus_worker_restarts_total") == 0
+        assert all(s.restart_at is None for s in pool._slots)
+    finally:
+        pool.stop(timeout=10)
+
+
+def test_no_restarts_once_serve_is_stopping() -> None:
+    """Ctrl-C reaches the whole process group: workers drain and exit 0 while the API is still draining."""
+    pool = sup.WorkerSupervisor(Settings(workers=1, model="m"), spawn=sleeper)
+    pool.start()
+    try:
+        pool.stopping()
+        child = pool._slots[0].proc
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        pool.check()
+        assert pool._slots[0].proc is None and pool._slots[0].restart_at is None
+    finally:
+        pool.stop(timeout=10)

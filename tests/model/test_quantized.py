@@ -19,7 +19,7 @@ from torch import nn
 from bench.quant_quality import teacher_forced_codes, teacher_forced_text, token_agreement
 from janus_core import Engine, GenerateRequest, ModelLoadError, UnderstandRequest
 from janus_core.models.loader import load_model
-from janus_core.models.quantize import is_quantized, stored_bytes
+from janus_core.models.quantize import is_quantized, place, stored_bytes
 from janus_core.sampling.params import SamplingParams
 from tests.support.engine_oracle import run
 
@@ -124,3 +124,21 @@ def test_fp8_and_unknown_quantizations_are_refused_with_the_reason(tiny_hf_dir):
         load_model(str(tiny_hf_dir), "cpu", quantization="fp8")
     with pytest.raises(ModelLoadError, match="unknown quantization 'int4'"):
         load_model(str(tiny_hf_dir), "cpu", quantization="int4")
+
+
+def test_each_full_precision_weight_is_released_as_soon_as_it_is_quantized(tiny_hf_dir):
+    """What keeps the load peak at the quantized model plus one layer: placing onto another device (cpu:0
+    stands in for a GPU), no full-precision weight outlives its own quantization."""
+    lm = load_model(str(tiny_hf_dir), "cpu")
+    placed = place(lm.model, torch.device("cpu", 0), "int8")
+    assert placed.quantized_layers == len(quantized_names(lm.model)) > 0
+    assert placed.lingering == 0
+
+
+def test_a_head_tied_to_the_embedding_stays_tied_and_unquantized(tiny_hf_dir):
+    lm = load_model(str(tiny_hf_dir), "cpu")
+    embedding = lm.model.model.language_model.embed_tokens
+    lm.model.lm_head.weight = embedding.weight  # as a checkpoint with tie_word_embeddings loads
+    place(lm.model, torch.device("cpu", 0), "int8")
+    assert lm.model.lm_head.weight is embedding.weight and not is_quantized(embedding.weight)
+    assert "model.generation_head.vision_head" in quantized_names(lm.model)

@@ -4,6 +4,8 @@ what `--gpus` picks, how N workers are dealt over them, what each worker process
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from server import cli, gpus
@@ -63,6 +65,17 @@ def test_a_schedulers_visible_devices_are_used_as_given(visible: str, labels: li
     assert summary(plan("cuda", env=env)) == [(i, label, "cuda", label, i) for i, label in enumerate(labels)]
     # --device auto still asks whether CUDA works at all
     assert [a.label for a in plan("auto", env=env, count=counting(len(labels)))] == labels
+
+
+@pytest.mark.parametrize(("visible", "message"), [
+    ("1,abc,2", "'abc' is neither a device index nor a GPU-/MIG- UUID"),
+    ("0,0", "names '0' twice"),
+    ("GPU-aaa,GPU-aaa", "names 'GPU-aaa' twice"),
+])
+def test_visible_lists_cuda_would_read_otherwise_are_refused(visible: str, message: str) -> None:
+    """CUDA would see fewer devices than listed (the prefix before a bad entry; none for a repeated one)."""
+    with pytest.raises(ValueError, match=message):
+        plan("cuda", env={"CUDA_VISIBLE_DEVICES": visible})
 
 
 def test_an_empty_visible_list_means_no_gpu() -> None:
@@ -178,6 +191,10 @@ def test_the_supervisor_pins_each_worker_and_passes_serves_flags(monkeypatch) ->
             "JANUS_QUANTIZATION": "int8", "JANUS_CHAT_FORMAT": "janus", "JANUS_VAE": "/vae",
             "JANUS_DTYPE": "bfloat16", "JANUS_GPU_MEMORY_UTILIZATION": "0.8", "JANUS_LOG_JSON": "false"}
         assert "JANUS_GPUS" not in env and "JANUS_WORKERS" not in env
+        assert env["JANUS_SUPERVISOR_PID"] == str(os.getpid())  # the worker follows serve (follow_parent)
+    # the frontend's keys and serve's own topology stay behind, even when they came from the environment
+    inherited = {"JANUS_API_KEY": "client-key", "JANUS_GPUS": "0", "JANUS_WORKERS": "3", "JANUS_REDIS_SERVER": "/r"}
+    assert not set(inherited) & set(sup.worker_env(settings, assignments[0], base=inherited))
     # a setting serve has no value for is unset in the worker, whatever serve's environment said
     assert "JANUS_MAX_CONTEXT" not in sup.worker_env(settings, assignments[0], base={"JANUS_MAX_CONTEXT": "99"})
     # a worker started with this environment reads back the settings serve had
