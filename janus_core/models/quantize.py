@@ -21,6 +21,7 @@ full-precision model.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ def check_quantization(name: str, device: torch.device, dtype: torch.dtype) -> N
 
 def _config(name: str):
     import torchao.quantization as tq
+
+    # torch.compile's autograd cache says once per compile that torchao's weights offer no stable hash: it then
+    # skips that cache, nothing more (the step compiles once per bucket at start-up either way).
+    warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching", category=UserWarning)
 
     if name == "int8":
         return tq.Int8WeightOnlyConfig(granularity=tq.PerRow())
