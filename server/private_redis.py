@@ -8,17 +8,16 @@ the queue they drain into; serve stops it after its workers. On Linux it also ge
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from server.supervisor import parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +54,14 @@ def _config(directory: Path, maxmemory: int) -> str:
 
 
 def _die_with_parent():
-    """Linux: a hook that has the child get SIGTERM when the thread that started it ends (a `kill -9` of
-    serve included); looked up before the fork, so the child only makes the call. A parent that died before
-    the call is caught by comparing the parent's pid."""
-    if not sys.platform.startswith("linux"):
+    """The child's pre-exec hook: SIGTERM when serve dies (a `kill -9` included), and no start at all if serve
+    died before the call (server.supervisor.parent_death_signal; None off Linux)."""
+    arm = parent_death_signal(os.getpid())
+    if arm is None:
         return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
 
     def hook() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
+        if not arm():
             os._exit(1)
 
     return hook

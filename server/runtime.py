@@ -140,8 +140,7 @@ def serve(settings: Settings) -> int:
     except ValueError as exc:
         print(f"janus-server serve: {exc}", file=sys.stderr)
         return 2
-    if settings.quantization == "fp8" and assignments[0].visible is None and not assignments[0].device.startswith(
-            "cuda"):
+    if settings.quantization == "fp8" and assignments[0].device != "cuda":
         print(f"janus-server serve: --quantization fp8 needs CUDA GPUs (compute capability 8.9 or newer); the "
               f"device is {assignments[0].device}: use --quantization int8", file=sys.stderr)
         return 2
@@ -203,8 +202,7 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
         service = Service(settings, queue, expected_workers=supervisor.expected, local_workers=supervisor.worker_ids,
                           expected_by_gpu=supervisor.expected_by_gpu())
     else:
-        service = Service(settings, queue, expected_workers=1 if with_local_worker else None,
-                          expected_by_gpu=by_gpu if with_local_worker else None)
+        service = Service(settings, queue, expected_workers=1 if with_local_worker else None, expected_by_gpu=by_gpu)
     info = model_info(settings)
     service.model_info = info
     app = create_app(settings, service, metrics, info)

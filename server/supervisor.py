@@ -82,16 +82,29 @@ PARENT_ENV = "JANUS_SUPERVISOR_PID"
 CANNOT_LOAD = 3  # a worker's exit status when its model cannot load here: restarting cannot help
 
 
-def follow_parent() -> None:
-    """In a worker that serve started (Linux): SIGTERM when serve dies, even by `kill -9`, so no worker is left
-    holding a GPU; if serve is already gone, exit at once."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
+def parent_death_signal(parent: int) -> Callable[[], bool] | None:
+    """Linux: a function that has the calling process get SIGTERM when the thread of `parent` that started it
+    ends (a `kill -9` included) and says whether `parent` is still its parent (it may have died just before).
+    Looked up here, so a child between fork and exec only makes the call. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> bool:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return os.getppid() == parent
+
+    return arm
+
+
+def follow_parent() -> None:
+    """In a worker that serve started: SIGTERM when serve dies, even by `kill -9`, so no worker is left holding
+    a GPU; if serve is already gone, exit at once."""
+    parent = os.environ.get(PARENT_ENV)
+    arm = parent_death_signal(int(parent)) if parent else None
+    if arm is not None and not arm():
         raise SystemExit("janus-server worker: the serve process that started this worker is gone")
 
 

@@ -186,11 +186,11 @@ def weights_bytes(janus: Any, dtype: str, quantization: str = "none") -> int:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     with torch.device("meta"):
         model = JanusForConditionalGeneration(janus)
+    size = dtype_bytes(dtype)
     params = {id(p): p for p in model.parameters()}  # tied weights once
-    total = sum(p.numel() for p in params.values()) * dtype_bytes(dtype)
+    total = sum(p.numel() for p in params.values()) * size
     if quantization != "none":
         for linear in target_linears(model):
-            size = dtype_bytes(dtype)
             total += quantized_bytes(linear, size) - sum(p.numel() for p in linear.parameters()) * size
     return total
 

@@ -40,6 +40,7 @@ from tests.support.servers import (
     ServerProcess,
     WorkerProcess,
     free_port_pair,
+    pid_alive,
     spawn_worker,
     start_server,
     wait_for_fresh_metrics,
@@ -633,12 +634,12 @@ async def test_serve_replaces_a_worker_killed_under_load_and_loses_nothing(
         assert finished < 30, finished
         assert "killed by SIGKILL" in serve.log()
         assert serve.stop() == 0, serve.log()[-3000:]
-        assert not [pid for pid in pids if _alive(pid)]  # serve stopped (and reaped) its workers
+        assert not [pid for pid in pids if pid_alive(pid)]  # serve stopped (and reaped) its workers
     finally:
         await queue.close()
         serve.stop(signal.SIGKILL)
         for pid in pids:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -646,11 +647,3 @@ async def timed(awaitable: Awaitable[Any]) -> float:
     started = time.monotonic()
     await awaitable
     return time.monotonic() - started
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from janus_core import memory
 from janus_core.models.loader import LoadedModel
 from tests.support.images import b64, png_bytes
-from tests.support.servers import free_port_pair, start_server
+from tests.support.servers import free_port_pair, pid_alive, start_server
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
@@ -54,14 +54,6 @@ def unix_socket_paths(pid: int) -> list[str]:
               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
     rows = (row.split() for row in Path("/proc/net/unix").read_text().splitlines()[1:])
     return [cols[7] for cols in rows if len(cols) > 7 and cols[6] in inodes]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def eventually(check, timeout: float, what) -> None:
@@ -154,7 +146,7 @@ async def test_serve_runs_two_workers_over_a_private_redis_and_leaves_nothing_be
 
         serve.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(serve.proc.wait, 60) == 0, serve.log()[-3000:]
-        assert not [pid for pid in pids if alive(pid)], "serve left a worker or its redis-server running"
+        assert not [pid for pid in pids if pid_alive(pid)], "serve left a worker or its redis-server running"
         assert not directory.exists(), "serve left the private redis directory behind"
     except BaseException:
         print(f"serve's log (the end):\n{serve.log()[-6000:]}")  # shown with the failure
@@ -162,7 +154,7 @@ async def test_serve_runs_two_workers_over_a_private_redis_and_leaves_nothing_be
     finally:
         serve.stop(signal.SIGKILL)
         for pid in pids:
-            if alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if directory is not None:  # what a killed serve leaves
             shutil.rmtree(directory, ignore_errors=True)
@@ -182,13 +174,13 @@ async def test_a_killed_serve_takes_its_workers_and_redis_with_it(tiny_hf_dir: P
         serve.proc.wait()
 
         async def all_gone() -> bool:
-            return not [pid for pid in kids if alive(pid)]
+            return not [pid for pid in kids if pid_alive(pid)]
 
         await eventually(all_gone, 60, lambda: f"serve's children to exit; alive: "
-                                               f"{[kids[p] for p in kids if alive(p)]}")
+                                               f"{[kids[p] for p in kids if pid_alive(p)]}")
     finally:
         for pid in kids:
-            if alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -98,17 +98,14 @@ def test_serve_with_several_workers_and_no_redis_server_exits_2(args: list[str],
     assert "pass --queue redis://" in result.stderr and "install redis-server" in result.stderr
 
 
-def test_serve_refuses_bad_gpu_picks_before_loading_anything(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0,2"], "--gpus: 2 is out of range; 2 visible (0: GPU-aaa, 1: GPU-bbb)"),  # a bad pick
+    (["--workers", "3"], "2 workers share GPU GPU-aaa: give each its KV pool with --kv-cache-memory SIZE"),
+])
+def test_serve_refuses_a_gpu_plan_it_cannot_run_before_loading_anything(args: list[str], message: str,
+                                                                         tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"}
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path), "--device",
-                             "cuda", "--gpus", "0,2"], capture_output=True, text=True, timeout=120, env=env)
+                             "cuda", *args], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
-    assert "--gpus: 2 is out of range; 2 visible (0: GPU-aaa, 1: GPU-bbb)" in result.stderr
-
-
-def test_serve_refuses_workers_sharing_a_gpu_without_a_kv_pool_size(tmp_path: Path) -> None:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"}
-    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path), "--device",
-                             "cuda", "--workers", "3"], capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 2
-    assert "2 workers share GPU GPU-aaa: give each its KV pool with --kv-cache-memory SIZE" in result.stderr
+    assert message in result.stderr

@@ -21,6 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pid_alive(pid: int) -> bool:
+    """A process of that pid exists (a reaped child does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port_pair() -> int:
     """A free port p with p + 1 free too (`serve --workers 2` gives its workers metrics_port + i)."""
     while True:
