@@ -91,6 +91,17 @@ class Job:
     owner: str | None = None  # who sent it (an API key's name, or server.idempotency.caller_of), never the key
     weight: float = 1.0  # the owner's share of dispatch (server.queue.fair)
     request_id: str | None = None  # the client's X-Request-Id (or gRPC call), for logs across processes
+    # Async jobs (Prefer: respond-async) have a job record: `surface` is the route whose body the result
+    # takes ("generate", "understand", "images.generations", "chat.completions"), `render` what that body
+    # needs besides the result (e.g. the model name), `webhook` where the job object goes when it ends.
+    surface: str | None = None
+    render: dict[str, Any] = field(default_factory=dict)
+    webhook: str | None = None
+    ttl: float | None = None  # seconds its result is kept once it ends (None: the queue's default)
+
+    @property
+    def is_async(self) -> bool:
+        return self.surface is not None
 
     def expired(self, now: float | None = None) -> bool:
         return (now or time.time()) >= self.deadline
@@ -115,7 +126,55 @@ class Job:
                    stream=bool(data.get("stream", False)), created=float(data.get("created", time.time())),
                    idempotency_key=data.get("idempotency_key"), fingerprint=data.get("fingerprint"),
                    owner=data.get("owner"), request_id=data.get("request_id"),
-                   weight=float(data.get("weight", 1.0)))
+                   weight=float(data.get("weight", 1.0)), surface=data.get("surface"),
+                   render=dict(data.get("render") or {}), webhook=data.get("webhook"),
+                   ttl=None if data.get("ttl") is None else float(data["ttl"]))
+
+
+@dataclass
+class JobState:
+    """What a queue knows of an async job: its record, where it is now, and its terminal event once it ended.
+    `gone` is set (with the reason) when the queue had to drop the result before its time."""
+
+    id: str
+    owner: str
+    surface: str
+    created: float
+    deadline: float
+    render: dict[str, Any] = field(default_factory=dict)
+    webhook: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    progress: dict[str, int] | None = None  # the last {"step", "total"}
+    position: int | None = None  # while queued: jobs waiting ahead of it
+    terminal: dict[str, Any] | None = None  # the result or error event (None while it runs, or not fetched)
+    status: str | None = None  # set by a queue that knows it without the terminal event
+    gone: str | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobState:
+        assert job.surface is not None
+        return cls(job.id, job.owner or "", job.surface, job.created, job.deadline, dict(job.render), job.webhook)
+
+    def meta(self) -> dict[str, Any]:
+        """The fixed part, as stored."""
+        return {"id": self.id, "owner": self.owner, "surface": self.surface, "created": self.created,
+                "deadline": self.deadline, "render": self.render, "webhook": self.webhook}
+
+    @property
+    def state(self) -> str:
+        """queued | running | succeeded | failed | cancelled"""
+        if self.terminal is not None:
+            return terminal_status(self.terminal)
+        if self.status is not None:
+            return self.status
+        return "running" if self.started is not None else "queued"
+
+
+def terminal_status(event: dict[str, Any]) -> str:
+    if event.get("type") == "result":
+        return "succeeded"
+    return "cancelled" if event.get("code") == CANCELLED else "failed"
 
 
 # --- events (plain dicts so they serialise unchanged through Redis) --------------------------------

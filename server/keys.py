@@ -250,6 +250,20 @@ class Lease:
     local: bool = True  # counted in this process (else where `RedisQuotas` keeps it)
 
 
+class LeaseHolder:
+    """The lease of the request being served; an async job `take`s it to hold it until the job ends."""
+
+    def __init__(self, lease: Lease | None) -> None:
+        self.lease = lease
+
+    def take(self) -> Lease | None:
+        lease, self.lease = self.lease, None
+        return lease
+
+
+current_lease: contextvars.ContextVar[LeaseHolder | None] = contextvars.ContextVar("janus_lease", default=None)
+
+
 async def admit(quotas: Quotas, key: Key | None) -> Lease | None:
     """`quotas.enter(key)`, safe against the caller being cancelled meanwhile: a slot taken after the caller
     went away is given back, never left held."""

@@ -61,6 +61,9 @@ class Metrics:
                                    "dry (recomputed later, same output)", registry=r)
         self.rate_limited = Counter("janus_rate_limited_total", "Requests refused with 429 over an API key's quota",
                                     ["key"], registry=r)
+        self.webhook_deliveries = Counter("janus_webhook_deliveries_total", "Webhook delivery tries by outcome: "
+                                          "delivered, retry, rejected (not retried), failed (gave up after the "
+                                          "last try), dropped (the job was gone)", ["outcome"], registry=r)
         self._last = EngineStats()
         self._last_queue: dict[str, int] = {}
 

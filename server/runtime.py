@@ -218,6 +218,7 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
         from server.rpc.service import start_grpc_server
 
         grpc_server = await start_grpc_server(service, settings, metrics)
+    deliverer = start_webhooks(settings, service, metrics)
     stop = asyncio.Event()
     exit_code = 0
     worker_task = None
@@ -264,8 +265,26 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
             from server.rpc.service import stop_grpc_server
 
             await stop_grpc_server(grpc_server, grace=10.0)
+        if deliverer is not None:
+            await deliverer.close()
+        await service.close()
         await queue.close()
     return exit_code
+
+
+def start_webhooks(settings: Settings, service: Service, metrics: Metrics):
+    """Every frontend delivers webhooks (in Redis mode, whichever frontend takes a delivery first), when
+    webhooks are on (JANUS_ALLOWED_WEBHOOK_HOSTS)."""
+    if not settings.allowed_webhook_hosts:
+        return None
+    from server.http.jobs import webhook_body
+    from server.webhooks import WebhookDeliverer
+
+    deliverer = WebhookDeliverer(service.queue, lambda job_id: webhook_body(service, job_id), settings, metrics)
+    task = asyncio.create_task(deliverer.run())
+    task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                           or log.error("webhook deliveries stopped: %s", t.exception()))
+    return deliverer
 
 
 async def serve_worker(settings: Settings) -> int:

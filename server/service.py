@@ -30,14 +30,17 @@ from janus_core import (
 from server import idempotency
 from server.http.schemas import MAX_MESSAGES, NON_BLANK, OutputFormat
 from server.jobs import (
+    CANCELLED,
     DEADLINE_EXCEEDED,
     GenerateParams,
     Job,
+    JobState,
     UnderstandParams,
     error_event,
+    is_terminal,
     job_messages,
 )
-from server.keys import KeyRing, Quotas, current_key
+from server.keys import KeyRing, Lease, Quotas, current_key, current_lease
 from server.logs import request_id_var
 from server.queue import IdempotencyConflict, JobQueue
 from server.readiness import ReadyState, ready_state
@@ -46,12 +49,23 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 class BadRequest(Exception):
     """Invalid input; `status` is 400, 413 (too large) or 422."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class JobNotFound(Exception):
+    """No such job for this caller (unknown, expired, or another key's: all look the same)."""
+
+
+class JobGone(Exception):
+    """The job's result was dropped before its time (the in-process queue's bounds); the message says why."""
 
 
 class ServiceUnavailable(Exception):
@@ -226,8 +240,18 @@ class Origin:
         api_key = current_key.get()  # the key's name where keys are checked; else a hash of any token sent
         return cls(route, api_key.caller if api_key else idempotency.caller_of(authorization), key)
 
-    def fingerprint(self, params: UnderstandParams | GenerateParams, stream: bool) -> str | None:
+    def fingerprint(self, params: UnderstandParams | GenerateParams, stream: bool | str) -> str | None:
         return idempotency.fingerprint(self.route, params, stream) if self.idempotency_key is not None else None
+
+
+@dataclass(frozen=True)
+class AsyncSpec:
+    """An async request (Prefer: respond-async): the route whose body its result takes, what that body needs
+    besides the result, and its checked webhook URL."""
+
+    surface: str
+    render: dict[str, Any]
+    webhook: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +294,7 @@ class Service:
             self.quotas = Quotas(default)
         # server.http.app.ModelInfo where this process serves the model; its `generator` is known once loaded
         self.model_info: Any = None
+        self._watchers: set[asyncio.Task] = set()  # async jobs holding their key's in-flight slot
 
     def deadline(self, client_timeout: float | None = None) -> float:
         timeout = self.settings.request_timeout
@@ -278,7 +303,8 @@ class Service:
         return time.time() + timeout
 
     async def submit_understand(self, params: UnderstandParams, origin: Origin, *, stream: bool = False,
-                                timeout: float | None = None, require_image: bool = True) -> Ticket:
+                                timeout: float | None = None, require_image: bool = True,
+                                spec: AsyncSpec | None = None) -> Ticket:
         validate_understand(self.settings, params, require_image=require_image)
 
         # Off the event loop, on the few threads of the image pool: even a header can be slow to reach (a PNG
@@ -289,21 +315,21 @@ class Service:
 
         def check() -> str | None:  # decoding images and hashing them both take a while
             check_images(opened)
-            return origin.fingerprint(params, stream)
+            return origin.fingerprint(params, "async" if spec else stream)
 
         async with self.decoding.hold(sum(image.width * image.height for image in opened)):
             fingerprint = await loop.run_in_executor(self.image_pool, check)
         return await self._submit(Job("understand", params, deadline=self.deadline(timeout), stream=stream),
-                                  origin, fingerprint)
+                                  origin, fingerprint, spec)
 
     async def submit_generate(self, params: GenerateParams, origin: Origin, *, stream: bool = False,
-                              timeout: float | None = None) -> Ticket:
+                              timeout: float | None = None, spec: AsyncSpec | None = None) -> Ticket:
         validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
         api_key = current_key.get()
         await self.quotas.charge_images(api_key, params.n)
         job = Job("generate", params, deadline=self.deadline(timeout), stream=stream)
         try:
-            ticket = await self._submit(job, origin, origin.fingerprint(params, stream))
+            ticket = await self._submit(job, origin, origin.fingerprint(params, "async" if spec else stream), spec)
         except BaseException:  # refused or unreachable: no images will be made for this request
             await asyncio.shield(self.quotas.refund_images(api_key, params.n))
             raise
@@ -311,22 +337,73 @@ class Service:
             await self.quotas.refund_images(api_key, params.n)
         return ticket
 
-    async def _submit(self, job: Job, origin: Origin, fingerprint: str | None) -> Ticket:
+    async def _submit(self, job: Job, origin: Origin, fingerprint: str | None, spec: AsyncSpec | None = None) -> Ticket:
         job.owner, job.request_id = origin.caller, request_id_var.get()
         api_key = current_key.get()
         job.weight = api_key.weight if api_key is not None else 1.0
         if origin.idempotency_key is not None:
             job.idempotency_key = idempotency.scoped_key(origin.caller, origin.idempotency_key)
             job.fingerprint = fingerprint
+        if spec is not None:  # a job record, its events kept for re-attaching, its result kept job_ttl
+            job.surface, job.render, job.webhook = spec.surface, dict(spec.render), spec.webhook
+            job.stream, job.ttl = True, self.settings.job_ttl
         try:
             job_id = await self.queue.submit(job)
         except IdempotencyConflict as exc:
             raise BadRequest(str(exc), 422) from exc
         if job_id == job.id:
-            log.info("submitted %s job %s", job.kind, job_id)
+            log.info("submitted %s job %s%s", job.kind, job_id, " (async)" if spec else "")
+            if spec is not None:
+                self._keep_lease(job_id)
         else:
             log.info("joined %s job %s (same Idempotency-Key and request)", job.kind, job_id)
-        return Ticket(job_id, job.deadline, idempotent=origin.idempotency_key is not None)
+        return Ticket(job_id, job.deadline, idempotent=origin.idempotency_key is not None or spec is not None)
+
+    # --- async jobs ----------------------------------------------------------------------------------
+
+    def _keep_lease(self, job_id: str) -> None:
+        """An async job stays in flight for its key (its quota) until it ends, not until its 202 is sent: the
+        request's lease moves to a task that follows the job (in Redis it also lapses on its own)."""
+        holder = current_lease.get()
+        lease = holder.take() if holder is not None else None
+        if lease is None:
+            return
+        task = asyncio.ensure_future(self._release_when_done(job_id, lease))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _release_when_done(self, job_id: str, lease: Lease) -> None:
+        try:
+            async for event in self.queue.events(job_id):
+                if is_terminal(event):
+                    break
+        except Exception as exc:  # the queue went away: the lease lapses with this process, or in Redis
+            log.warning("async job %s: stopped following it (%s)", job_id, exc)
+        finally:
+            await asyncio.shield(self.quotas.leave(lease))
+
+    async def job_state(self, job_id: str, caller: str | None) -> JobState:
+        """An async job of `caller` (None: anyone's, for webhooks); `JobNotFound` or `JobGone`."""
+        state = await self.queue.job_state(job_id) if _JOB_ID.fullmatch(job_id) else None
+        if state is None or (caller is not None and state.owner != caller):
+            raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)")
+        if state.gone:
+            raise JobGone(f"job {job_id} ended {state.state}, but {state.gone}")
+        return state
+
+    async def cancel_job(self, job_id: str, caller: str) -> JobState:
+        """Cancel an async job of `caller` that has not ended (a worker running it frees its rows within a
+        step); an ended one is left as it is."""
+        state = await self.job_state(job_id, caller)
+        if state.terminal is None:
+            await self.queue.end(job_id, error_event(CANCELLED, "the job was cancelled (DELETE /v1/jobs/{id})"))
+            log.info("cancelled job %s", job_id)
+            state = await self.job_state(job_id, caller)
+        return state
+
+    async def close(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
         """Events of a job; a synthetic `deadline_exceeded` error (and `abandon`) if the request's deadline passes."""

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     # A worker whose heartbeat is older than this has its jobs taken over at once (0: three
     # heartbeat intervals, at least 1 s); claim_idle_timeout stays as the backstop.
     heartbeat_timeout: float = 0.0
-    result_ttl: float = 600.0
+    result_ttl: float = 600.0  # synchronous requests' results, kept for Idempotency-Key retries
+    job_ttl: float = 3600.0  # async jobs (Prefer: respond-async): how long a finished job and its result are kept
     # the in-process queue keeps at most this many finished results, and bytes of them (oldest go first)
     max_stored_results: int = 1024
     max_stored_result_bytes: int = 256 * 1024 * 1024
@@ -98,6 +99,12 @@ class Settings(BaseSettings):
     max_connections: int = 4096
     allowed_image_hosts: CsvList = Field(default_factory=list)  # hosts that remote image URLs may name
     image_fetch_timeout: float = 15.0  # seconds for all of one remote image: resolving, connecting, reading
+    # Async jobs' webhooks: the hosts a "webhook" URL may name (empty: webhooks refused), the HMAC secret that
+    # signs every delivery (shared by every frontend), and the waits in seconds between tries (5 tries, ~10 min)
+    allowed_webhook_hosts: CsvList = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None
+    webhook_retry_delays: CsvList = Field(default_factory=lambda: ["15", "60", "180", "360"])
+    webhook_timeout: float = 10.0  # seconds for one delivery: connecting, sending, the receiver's answer
 
     playground: bool = True  # the browser page at / and /playground
 
@@ -105,7 +112,8 @@ class Settings(BaseSettings):
     log_json: bool = True  # false: plain text log lines
     access_log: bool = True  # one line per HTTP request (and gRPC call), refusals with their reason
 
-    @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", "gpus", mode="before")
+    @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", "gpus",
+                     "allowed_webhook_hosts", "webhook_retry_delays", mode="before")
     @classmethod
     def _split_csv(cls, value):
         # `JANUS_API_KEY=a,b` and a single flag value both work.
@@ -136,6 +144,23 @@ class Settings(BaseSettings):
         if not (0.0 < value <= 1.0):
             raise ValueError(f"must be in (0, 1], got {value}")
         return value
+
+    @field_validator("webhook_retry_delays")
+    @classmethod
+    def _delays(cls, value: list[str]) -> list[str]:
+        for v in value:
+            try:
+                ok = float(v) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"must be seconds (numbers >= 0) separated by commas, got {v!r}")
+        return value
+
+    @property
+    def webhook_delays(self) -> list[float]:
+        """Seconds to wait before each retry of a webhook delivery (one try more than there are delays)."""
+        return [float(v) for v in self.webhook_retry_delays]
 
     @property
     def kv_cache_bytes(self) -> int | None:

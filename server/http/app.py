@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import jobs as J
+from server.http.bodies import images_body, understand_body
 from server.http.common import (
     HTTPError,
     decode_image_payload,
@@ -37,6 +38,7 @@ from server.http.common import (
     wait_for_result,
 )
 from server.http.edge import KeyGuard, rate_limited_response
+from server.http.jobs import accepted, add_job_routes, async_spec
 from server.http.messages import read_messages
 from server.http.openai import add_openai_routes
 from server.http.openapi import install_openapi
@@ -97,6 +99,7 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
     _add_operational_routes(app)
     _add_native_routes(app)
     add_openai_routes(app)
+    add_job_routes(app)
     if settings.playground:
         from server.http.playground import add_playground_routes
 
@@ -334,22 +337,27 @@ def _add_native_routes(app: FastAPI) -> None:
         params = UnderstandParams(body.prompt or "", images, max_new_tokens, body.temperature, body.top_p,
                                   body.seed, messages=messages, **body.extensions())
         service: Service = request.app.state.service
+        spec = await async_spec(request, "understand", body)
         ticket = await service.submit_understand(params, origin_of(request), stream=body.stream,
-                                                 require_image=messages is None)
+                                                 require_image=messages is None, spec=spec)
+        if spec is not None:
+            return await accepted(request, ticket)
         if body.stream:
             return sse_response(stream_job(service, ticket, _understand_sse), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        return {"id": ticket.job_id, "text": event["text"], "finish_reason": event["finish_reason"],
-                "usage": {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}}
+        return understand_body(ticket.job_id, event)
 
     @app.post("/v1/generate", tags=["janus"], responses={200: {"content": {"image/png": {}}}})
     async def generate(body: GenerateBody, request: Request):
         service: Service = request.app.state.service
         params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed,
                                 body.steps, body.output_format, body.output_compression)
-        ticket = await service.submit_generate(params, origin_of(request), stream=body.stream)
+        spec = await async_spec(request, "generate", body)
+        ticket = await service.submit_generate(params, origin_of(request), stream=body.stream, spec=spec)
+        if spec is not None:
+            return await accepted(request, ticket)
         if body.stream:
             return sse_response(stream_job(service, ticket, lambda e: _generate_sse(e, ticket.job_id)), ticket)
         event = await wait_for_result(service, ticket, request)
@@ -359,7 +367,7 @@ def _add_native_routes(app: FastAPI) -> None:
         if body.n == 1 and media_type in request.headers.get("accept", ""):
             return Response(J.result_images(event)[0], media_type=media_type,
                             headers={"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id})
-        return _images_body(ticket.job_id, event)
+        return images_body(ticket.job_id, event)
 
 
 async def _read_understand(request: Request, settings: Settings) -> tuple[UnderstandBody, list[bytes]]:
@@ -400,6 +408,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[Underst
     if not images:
         raise HTTPError(400, "multipart request has no 'image' file")
     raw: dict[str, Any] = {"prompt": fields.pop("prompt", ""), "images": ["-"] * len(images)}
+    if "webhook" in fields:
+        raw["webhook"] = fields.pop("webhook")
     for key, cast in (("max_new_tokens", form_int), ("temperature", float), ("top_p", float), ("seed", form_int),
                       ("top_k", form_int), ("min_p", float), ("repetition_penalty", float), ("min_tokens", form_int)):
         if key in fields:
@@ -460,12 +470,5 @@ def _generate_sse(event: dict[str, Any], job_id: str) -> list[Any]:
     if event["type"] == "progress":
         return [{"step": event["step"], "total": event["total"]}]
     if event["type"] == "result":
-        return [_images_body(job_id, event)]
+        return [images_body(job_id, event)]
     return []
-
-
-def _images_body(job_id: str, event: dict[str, Any]) -> dict[str, Any]:
-    """A generation's images in JSON: `b64_png` per image (`b64_jpeg` / `b64_webp` for other output formats)."""
-    fmt = event.get("format", "png")
-    return {"id": job_id, "seed": event["seed"], "output_format": fmt,
-            "images": [{f"b64_{fmt}": p} for p in J.result_b64(event)]}

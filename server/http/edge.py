@@ -3,9 +3,10 @@
 `KeyGuard` is a pure ASGI middleware. With keys configured, every path needs one except the probes
 (/health, /ready), the playground's own files, and what the operator opened (`--open-docs`,
 `--open-metrics`); a refused request never has its body read, so a client without a key costs a header
-parse. Each POST to /v1/ is a request in flight of its key until its response (streamed or not) ends; over
-the key's quota it gets 429 with `Retry-After`. The key's name rides in the ASGI scope (`state.key_name`,
-for the access log) and in `server.keys.current_key` (for the job's owner and the image quota).
+parse. Each POST to /v1/ is a request in flight of its key until its response (streamed or not) ends, or,
+for an async job, until the job ends; over the key's quota it gets 429 with `Retry-After`. The key's name
+rides in the ASGI scope (`state.key_name`, for the access log) and in `server.keys.current_key` (for the job's
+owner and the image quota).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import math
 
 from server.http.common import error_response
-from server.keys import KeyRing, Quotas, RateLimited, Unauthorized, admit, current_key
+from server.keys import KeyRing, LeaseHolder, Quotas, RateLimited, Unauthorized, admit, current_key, current_lease
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -76,8 +77,11 @@ class KeyGuard:
                 self.metrics.rate_limited.labels(exc.key).inc()
                 return await rate_limited_response(exc)(scope, receive, send)
         token = current_key.set(key)
+        holder = LeaseHolder(lease)  # an async job takes the lease with it (server.service)
+        lease_token = current_lease.set(holder)
         try:
             await self.app(scope, receive, send)
         finally:
             current_key.reset(token)
-            await asyncio.shield(self.quotas.leave(lease))  # a hang-up must not keep the slot
+            current_lease.reset(lease_token)
+            await asyncio.shield(self.quotas.leave(holder.lease))  # a hang-up must not keep the slot

@@ -11,20 +11,17 @@ Conversation rules (order of roles, where images may be) are janus_core's, check
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 import weakref
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 
+from server import netcheck
 from server.http.common import decode_image_payload
 from server.http.schemas import ChatMessage, ImagePart
 from server.service import BadRequest
 from server.settings import Settings
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 async def read_messages(messages: list[ChatMessage], settings: Settings) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -65,19 +62,19 @@ async def fetch_image(url: str, label: str, settings: Settings) -> bytes:
     if parsed.scheme not in ("http", "https"):
         raise BadRequest(f"{label} must be a data: URL (or an allowed http(s) URL)")
     host = parsed.hostname or ""
-    if host not in settings.allowed_image_hosts:
+    if not netcheck.is_listed(host, settings.allowed_image_hosts):
         raise BadRequest(f"{label}: remote image URLs are refused (host {host!r} is not "
                          "in JANUS_ALLOWED_IMAGE_HOSTS); send a data: URL")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    port = parsed.port or netcheck.DEFAULT_PORTS[parsed.scheme]
     try:
         async with asyncio.timeout(settings.image_fetch_timeout), _fetch_slots():
-            address = await _check_address(host, port, label, settings)
-            # connect to the address just checked (a second lookup could answer otherwise), naming the host
-            # in the Host header and in TLS (SNI and the certificate check)
-            target = f"[{address}]" if address.version == 6 else str(address)
-            pinned = parsed._replace(netloc=f"{target}:{port}").geturl()
-            host_header = host if parsed.port is None else f"{host}:{parsed.port}"
-            return await _download(pinned, host_header, host, label, settings.max_image_bytes)
+            try:
+                address = await netcheck.resolve_checked(host, port, settings.allowed_image_hosts,
+                                                         "JANUS_ALLOWED_IMAGE_HOSTS")
+            except netcheck.AddressRefused as exc:
+                raise BadRequest(f"{label}: {exc}") from exc
+            # connect to the address just checked, naming the host in the Host header and in TLS
+            return await _download(netcheck.pin(parsed, address), label, settings.max_image_bytes)
     except TimeoutError as exc:
         raise BadRequest(f"{label} could not be fetched within {settings.image_fetch_timeout:g} s") from exc
 
@@ -93,29 +90,11 @@ def _fetch_slots() -> asyncio.Semaphore:
     return _slots[loop]
 
 
-async def _check_address(host: str, port: int, label: str, settings: Settings) -> IPAddress:
-    """The address to fetch from. Refuse a host that resolves to a private, loopback, link-local or otherwise
-    internal address (a listed name pointing inside the network is how a server is made to fetch from it),
-    unless that address is itself listed in JANUS_ALLOWED_IMAGE_HOSTS."""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise BadRequest(f"{label}: cannot resolve {host!r} ({exc})") from exc
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    for address in addresses:
-        if not address.is_global and str(address) not in settings.allowed_image_hosts:
-            raise BadRequest(f"{label}: {host!r} resolves to the internal address {address}; list that address "
-                             "in JANUS_ALLOWED_IMAGE_HOSTS to allow it")
-    if not addresses:
-        raise BadRequest(f"{label}: {host!r} resolves to no address")
-    return addresses[0]
-
-
-async def _download(url: str, host_header: str, server_name: str, label: str, max_bytes: int) -> bytes:
-    headers = {"Host": host_header, "Accept-Encoding": "identity"}
+async def _download(target: netcheck.Pinned, label: str, max_bytes: int) -> bytes:
+    headers = {**target.headers, "Accept-Encoding": "identity"}
     try:
         async with httpx.AsyncClient(timeout=10.0, follow_redirects=False, trust_env=False) as client, \
-                client.stream("GET", url, headers=headers, extensions={"sni_hostname": server_name}) as response:
+                client.stream("GET", target.url, headers=headers, extensions=target.extensions) as response:
             if response.status_code != 200:
                 raise BadRequest(f"{label}: fetching it returned HTTP {response.status_code}")
             encoding = response.headers.get("content-encoding", "identity").strip().lower()

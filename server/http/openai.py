@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from server import jobs as J
+from server.http.bodies import chat_completion_body, openai_images_body, usage
 from server.http.common import (
     HTTPError,
     abandon_all,
@@ -29,6 +29,7 @@ from server.http.common import (
     wait_for_result,
     wait_for_results,
 )
+from server.http.jobs import accepted, async_spec
 from server.http.messages import read_messages
 from server.http.schemas import MAX_PROMPTS, ChatCompletionsBody, CompletionsBody, ImagesGenerationsBody, OpenAIOptions
 from server.jobs import GenerateParams, UnderstandParams
@@ -48,7 +49,11 @@ def add_openai_routes(app: FastAPI) -> None:
         params = UnderstandParams("", images, max_tokens, body.temperature, body.top_p, body.seed,
                                   messages=messages, stop=stop, **body.extensions())
         service: Service = request.app.state.service
-        ticket = await service.submit_understand(params, origin_of(request), stream=body.stream, require_image=False)
+        spec = await async_spec(request, "chat.completions", body, {"model": model})
+        ticket = await service.submit_understand(params, origin_of(request), stream=body.stream, require_image=False,
+                                                 spec=spec)
+        if spec is not None:
+            return await accepted(request, ticket)
         created = int(time.time())
         chunk_id = f"chatcmpl-{ticket.job_id}"
         if body.stream:
@@ -66,19 +71,14 @@ def add_openai_routes(app: FastAPI) -> None:
                     out.append(_chunk(chunk_id, created, model, {}, event["finish_reason"]))
                     if include_usage:  # OpenAI's shape: one more chunk, no choices, the usage
                         out.append({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                                    "model": model, "choices": [], "usage": _usage(event)})
+                                    "model": model, "choices": [], "usage": usage(event)})
                 return out
 
             return sse_response(stream_job(service, ticket, render), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        return {
-            "id": chunk_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": event["text"]},
-                         "finish_reason": event["finish_reason"], "logprobs": None}],
-            "usage": _usage(event),
-        }
+        return chat_completion_body(ticket.job_id, event, model, created)
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionsBody, request: Request):
@@ -124,12 +124,12 @@ def add_openai_routes(app: FastAPI) -> None:
                 return [body_of([choice(i, "", event["finish_reason"])])]
 
             def finish() -> list[Any]:  # OpenAI's shape: one more chunk, no choices, the usage of them all
-                return [body_of([], usage=_usage(*results))] if include_usage else []
+                return [body_of([], usage=usage(*results))] if include_usage else []
 
             return sse_response(stream_jobs(service, tickets, render, finish), tickets)
         events = await wait_for_results(service, tickets, request)
         return body_of([choice(i, e["text"], e["finish_reason"]) for i, e in enumerate(events)],
-                       usage=_usage(*events))
+                       usage=usage(*events))
 
     @app.post("/v1/images/generations", tags=["openai"])
     async def images_generations(body: ImagesGenerationsBody, request: Request):
@@ -152,13 +152,14 @@ def add_openai_routes(app: FastAPI) -> None:
         params.steps = body.steps
         params.output_format, params.output_compression = body.output_format, body.output_compression
         service: Service = request.app.state.service
-        ticket = await service.submit_generate(params, origin_of(request))
+        spec = await async_spec(request, "images.generations", body, {"size": native})
+        ticket = await service.submit_generate(params, origin_of(request), spec=spec)
+        if spec is not None:
+            return await accepted(request, ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": None}
-                                                       for p in J.result_b64(event)],
-                "output_format": event.get("format", "png"), "size": native}
+        return openai_images_body(event, native, int(time.time()))
 
 
 def check_model(request: Request, name: str | None) -> str:
@@ -226,13 +227,6 @@ def _refuse_chat_options(body: ChatCompletionsBody) -> None:
         raise BadRequest("tool_choice is not supported by this model (only 'none')")
     if body.response_format is not None and body.response_format.type != "text":
         raise BadRequest(f"response_format {body.response_format.type!r} is not supported; only 'text'")
-
-
-def _usage(*events: dict[str, Any]) -> dict[str, int]:
-    """Token counts of one or more results, summed."""
-    prompt = sum(e["prompt_tokens"] for e in events)
-    completion = sum(e["completion_tokens"] for e in events)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _chunk(chunk_id: str, created: int, model: str, delta: dict, finish: str | None) -> dict[str, Any]:

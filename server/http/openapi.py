@@ -6,7 +6,8 @@ cannot see, so routes added later are documented by the same rules:
 - error responses: every route lists the statuses it can answer with, all with the
   `{"error": {"code", "message"}}` body (FastAPI's own 422 schema is replaced: ours is not that);
   POST routes 400/413/422/503/504, routes under /v1/ 401 when API keys are on, /ready 503, plus
-  `EXTRA_ERRORS` per route (415 where a content type is refused);
+  `EXTRA_ERRORS` per route (415 where a content type is refused; the job routes' 404/409/410); the async
+  routes' 202; no `webhook` field while webhooks are off;
 - content types: `text/event-stream` for bodies with `stream`, `text/plain` for /metrics;
 - bounds that are settings, not constants: `n`, token counts, image counts, prompt length; and a
   prompt must hold a non-blank character (`NON_BLANK`, the server's own test);
@@ -51,7 +52,20 @@ POST_ERRORS = (400, 413, 422, 503, 504)
 EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/understand"): (415,),
     ("get", "/ready"): (503,),
+    ("get", "/v1/jobs/{job_id}"): (404, 410),
+    ("delete", "/v1/jobs/{job_id}"): (404, 410),
+    ("get", "/v1/jobs/{job_id}/events"): (400, 404, 410),
+    ("get", "/v1/jobs/{job_id}/images/{index}"): (404, 409, 410),
 }
+JOB_MEANINGS = {
+    404: "No such job for this API key (unknown, expired, or another key's).",
+    409: "The job has not succeeded (yet): its images come when it has.",
+    410: "The job's result was dropped before its TTL (the in-process queue's bounds); the message says why.",
+}
+ASYNC_ROUTES = ("/v1/generate", "/v1/understand", "/v1/images/generations", "/v1/chat/completions")
+ACCEPTED = {"description": "With `Prefer: respond-async`: the job object (see GET /v1/jobs/{job_id}).",
+            "headers": {"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
+            "content": {"application/json": {"schema": {"type": "object"}}}}
 SSE = {"text/event-stream": {"schema": {
     "type": "object", "description": "One server-sent event; `data` is JSON, the last one `[DONE]` (see the README).",
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
@@ -84,6 +98,9 @@ def describe(doc: dict[str, Any], settings: Settings, native_size: str,
     for body in ("GenerateBody", "ImagesGenerationsBody"):
         for field in UNUSED_FIELDS.get(generator or "", ()):
             schemas.get(body, {}).get("properties", {}).pop(field, None)
+    for body in ("GenerateBody", "ImagesGenerationsBody", "UnderstandBody", "ChatCompletionsBody"):
+        if not settings.allowed_webhook_hosts:  # webhooks are off: the field is a 400 whatever it says
+            schemas.get(body, {}).get("properties", {}).pop("webhook", None)
     schemas["Error"] = ERROR_SCHEMA
     _add_understand_bodies(doc, settings)
     for name in ("HTTPValidationError", "ValidationError"):
@@ -255,8 +272,11 @@ def _document_responses(path: str, method: str, operation: dict[str, Any], schem
         operation["security"] = [{"bearer": []}]
     if "422" in responses and method != "post":
         statuses.add(422)
+    meanings = {**MEANINGS, **JOB_MEANINGS} if path.startswith("/v1/jobs") else MEANINGS
+    if method == "post" and path in ASYNC_ROUTES:
+        responses["202"] = ACCEPTED
     for status in sorted(statuses):
-        entry: dict[str, Any] = {"description": MEANINGS[status],
+        entry: dict[str, Any] = {"description": meanings[status],
                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         if status == 503:
             entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}

@@ -99,7 +99,15 @@ class SamplingExtensions(BaseModel):
                     min_tokens=self.min_tokens or 0, ignore_eos=self.ignore_eos)
 
 
-class UnderstandBody(SamplingExtensions, _Strict):
+WEBHOOK = ("Async jobs only (Prefer: respond-async): an https URL on JANUS_ALLOWED_WEBHOOK_HOSTS that receives "
+           "the job object, signed, when the job ends.")
+
+
+class Webhook(BaseModel):
+    webhook: str | None = Field(None, min_length=1, max_length=2048, description=WEBHOOK)
+
+
+class UnderstandBody(Webhook, SamplingExtensions, _Strict):
     """Either `prompt` + `images` or `messages` (a whole conversation), not both."""
 
     prompt: str | None = Field(None, min_length=1, description="The question or instruction about the image(s).")
@@ -127,7 +135,7 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 COMPRESSION = "JPEG / WebP quality, 0-100 (default: Pillow's, 75 / 80); PNG is lossless and ignores it."
 
 
-class GenerateBody(_Strict):
+class GenerateBody(Webhook, _Strict):
     """Unset fields take the model's defaults; a field that means nothing for the model is a 400."""
 
     prompt: str = Field(min_length=1)
@@ -144,7 +152,7 @@ class GenerateBody(_Strict):
     output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
 
 
-class ImagesGenerationsBody(BaseModel):
+class ImagesGenerationsBody(Webhook):
     """OpenAI Images API. Extra OpenAI fields (quality, style, user) are accepted and ignored; the
     sampling fields (the SDK's `extra_body`) reach the model."""
 
@@ -201,7 +209,7 @@ class OpenAIOptions(SamplingExtensions):
         return out + (["logit_bias is not supported"] if self.logit_bias else [])
 
 
-class ChatCompletionsBody(OpenAIOptions):
+class ChatCompletionsBody(Webhook, OpenAIOptions):
     """OpenAI Chat Completions. Fields that change the answer and that we cannot honour (`logprobs`,
     `tools`, a non-text `response_format`, `n` > 1, penalties other than `repetition_penalty`) are refused
     with a 400; others are ignored."""

@@ -1,8 +1,9 @@
 """Job queues: the one interface frontends and workers share, with in-memory and Redis backends."""
 
-from server.queue.base import IdempotencyConflict, JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
+from server.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
 
-__all__ = ["IdempotencyConflict", "JobQueue", "QueueFull", "QueueMisconfigured", "QueueUnavailable", "create_queue"]
+__all__ = ["Delivery", "IdempotencyConflict", "JobQueue", "QueueFull", "QueueMisconfigured", "QueueUnavailable",
+           "create_queue"]
 
 
 def create_queue(url: str, **options) -> JobQueue:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from server.jobs import Job
+from server.jobs import Job, JobState
 
 
 class QueueFull(Exception):
@@ -42,6 +43,17 @@ class IdempotencyConflict(Exception):
 
 class QueueMisconfigured(Exception):
     """The backend refused us (credentials, TLS): no retry will help, so processes stop at start-up."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook delivery that is due: the job whose object is sent, where to, and which try this is (1-based).
+    Taken with a lease: if the taker dies before `delivery_done` / `delivery_retry`, it is due again when the
+    lease ends (at least once)."""
+
+    job_id: str
+    url: str
+    attempt: int
 
 
 class JobQueue(abc.ABC):
@@ -114,6 +126,35 @@ class JobQueue(abc.ABC):
         Redelivered jobs count towards the dead-letter limit, so a poison job still ends.
         """
         return False
+
+    # --- async jobs (those with `Job.surface`): their records, kept for `Job.ttl` once they end ---
+
+    @abc.abstractmethod
+    async def job_state(self, job_id: str) -> JobState | None:
+        """The record of an async job with where it is now and its terminal event; None if unknown or expired."""
+
+    @abc.abstractmethod
+    async def job_states(self, owner: str, limit: int, status: str | None = None) -> list[JobState]:
+        """`owner`'s async jobs, newest first, at most `limit` (of status `status` if given); terminal events
+        only for failures (results can be megabytes)."""
+
+    @abc.abstractmethod
+    async def end(self, job_id: str, event: dict[str, Any]) -> bool:
+        """Finish a job from the frontend (a cancel): store `event` unless the job already has its terminal
+        event, and stop it (a queued job never runs; a worker running it stops at its next step).
+        True if `event` was stored."""
+
+    # --- webhook deliveries (queued when an async job with a webhook ends; taken by any frontend) ---
+
+    async def take_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        """Up to `limit` deliveries due now, each leased to the caller for `lease` seconds."""
+        return []
+
+    async def delivery_done(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """The delivery succeeded or is given up: never again."""
+
+    async def delivery_retry(self, job_id: str, delay: float) -> None:  # noqa: B027 - optional hook
+        """Try the delivery again in `delay` seconds."""
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts the backend keeps (e.g. redeliveries, dead_letters)."""

@@ -3,10 +3,12 @@
 Everything lives in the event loop of the one process that runs both the API and the worker, so
 there is no serialisation and nothing to reconnect. Bounded: `submit` raises `QueueFull` past
 `max_depth` unfinished jobs; waiting jobs leave in fair order across owners (`FairQueue`); a finished
-job drops its input images at once and its result after `result_ttl` (a timer sweeps), or earlier, oldest
-first, when more than `max_results` results or `max_result_bytes` of them are kept. A client following a
-job keeps its result however it was dropped; only re-attaching needs it kept. Idempotency keys map to
-(fingerprint, job id) for as long as the job's result is kept; a job that ends in an error releases its key.
+job drops its input images at once and its result after its TTL (`Job.ttl`, else `result_ttl`; a timer
+sweeps), or earlier, oldest first, when more than `max_results` results or `max_result_bytes` of them are
+kept; an async job dropped early leaves a small note saying so (`JobState.gone`) until its TTL. A client
+following a job keeps its result however it was dropped; only re-attaching needs it kept. Idempotency keys
+map to (fingerprint, job id) for as long as the job's result is kept; a job that ends in an error releases
+its key. Webhook deliveries of async jobs wait here, with their due times and leases, until delivered.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.jobs import UNAVAILABLE, Job, UnderstandParams, error_event, is_terminal
-from server.queue.base import IdempotencyConflict, JobQueue, QueueFull
+from server.jobs import UNAVAILABLE, Job, JobState, UnderstandParams, error_event, is_terminal
+from server.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull
 from server.queue.fair import FairQueue
 
 
@@ -31,8 +34,27 @@ class _Entry:
         self.history: list[dict[str, Any]] = []
         self.changed = asyncio.Event()
         self.cancelled = False
+        self.started: float | None = None
         self.done_at: float | None = None
         self.size = 0  # bytes of its stored result, once finished
+
+    def expires(self, default_ttl: float) -> float:
+        assert self.done_at is not None
+        return self.done_at + (self.job.ttl if self.job.ttl is not None else default_ttl)
+
+    def state(self) -> JobState:
+        state = JobState.of(self.job)
+        state.started, state.finished = self.started, self.done_at
+        for event in reversed(self.history):
+            if event.get("type") == "progress":
+                state.progress = {"step": event["step"], "total": event["total"]}
+                break
+        if self.done_at is not None:
+            state.terminal = self.history[-1]
+        return state
+
+
+MAX_GONE = 4096  # notes kept about async results dropped before their time
 
 
 class MemoryQueue(JobQueue):
@@ -53,6 +75,9 @@ class MemoryQueue(JobQueue):
         self._available = asyncio.Event()
         self._heartbeats: dict[str, float] = {}
         self._worker_info: dict[str, dict[str, Any]] = {}
+        # async jobs whose result was dropped early: id -> (state without the result, until when it is said)
+        self._gone: OrderedDict[str, tuple[JobState, float]] = OrderedDict()
+        self._deliveries: dict[str, list[Any]] = {}  # job id -> [due (epoch s), tries taken, url]
 
     async def submit(self, job: Job) -> str:
         self._expire_results()
@@ -117,6 +142,7 @@ class MemoryQueue(JobQueue):
         while self._pending and len(jobs) < max_jobs:
             entry = self._entries.get(self._pending.pop())
             if entry is not None and entry.done_at is None:
+                entry.started = time.time()
                 jobs.append(entry.job)
         return jobs
 
@@ -140,7 +166,17 @@ class MemoryQueue(JobQueue):
         entry.size = sum(len(json.dumps(e)) for e in entry.history)
         self._finished[job_id] = entry
         self._finished_bytes += entry.size
+        if entry.job.webhook:
+            self._deliveries[job_id] = [entry.done_at, 0, entry.job.webhook]
         self._expire_results()
+
+    async def end(self, job_id: str, event: dict[str, Any]) -> bool:
+        entry = self._entries.get(job_id)
+        if entry is None or entry.done_at is not None:
+            return False
+        entry.cancelled = True  # a worker running it stops at its next step; a queued one is skipped
+        await self.finish(job_id, event)
+        return True
 
     async def is_cancelled(self, job_id: str) -> bool:
         entry = self._entries.get(job_id)
@@ -154,17 +190,73 @@ class MemoryQueue(JobQueue):
         return {w: {**self._worker_info.get(w, {}), "last_seen": t} for w, t in self._heartbeats.items()}
 
     def _expire_results(self) -> None:
-        cutoff = time.time() - self.result_ttl
-        while self._finished:
+        now = time.time()
+        for job_id in [j for j, e in self._finished.items() if e.expires(self.result_ttl) <= now]:
+            self._drop(job_id)
+        # over the bounds: the oldest results go first, and an async job's record says so until its TTL
+        while self._finished and (len(self._finished) > self.max_results
+                                  or self._finished_bytes > self.max_result_bytes):
             job_id, entry = next(iter(self._finished.items()))
-            assert entry.done_at is not None
-            if (entry.done_at >= cutoff and len(self._finished) <= self.max_results
-                    and self._finished_bytes <= self.max_result_bytes):
+            self._drop(job_id)
+            if entry.job.is_async:
+                state = entry.state()
+                state.terminal, state.status = None, state.state
+                state.gone = (f"its result was dropped early: this server keeps at most {self.max_results} "
+                              f"results and {self.max_result_bytes} bytes of them in memory")
+                self._gone[job_id] = (state, entry.expires(self.result_ttl))
+        while self._gone and (len(self._gone) > MAX_GONE or next(iter(self._gone.values()))[1] <= now):
+            self._gone.popitem(last=False)
+
+    def _drop(self, job_id: str) -> None:
+        entry = self._finished.pop(job_id)
+        self._finished_bytes -= entry.size
+        self._entries.pop(job_id, None)
+        self._release_key(entry.job)
+
+    # --- async jobs and their webhooks ----------------------------------------------------------------
+
+    async def job_state(self, job_id: str) -> JobState | None:
+        self._expire_results()
+        entry = self._entries.get(job_id)
+        if entry is None or not entry.job.is_async:
+            gone = self._gone.get(job_id)
+            return gone[0] if gone is not None and gone[1] > time.time() else None
+        state = entry.state()
+        if entry.done_at is None and entry.started is None:  # waiting jobs submitted before it (dict order)
+            ahead = itertools.takewhile(lambda e: e is not entry, self._entries.values())
+            state.position = sum(1 for e in ahead if e.done_at is None and e.started is None)
+        return state
+
+    async def job_states(self, owner: str, limit: int, status: str | None = None) -> list[JobState]:
+        self._expire_results()
+        now = time.time()
+        states = [e.state() for e in self._entries.values() if e.job.is_async and e.job.owner == owner]
+        states += [s for s, until in self._gone.values() if s.owner == owner and until > now]
+        states = [s for s in states if status is None or s.state == status]
+        states.sort(key=lambda s: s.created, reverse=True)
+        for s in states:
+            if s.terminal is not None and s.state == "succeeded":
+                s.status, s.terminal = "succeeded", None
+        return states[:limit]
+
+    async def take_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        now = time.time()
+        taken = []
+        for job_id, due in self._deliveries.items():
+            if len(taken) >= limit:
                 break
-            del self._finished[job_id]
-            self._finished_bytes -= entry.size
-            self._entries.pop(job_id, None)
-            self._release_key(entry.job)
+            if due[0] <= now:
+                due[0], due[1] = now + lease, due[1] + 1
+                taken.append(Delivery(job_id, due[2], due[1]))
+        return taken
+
+    async def delivery_done(self, job_id: str) -> None:
+        self._deliveries.pop(job_id, None)
+
+    async def delivery_retry(self, job_id: str, delay: float) -> None:
+        due = self._deliveries.get(job_id)
+        if due is not None:
+            due[0] = time.time() + delay
 
     async def _sweep(self) -> None:
         while True:

@@ -37,6 +37,7 @@ EXPECTED = {
     "janus_kv_cache_capacity_tokens",
     "janus_preemptions_total",
     "janus_rate_limited_total",
+    "janus_webhook_deliveries_total",
 }
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])janus_[a-z0-9_]+")

@@ -443,10 +443,12 @@ async def test_every_rpc_shape_needs_the_key_and_unknown_shapes_are_refused() ->
     async with running(api_key=["k1"], handlers=(echo.handler(), odd)) as stack:
         collect = stack.channel.stream_unary("/test.Echo/Collect")
         bidi = stack.channel.stream_stream("/test.Echo/Echo")
+        # Refused calls send no messages: a message the client writes after the server's refusal can fail in
+        # gRPC core ("Failed execute_batch": INTERNAL) before the refusal's status reaches the client.
         for metadata in [(), bearer("nope")]:
-            error = await status_of(collect(iter([b"a", b"b"]), metadata=metadata))
+            error = await status_of(collect(iter([]), metadata=metadata))
             assert error.code() == Code.UNAUTHENTICATED
-            error = await status_of(drain(bidi(iter([b"a"]), metadata=metadata)))
+            error = await status_of(drain(bidi(iter([]), metadata=metadata)))
             assert error.code() == Code.UNAUTHENTICATED
         assert echo.calls == 0
         # with the key they run, and see whose call it is

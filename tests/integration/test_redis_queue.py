@@ -461,3 +461,69 @@ async def test_a_worker_waiting_for_work_wakes_on_a_submit(make_queue: MakeQueue
         await frontend.submit(understand_job())
     assert len(await worker.claim("w", 8, 1.0)) == 5
     assert await worker.redis.llen(worker.key("fair", "wake")) == 0  # no tokens left for jobs already taken
+
+
+async def test_a_second_follower_of_a_running_job_still_sees_it_from_the_start(make_queue: MakeQueue) -> None:
+    """Two followers of one job in one process (a client re-attaching while the first still follows): the one
+    that comes while the hub's read is in flight from further on must still get every event."""
+    frontend, worker = make_queue(), make_queue()
+    job = Job("generate", GenerateParams("a cat", seed=1), stream=True)
+    await frontend.submit(job)
+    await worker.claim("w1", 1, 1.0)
+    first = frontend.events(job.id).__aiter__()
+    for step in (1, 2, 3):
+        await worker.publish(job.id, progress_event(step, 9))
+    assert [(await first.__anext__())["step"] for _ in range(3)] == [1, 2, 3]
+    pending_read = asyncio.ensure_future(first.__anext__())  # the hub now reads after step 3
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(collect(frontend, job.id))
+    await asyncio.sleep(0.05)
+    for step in (4, 5):
+        await worker.publish(job.id, progress_event(step, 9))
+    await worker.finish(job.id, generate_result(1, [b"png"]))
+    assert (await pending_read)["step"] == 4
+    events = await second
+    assert [e.get("step") for e in events[:-1]] == [1, 2, 3, 4, 5]
+    await first.aclose()
+
+
+async def test_async_job_records_positions_listing_cancel_and_deliveries(make_queue: MakeQueue) -> None:
+    frontend, worker = make_queue(), make_queue()
+    jobs = [Job("generate", GenerateParams(f"p{i}", seed=i), owner="key:a", surface="generate", ttl=60.0,
+                webhook="https://hooks.example/x" if i == 0 else None) for i in range(3)]
+    sync = Job("generate", GenerateParams("sync"), owner="key:a")
+    for job in [*jobs, sync]:
+        await frontend.submit(job)
+    assert await frontend.job_state(sync.id) is None  # only async jobs have a record
+    states = [await frontend.job_state(job.id) for job in jobs]
+    assert [(s.state, s.position) for s in states] == [("queued", 0), ("queued", 1), ("queued", 2)]
+    assert [s.id for s in await frontend.job_states("key:a", 10)] == [j.id for j in reversed(jobs)]
+    assert await frontend.job_states("key:b", 10) == []
+
+    [claimed] = await worker.claim("w1", 1, 1.0)
+    assert claimed.id == jobs[0].id and claimed.is_async and claimed.webhook == "https://hooks.example/x"
+    await worker.publish(claimed.id, progress_event(2, 9))
+    running = await frontend.job_state(claimed.id)
+    assert (running.state, running.progress, running.position) == ("running", {"step": 2, "total": 9}, None)
+    assert (await frontend.job_state(jobs[1].id)).position == 0
+
+    assert await frontend.end(jobs[2].id, error_event(CANCELLED, "cancelled"))
+    assert not await frontend.end(jobs[2].id, error_event(CANCELLED, "cancelled"))  # already ended
+    assert (await frontend.job_state(jobs[2].id)).state == "cancelled"
+    assert [j.id for j in await worker.claim("w1", 4, 0.3)] == [jobs[1].id, sync.id]  # not the cancelled one
+
+    assert await frontend.take_deliveries(10, 30.0) == []
+    await worker.finish(claimed.id, generate_result(0, [b"png"]))
+    done = await frontend.job_state(claimed.id)
+    assert done.state == "succeeded" and done.finished >= done.started
+    [delivery] = await frontend.take_deliveries(10, 30.0)
+    assert (delivery.job_id, delivery.url, delivery.attempt) == (claimed.id, "https://hooks.example/x", 1)
+    assert await frontend.take_deliveries(10, 30.0) == []  # leased
+    await frontend.delivery_retry(claimed.id, 0.0)
+    [again] = await worker.take_deliveries(10, 30.0)  # any process takes it
+    assert again.attempt == 2
+    await worker.delivery_done(claimed.id)
+    await frontend.delivery_retry(claimed.id, 0.0)  # a late retry does not bring a done delivery back
+    assert await frontend.take_deliveries(10, 0.01) == []
+    listed = await frontend.job_states("key:a", 10, "cancelled")
+    assert [(s.id, s.terminal["code"]) for s in listed] == [(jobs[2].id, CANCELLED)]

@@ -88,8 +88,9 @@ class EventHub:
         self._subs.setdefault(key, []).append(sub)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="janus-redis-events")
-        elif self._reading and key not in self._reading and self._waking is None:
-            # the XREAD in flight does not wait on this stream: wake it (between reads, the next one will)
+        elif self._reading and self._waking is None:
+            # the XREAD in flight does not wait on this stream, or (a second follower of a job) reads it from
+            # further on than this subscriber needs: wake it (between reads, the next one will)
             self._waking = asyncio.create_task(self._wake())
         return sub
 
@@ -146,7 +147,10 @@ class EventHub:
                     if key == self.wake_key:
                         self._wake_id = entries[-1][0]
                         continue
+                    start = _entry_order(streams.get(key, "0-0"))
                     for sub in list(self._subs.get(key, [])):
+                        if _entry_order(sub.last_id) < start:  # it came during the read: the next one starts at it
+                            continue
                         news = [e for e in entries if _entry_order(e[0]) > _entry_order(sub.last_id)]
                         if news:
                             sub._deliver(news)

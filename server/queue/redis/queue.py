@@ -13,6 +13,10 @@ What lives in Redis (every key under `prefix`, default ``janus:``):
   (which is not copied: results can be megabytes of PNG). Followers read it with XREAD from the
   start, so a follower that arrives late still sees everything.
 - ``dead``: the dead-letter stream: jobs delivered more than `max_deliveries` times (or unreadable).
+- ``job:{id}``: an async job's record (hash: ``meta`` JSON, ``ttl``, ``webhook``, ``idem``, ``started``,
+  ``finished``, ``status``, ``hook_tries``), kept as long as its result; ``owned:{owner}``: an owner's async
+  jobs by creation time (the newest `MAX_OWNED`); ``hooks``: webhook deliveries by due time (ms), each
+  taken with a lease by any frontend (`take_deliveries`) until done.
 - ``cancel:{id}``, ``idem:{key}`` (TTL; "<fingerprint> <job id>" under a hash of caller and key);
   ``workers`` (heartbeat times, Redis clock), ``worker:{id}``.
 - ``wake:{uuid}``: each frontend's private wake-up stream for its event reader (`EventHub`; TTL).
@@ -57,13 +61,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from server.jobs import CANCELLED, DEADLINE_EXCEEDED, INTERNAL, Job, error_event, is_terminal
-from server.queue.base import IdempotencyConflict, JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
+from server.jobs import CANCELLED, DEADLINE_EXCEEDED, INTERNAL, Job, JobState, error_event, is_terminal, terminal_status
+from server.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, QueueMisconfigured, QueueUnavailable
 from server.queue.breaker import CircuitBreaker
 from server.queue.redis import scripts
 from server.queue.redis.errors import DOWN, config_problem, describe, ms, pool_exhausted, redact
 from server.queue.redis.events import EventHub
 from server.queue.redis.follow import Follower
+from server.queue.redis.records import JobRecords
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -89,6 +94,9 @@ class _Claim:
     run: str  # tags published events so followers can tell this run's replays from another's
     idempotency_key: str | None = None  # released if the job fails
     seq: int = 0
+
+
+MAX_OWNED = 10_000  # async jobs an owner's index keeps (the oldest leave first)
 
 
 MEMORY_ADMIT = 0.8  # share of Redis' maxmemory past which new jobs are refused
@@ -165,6 +173,7 @@ class RedisQueue(JobQueue):
         self._fair_keys = [self.key("fair", name) for name in ("owners", "active", "weights", "credits")]
         self._fair_wake, self._fair_lists = self.key("fair", "wake"), self.key("fair", "q:")
         self._finish = self.redis.register_script(scripts.FINISH)
+        self.records = JobRecords(self)
         self._touch = self.redis.register_script(scripts.TOUCH)
         self._beat = self.redis.register_script(scripts.HEARTBEAT)
         self._live = self.redis.register_script(scripts.LIVE_WORKERS)
@@ -236,13 +245,18 @@ class RedisQueue(JobQueue):
                             "results drain", self.retry_after)
 
     def _submit_once(self, job: Job, *, admit: bool = True) -> Awaitable[Any]:
-        idem_ttl = ms(max(job.deadline - time.time(), 0.0) + self.result_ttl) if job.idempotency_key else 0
+        ttl = self.result_ttl if job.ttl is None else job.ttl
+        pending = max(job.deadline - time.time(), 0.0)
+        idem_ttl = ms(pending + ttl) if job.idempotency_key else 0
         keys = [self.stream, self.key("entry"), self.key("result", job.id),
-                self.key("idem", job.idempotency_key or ""), *self._fair_keys[:3], self._fair_wake]
+                self.key("idem", job.idempotency_key or ""), *self._fair_keys[:3], self._fair_wake,
+                self.key("job", job.id), self.key("owned", job.owner or "")]
         # A job submitted again was admitted once already: no depth or lag check the second time.
         depth, wait = (self.max_depth, ms(self.max_wait) if self.max_wait else 0) if admit else (2**62, 0)
+        meta = json.dumps(JobState.of(job).meta()) if job.is_async else ""
         args = [job.id, json.dumps(job.to_dict()), depth, wait, idem_ttl, self.group, job.fingerprint or "",
-                job.owner or "", job.weight, self._fair_lists]
+                job.owner or "", job.weight, self._fair_lists, meta, ms(pending + ttl + 60.0), ms(ttl),
+                job.webhook or "", job.created, MAX_OWNED]
         return self._submit(keys=keys, args=args)
 
     def holds(self, job_id: str) -> bool:
@@ -303,6 +317,29 @@ class RedisQueue(JobQueue):
                                   "reading worker info")
         pairs = zip(seen, infos, strict=True)
         return {w: {**json.loads(info or "{}"), "last_seen": ts} for (w, ts), info in pairs}
+
+    async def end(self, job_id: str, event: dict[str, Any]) -> bool:
+        idem = await self._retry(lambda: self.redis.hget(self.key("job", job_id), "idem"), "ending a job")
+        await self.cancel(job_id)
+        key = idem.removeprefix(self.key("idem", "")) if idem else None
+        return await self._store_terminal(job_id, event, "", idempotency_key=key)
+
+    # --- async jobs (server.queue.redis.records) ---------------------------------------------------
+
+    async def job_state(self, job_id: str) -> JobState | None:
+        return await self.records.state(job_id)
+
+    async def job_states(self, owner: str, limit: int, status: str | None = None) -> list[JobState]:
+        return await self.records.states(owner, limit, status)
+
+    async def take_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        return await self.records.take_deliveries(limit, lease)
+
+    async def delivery_done(self, job_id: str) -> None:
+        await self.records.delivery_done(job_id)
+
+    async def delivery_retry(self, job_id: str, delay: float) -> None:
+        await self.records.delivery_retry(job_id, delay)
 
     # --- worker side ---------------------------------------------------------------------------
 
@@ -429,10 +466,11 @@ class RedisQueue(JobQueue):
     async def _store_terminal(self, job_id: str, event: dict[str, Any], entry_hint: str,
                               dead_reason: str = "", job_json: str = "", idempotency_key: str | None = None) -> bool:
         keys = [self.stream, self.key("entry"), self.key("result", job_id), self.key("events", job_id),
-                self.dead_stream, self.key("idem", idempotency_key or "")]
+                self.dead_stream, self.key("idem", idempotency_key or ""), self.key("job", job_id),
+                self.key("hooks")]
         release = "1" if idempotency_key and event.get("type") == "error" else ""
         args = [self.group, job_id, json.dumps(event), ms(self.result_ttl), entry_hint, dead_reason,
-                job_json, self.dead_maxlen, release]
+                job_json, self.dead_maxlen, release, terminal_status(event)]
         stored = await self._retry(lambda: self._finish(keys=keys, args=args), "storing a result")
         return bool(stored)
 
@@ -514,6 +552,7 @@ class RedisQueue(JobQueue):
             run = f"{worker_id}/{delivery.deliveries}/{uuid.uuid4().hex[:8]}"
             self._claims[job.id] = _Claim(worker_id, delivery.entry_id, run, job.idempotency_key)
             jobs.append(job)
+        await self.records.mark_started([job for job in jobs if job.is_async])
         return jobs
 
     async def _drop(self, delivery: _Delivery, job: Job | None, cancelled: bool) -> None:

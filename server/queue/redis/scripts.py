@@ -13,10 +13,14 @@ from __future__ import annotations
 # owner's flood does not stand in front of everyone else. QUEUED is no worker: the takeovers skip it.
 QUEUED = "~queued"
 
+# An async job also gets its record (a hash: `meta` JSON, `ttl` ms its result is kept, `webhook`, `idem`; later
+# `started`, `finished`, `status`) and a place in its owner's index (a sorted set by creation time, newest kept).
 # KEYS: stream, entry hash, result key, idempotency key, owners ring (list), active owners (set),
-#       owner weights (hash), wake-up list.
+#       owner weights (hash), wake-up list, job record, owner's job index.
 # ARGV: job id, job JSON, max depth, max wait ms (0 = off), idempotency TTL ms (0 = no key), group,
-#       request fingerprint, owner, owner's weight, prefix of the per-owner lists.
+#       request fingerprint, owner, owner's weight, prefix of the per-owner lists,
+#       record meta JSON ('' = not async), record TTL ms, result TTL ms, webhook URL, created (epoch s),
+#       the most jobs an owner's index keeps.
 #       The idempotency key holds "<fingerprint> <job id>".
 # -> {'ok', id} | {'dup', first id} | {'conflict', first id} | {'full', depth} | {'lagging', waited ms}
 SUBMIT = """
@@ -48,6 +52,15 @@ end
 local entry = redis.call('XADD', stream, '*', 'id', job_id, 'job', ARGV[2])
 redis.call('HSET', entries, job_id, entry)
 if ARGV[5] ~= '0' then redis.call('SET', idem, ARGV[7] .. ' ' .. job_id, 'PX', ARGV[5]) end
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[9], 'meta', ARGV[11], 'ttl', ARGV[13])
+  if ARGV[14] ~= '' then redis.call('HSET', KEYS[9], 'webhook', ARGV[14]) end
+  if ARGV[5] ~= '0' then redis.call('HSET', KEYS[9], 'idem', KEYS[4]) end
+  redis.call('PEXPIRE', KEYS[9], ARGV[12])
+  redis.call('ZADD', KEYS[10], ARGV[15], job_id)
+  redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[16]) - 1)
+  redis.call('PEXPIRE', KEYS[10], ARGV[12])
+end
 -- Deliver it (and anything a frontend without fair dispatch added) to QUEUED, and queue it under its owner.
 local function queue_under(owner, id)
   redis.call('RPUSH', ARGV[10] .. owner, id)
@@ -151,15 +164,30 @@ return {next_start, taken}
 
 # Stores the terminal event once (SET NX: a job run twice answers once) and acknowledges the entry.
 # A job that failed releases its idempotency key (when the key still names it): a retry runs again.
-# KEYS: stream, entry hash, result key, events stream, dead-letter stream, idempotency key.
+# An async job's record gets its end (kept for the record's own TTL, as are its result and events), and
+# its webhook delivery is queued, due now.
+# KEYS: stream, entry hash, result key, events stream, dead-letter stream, idempotency key, job record,
+#       webhook deliveries (sorted set by due time, ms).
 # ARGV: group, job id, terminal event JSON, TTL ms, entry id hint, dead reason ('' = not dead),
-#       job JSON for the dead letter, dead-letter stream max length, '1' to release the idempotency key.
+#       job JSON for the dead letter, dead-letter stream max length, '1' to release the idempotency key,
+#       the job's final status.
 # -> 1 stored, 0 already answered
 FINISH = """
-local stored = redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4])
+local ttl = ARGV[4]
+local async = redis.call('EXISTS', KEYS[7]) == 1
+if async then ttl = redis.call('HGET', KEYS[7], 'ttl') or ttl end
+local stored = redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ttl)
 if stored then
   redis.call('XADD', KEYS[4], '*', 't', '1')
-  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  if async then
+    local t = redis.call('TIME')
+    redis.call('HSET', KEYS[7], 'finished', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'status', ARGV[10])
+    redis.call('PEXPIRE', KEYS[7], ttl)
+    if redis.call('HEXISTS', KEYS[7], 'webhook') == 1 then
+      redis.call('ZADD', KEYS[8], 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[2])
+    end
+  end
   if ARGV[9] == '1' then
     local held = redis.call('GET', KEYS[6])
     if held and string.sub(held, -(#ARGV[2] + 1)) == ' ' .. ARGV[2] then redis.call('DEL', KEYS[6]) end
@@ -252,4 +280,42 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, group)) do
   end
 end
 return taken
+"""
+
+# Marks claimed async jobs as running (only records that exist: an expired one is not made again).
+# KEYS: job records. ARGV: the time (epoch s).
+STARTED = """
+for _, record in ipairs(KEYS) do
+  if redis.call('EXISTS', record) == 1 then redis.call('HSET', record, 'started', ARGV[1]) end
+end
+return 0
+"""
+
+# Takes up to `want` webhook deliveries that are due, leasing each for `lease` ms (it is due again then, unless
+# the taker reports it done or sets its retry), and counts the try in the job's record.
+# KEYS: deliveries (sorted set). ARGV: want, lease ms, prefix of job records.
+# -> {{job id, webhook URL ('' when the record is gone), tries}, ...}
+TAKE_DELIVERIES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local taken = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+  local record = ARGV[3] .. id
+  local url, tries = '', 0
+  if redis.call('EXISTS', record) == 1 then
+    url = redis.call('HGET', record, 'webhook') or ''
+    tries = redis.call('HINCRBY', record, 'hook_tries', 1)
+  end
+  taken[#taken + 1] = {id, url, tries}
+end
+return taken
+"""
+
+# Sets when a taken delivery is due again (unless it was reported done meanwhile), by the Redis clock.
+# KEYS: deliveries (sorted set). ARGV: job id, delay ms.
+RETRY_DELIVERY = """
+local t = redis.call('TIME')
+local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+return redis.call('ZADD', KEYS[1], 'XX', due, ARGV[1])
 """
