@@ -48,10 +48,23 @@ def is_listed(host: str, allowed: Collection[str]) -> bool:
     return False
 
 
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 hosts an IPv6 address reaches: IPv4-mapped (::ffff:a.b.c.d), 6to4 (2002::/16), Teredo's server and
+    client, and NAT64's translation prefixes (the last 32 bits)."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if any(address in net for net in NAT64):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
 def _internal(address: IPAddress) -> bool:
-    # an IPv4-mapped IPv6 address (::ffff:127.0.0.1) reaches the IPv4 host: judge that one too
-    mapped = getattr(address, "ipv4_mapped", None)
-    return not address.is_global or (mapped is not None and not mapped.is_global)
+    # an IPv6 address that carries an IPv4 one (::ffff:127.0.0.1, 64:ff9b::a00:1) reaches that host: judge it too
+    return not address.is_global or any(not v4.is_global for v4 in _embedded_ipv4(address))
 
 
 async def resolve_checked(host: str, port: int, allowed: Collection[str], setting: str) -> IPAddress:

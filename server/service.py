@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import re
 import time
@@ -37,7 +38,6 @@ from server.jobs import (
     JobState,
     UnderstandParams,
     error_event,
-    is_terminal,
     job_messages,
 )
 from server.keys import KeyRing, Lease, Quotas, current_key, current_lease
@@ -66,6 +66,10 @@ class JobNotFound(Exception):
 
 class JobGone(Exception):
     """The job's result was dropped before its time (the in-process queue's bounds); the message says why."""
+
+    def __init__(self, message: str, state: JobState) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 class ServiceUnavailable(Exception):
@@ -253,6 +257,11 @@ class AsyncSpec:
     render: dict[str, Any]
     webhook: str | None = None
 
+    def mode(self) -> str:
+        """What an Idempotency-Key's fingerprint adds for an async request: a retry with another webhook (or
+        model name) is another request."""
+        return "async " + json.dumps([self.surface, self.render, self.webhook], sort_keys=True)
+
 
 @dataclass(frozen=True)
 class Ticket:
@@ -315,7 +324,7 @@ class Service:
 
         def check() -> str | None:  # decoding images and hashing them both take a while
             check_images(opened)
-            return origin.fingerprint(params, "async" if spec else stream)
+            return origin.fingerprint(params, spec.mode() if spec else stream)
 
         async with self.decoding.hold(sum(image.width * image.height for image in opened)):
             fingerprint = await loop.run_in_executor(self.image_pool, check)
@@ -329,7 +338,7 @@ class Service:
         await self.quotas.charge_images(api_key, params.n)
         job = Job("generate", params, deadline=self.deadline(timeout), stream=stream)
         try:
-            ticket = await self._submit(job, origin, origin.fingerprint(params, "async" if spec else stream), spec)
+            ticket = await self._submit(job, origin, origin.fingerprint(params, spec.mode() if spec else stream), spec)
         except BaseException:  # refused or unreachable: no images will be made for this request
             await asyncio.shield(self.quotas.refund_images(api_key, params.n))
             raise
@@ -353,34 +362,33 @@ class Service:
             raise BadRequest(str(exc), 422) from exc
         if job_id == job.id:
             log.info("submitted %s job %s%s", job.kind, job_id, " (async)" if spec else "")
-            if spec is not None:
-                self._keep_lease(job_id)
         else:
             log.info("joined %s job %s (same Idempotency-Key and request)", job.kind, job_id)
+        if spec is not None:
+            self._watch(job_id, job.deadline, take_lease=job_id == job.id)
         return Ticket(job_id, job.deadline, idempotent=origin.idempotency_key is not None or spec is not None)
 
     # --- async jobs ----------------------------------------------------------------------------------
 
-    def _keep_lease(self, job_id: str) -> None:
-        """An async job stays in flight for its key (its quota) until it ends, not until its 202 is sent: the
-        request's lease moves to a task that follows the job (in Redis it also lapses on its own)."""
+    def _watch(self, job_id: str, deadline: float, *, take_lease: bool) -> None:
+        """This frontend follows each async job it accepted until it ends (or its deadline passes): the job
+        stays in flight for its key until then (the request's lease moves here; in Redis it also lapses on its
+        own), and a Redis queue keeps the job's payload meanwhile, to submit it again if Redis loses it."""
         holder = current_lease.get()
-        lease = holder.take() if holder is not None else None
-        if lease is None:
-            return
-        task = asyncio.ensure_future(self._release_when_done(job_id, lease))
+        lease = holder.take() if take_lease and holder is not None else None
+        task = asyncio.ensure_future(self._follow_to_end(Ticket(job_id, deadline + 60.0, idempotent=True), lease))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    async def _release_when_done(self, job_id: str, lease: Lease) -> None:
+    async def _follow_to_end(self, ticket: Ticket, lease: Lease | None) -> None:
         try:
-            async for event in self.queue.events(job_id):
-                if is_terminal(event):
-                    break
+            async for _ in self.follow(ticket):
+                pass
         except Exception as exc:  # the queue went away: the lease lapses with this process, or in Redis
-            log.warning("async job %s: stopped following it (%s)", job_id, exc)
+            log.warning("async job %s: stopped following it (%s)", ticket.job_id, exc)
         finally:
-            await asyncio.shield(self.quotas.leave(lease))
+            if lease is not None:
+                await asyncio.shield(self.quotas.leave(lease))
 
     async def job_state(self, job_id: str, caller: str | None) -> JobState:
         """An async job of `caller` (None: anyone's, for webhooks); `JobNotFound` or `JobGone`."""
@@ -388,7 +396,7 @@ class Service:
         if state is None or (caller is not None and state.owner != caller):
             raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)")
         if state.gone:
-            raise JobGone(f"job {job_id} ended {state.state}, but {state.gone}")
+            raise JobGone(f"job {job_id} ended {state.state}, but {state.gone}", state)
         return state
 
     async def cancel_job(self, job_id: str, caller: str) -> JobState:

@@ -145,6 +145,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be in (0, 1], got {value}")
         return value
 
+    @field_validator("job_ttl", "result_ttl", "webhook_timeout")
+    @classmethod
+    def _seconds(cls, value: float) -> float:
+        if not value >= 0.01:
+            raise ValueError(f"must be at least 0.01 seconds, got {value}")
+        return value
+
     @field_validator("webhook_retry_delays")
     @classmethod
     def _delays(cls, value: list[str]) -> list[str]:

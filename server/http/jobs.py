@@ -10,7 +10,10 @@ returned (`server.http.bodies`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -19,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from server import jobs as J
 from server.http.bodies import result_body
 from server.http.common import HTTPError, origin_of
+from server.idempotency import ANONYMOUS
 from server.jobs import JobState
 from server.service import AsyncSpec, BadRequest, JobGone, JobNotFound, Service, Ticket
 
@@ -57,12 +61,17 @@ async def async_spec(request: Request, surface: str, body: Any, render: dict[str
 async def accepted(request: Request, ticket: Ticket) -> JSONResponse:
     """202 with the new (or joined) job's object."""
     service: Service = request.app.state.service
-    state = await service.job_state(ticket.job_id, None)
+    try:
+        state = await service.job_state(ticket.job_id, None)
+    except (JobNotFound, JobGone) as exc:  # joined by its Idempotency-Key, and gone since
+        raise HTTPError(410, f"this Idempotency-Key names job {ticket.job_id}, which is no longer kept ({exc}); "
+                             "use a new key for a new request", "gone") from exc
     return JSONResponse(job_object(state), status_code=202,
                         headers={"Location": f"/v1/jobs/{ticket.job_id}", "Preference-Applied": "respond-async"})
 
 
-def job_object(state: JobState, *, with_result: bool = True) -> dict[str, Any]:
+def job_object(state: JobState, *, with_result: bool = True, gone: str | None = None) -> dict[str, Any]:
+    """`gone`: the result was dropped early (the in-process queue's bounds): said in `error`, `result` null."""
     status = state.state
     event = state.terminal
     result = error = None
@@ -70,6 +79,8 @@ def job_object(state: JobState, *, with_result: bool = True) -> dict[str, Any]:
         result = result_body(state.surface, state.id, event, state.render, int(state.created))
     elif event is not None and event.get("type") == "error":
         error = {"code": event.get("code"), "message": event.get("message")}
+    if gone is not None:
+        error = {"code": "result_dropped", "message": gone}
     return {"id": state.id, "object": "job", "kind": state.surface, "status": status,
             "queue_position": state.position if status == "queued" else None,
             "progress": state.progress, "created_at": _seconds(state.created), "started_at": _seconds(state.started),
@@ -81,7 +92,9 @@ async def webhook_body(service: Service, job_id: str) -> dict[str, Any] | None:
     """What a job's webhook receives: its object, result included; None once the job is gone."""
     try:
         return job_object(await service.job_state(job_id, None))
-    except (JobNotFound, JobGone):
+    except JobGone as exc:  # it did end: say so, without the result
+        return job_object(exc.state, gone=str(exc))
+    except JobNotFound:
         return None
 
 
@@ -94,6 +107,10 @@ def add_job_routes(app: FastAPI) -> None:
     async def list_jobs(request: Request, status: Status | None = None,
                         limit: int = Query(20, ge=1, le=MAX_LIST)):
         """The caller's own jobs, newest first, without their results."""
+        if _caller(request) == ANONYMOUS:
+            raise HTTPError(401, "listing jobs needs to know whose they are: send Authorization: Bearer <token> "
+                                 "with your requests (with no API keys on this server, any token of your own names "
+                                 "you)", headers={"WWW-Authenticate": "Bearer"})
         service: Service = request.app.state.service
         states = await service.queue.job_states(_caller(request), limit, status)
         return {"object": "list", "data": [job_object(s, with_result=False) for s in states]}
@@ -132,23 +149,48 @@ def add_job_routes(app: FastAPI) -> None:
                                  headers=headers)
 
 
+KEEPALIVE = 15.0  # seconds without an event before a comment line, so proxies keep a queued job's stream open
+
+
 async def _events(service: Service, state: JobState, caller: str, last: int):
     """The job's events numbered from 1 (progress, delta), then its final object as a `job` event; events up to
     `last` (the client's Last-Event-ID) are skipped."""
     n = 0
-    ticket = Ticket(state.id, state.deadline + 60.0, idempotent=True)  # following never cancels it
-    async for event in service.follow(ticket):
-        if J.is_terminal(event):
-            break
-        n += 1
-        if n > last:
-            yield _sse(n, event.get("type", "event"), {k: v for k, v in event.items() if k != "type"})
-    if n + 1 > last:
-        try:
-            final = job_object(await service.job_state(state.id, caller))
-        except (JobNotFound, JobGone) as exc:
-            final = {"id": state.id, "object": "job", "status": "gone", "error": {"code": "gone", "message": str(exc)}}
-        yield _sse(n + 1, "job", final)
+    # following never cancels the job; an ended one is replayed whenever the client comes
+    ticket = Ticket(state.id, max(state.deadline, time.time()) + 60.0, idempotent=True)
+    events = service.follow(ticket).__aiter__()
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE)
+            if not done:
+                yield b": keepalive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            pending = None
+            if J.is_terminal(event):
+                break
+            n += 1
+            if n > last:
+                yield _sse(n, event.get("type", "event"), {k: v for k, v in event.items() if k != "type"})
+    finally:
+        if pending is not None:  # let the cancelled read end before the generator it runs in is closed
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await events.aclose()
+    # always (a client that had it already, and reconnects as EventSource does, is told again that it ended)
+    try:
+        final = job_object(await service.job_state(state.id, caller))
+    except JobGone as exc:
+        final = job_object(exc.state, gone=str(exc))
+    except JobNotFound as exc:
+        final = {"id": state.id, "object": "job", "status": "gone", "error": {"code": "gone", "message": str(exc)}}
+    yield _sse(n + 1, "job", final)
 
 
 def _sse(n: int, name: str, data: dict[str, Any]) -> bytes:

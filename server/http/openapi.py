@@ -23,6 +23,7 @@ It knows routes by path only; it never imports the route modules.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -52,16 +53,20 @@ POST_ERRORS = (400, 413, 422, 503, 504)
 EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/understand"): (415,),
     ("get", "/ready"): (503,),
+    ("get", "/v1/jobs"): (401,),  # anonymous callers, even with no keys
     ("get", "/v1/jobs/{job_id}"): (404, 410),
     ("delete", "/v1/jobs/{job_id}"): (404, 410),
     ("get", "/v1/jobs/{job_id}/events"): (400, 404, 410),
     ("get", "/v1/jobs/{job_id}/images/{index}"): (404, 409, 410),
 }
 JOB_MEANINGS = {
+    401: "Missing or wrong API key (`Authorization: Bearer KEY`); on a server without keys, listing jobs still "
+         "needs a bearer token of your own (it names whose jobs they are).",
     404: "No such job for this API key (unknown, expired, or another key's).",
     409: "The job has not succeeded (yet): its images come when it has.",
     410: "The job's result was dropped before its TTL (the in-process queue's bounds); the message says why.",
 }
+OPERATION_IDS = {("get", "/v1/jobs/{job_id}"): "get_job", ("delete", "/v1/jobs/{job_id}"): "cancel_job"}
 ASYNC_ROUTES = ("/v1/generate", "/v1/understand", "/v1/images/generations", "/v1/chat/completions")
 ACCEPTED = {"description": "With `Prefer: respond-async`: the job object (see GET /v1/jobs/{job_id}).",
             "headers": {"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
@@ -80,7 +85,10 @@ def install_openapi(app: FastAPI, settings: Settings, native_size: Callable[[], 
     def openapi() -> dict[str, Any]:
         facts = (native_size(), generator())
         if app.openapi_schema is None or built_for != [facts]:
-            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            with warnings.catch_warnings():  # one function serving GET and DELETE: `describe` names the two apart
+                warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
+                doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                                  routes=app.routes)
             app.openapi_schema = describe(doc, settings, *facts)
             built_for[:] = [facts]
         return app.openapi_schema
@@ -98,11 +106,11 @@ def describe(doc: dict[str, Any], settings: Settings, native_size: str,
     for body in ("GenerateBody", "ImagesGenerationsBody"):
         for field in UNUSED_FIELDS.get(generator or "", ()):
             schemas.get(body, {}).get("properties", {}).pop(field, None)
-    for body in ("GenerateBody", "ImagesGenerationsBody", "UnderstandBody", "ChatCompletionsBody"):
-        if not settings.allowed_webhook_hosts:  # webhooks are off: the field is a 400 whatever it says
-            schemas.get(body, {}).get("properties", {}).pop("webhook", None)
     schemas["Error"] = ERROR_SCHEMA
     _add_understand_bodies(doc, settings)
+    for body in ("GenerateBody", "ImagesGenerationsBody", "UnderstandBody", "UnderstandForm", "ChatCompletionsBody"):
+        if not settings.allowed_webhook_hosts:  # webhooks are off: the field is a 400 whatever it says
+            schemas.get(body, {}).get("properties", {}).pop("webhook", None)
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     for schema in schemas.values():
@@ -126,6 +134,7 @@ def describe(doc: dict[str, Any], settings: Settings, native_size: str,
     for path, methods in doc.get("paths", {}).items():
         for method, operation in methods.items():
             _document_responses(path, method, operation, schemas, settings)
+            operation["operationId"] = OPERATION_IDS.get((method, path), operation.get("operationId"))
     if settings.auth_enabled:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc
@@ -289,5 +298,10 @@ def _document_responses(path: str, method: str, operation: dict[str, Any], schem
     if ok is not None:
         if path == "/metrics":
             ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        elif path == "/v1/jobs/{job_id}/events":
+            ok["content"] = SSE
+        elif path == "/v1/jobs/{job_id}/images/{index}":
+            ok["content"] = {f"image/{fmt}": {"schema": {"type": "string", "format": "binary"}}
+                             for fmt in ("png", "jpeg", "webp")}
         elif _streams(operation, schemas):
             ok.setdefault("content", {}).update(SSE)

@@ -76,6 +76,13 @@ def wait_status(c: httpx.Client, job_id: str, *statuses: str, timeout: float = 6
         time.sleep(0.05)
 
 
+def wait_logged(server: ServerProcess, text: str, timeout: float = 30.0) -> None:
+    give_up = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < give_up, f"{text!r} never appeared in the server's log"
+        time.sleep(0.05)
+
+
 def read_events(c: httpx.Client, job_id: str, last: int | None = None, stop_after: int | None = None
                 ) -> list[tuple[int, str, dict[str, Any]]]:
     """The job's SSE events as (id, name, data); `stop_after` hangs up after that many."""
@@ -113,6 +120,7 @@ def test_lifecycle_position_progress_events_and_cancel(jobs_server: ServerProces
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] == "cancelled"
         assert cancelled.json()["error"]["code"] == "cancelled"
+        wait_logged(jobs_server, f"stopped job {blocker['id']} after")  # the engine let its rows go
 
         # events from the start, the client hangs up after three, then re-attaches where it left off
         head = read_events(c, first["id"], stop_after=3)
@@ -222,7 +230,9 @@ def test_results_expire_after_the_job_ttl_and_early_drops_say_410(tiny_hf_dir: P
     proc = start_server(["serve", "--model", str(tiny_hf_dir)], tmp_path,
                         {"JANUS_JOB_TTL": "3", "JANUS_MAX_STORED_RESULTS": "1"})
     try:
-        with httpx.Client(base_url=proc.url, timeout=60.0) as c:
+        # no API keys here: a token of the client's own names it
+        with httpx.Client(base_url=proc.url, timeout=60.0, headers={"Authorization": "Bearer mine"}) as c, \
+                httpx.Client(base_url=proc.url, timeout=60.0) as anonymous:
             first = submit(c, "/v1/generate", {"prompt": "a cat", "seed": 1})
             wait_status(c, first["id"], "succeeded")
             second = submit(c, "/v1/generate", {"prompt": "a dog", "seed": 2})
@@ -231,6 +241,8 @@ def test_results_expire_after_the_job_ttl_and_early_drops_say_410(tiny_hf_dir: P
             assert r.status_code == 410, r.text
             assert "dropped early" in r.json()["error"]["message"]
             assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == [second["id"], first["id"]]
+            assert anonymous.get("/v1/jobs").status_code == 401  # whose? listing needs a token
+            assert anonymous.get(f"/v1/jobs/{second['id']}").status_code == 404  # not the token's owner
             give_up = time.monotonic() + 30.0
             while c.get(f"/v1/jobs/{second['id']}").status_code == 200:
                 assert time.monotonic() < give_up, "the job outlived its TTL"

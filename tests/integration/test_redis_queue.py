@@ -527,3 +527,26 @@ async def test_async_job_records_positions_listing_cancel_and_deliveries(make_qu
     assert await frontend.take_deliveries(10, 0.01) == []
     listed = await frontend.job_states("key:a", 10, "cancelled")
     assert [(s.id, s.terminal["code"]) for s in listed] == [(jobs[2].id, CANCELLED)]
+
+
+async def test_an_async_jobs_record_result_and_key_expire_together(make_queue: MakeQueue,
+                                                                   redis_server: redis_fixture.RedisServer) -> None:
+    frontend, worker = make_queue(), make_queue()
+    job = Job("generate", GenerateParams("a cat", seed=1), owner="key:a", surface="generate", ttl=0.5,
+              idempotency_key="scoped-key", fingerprint="f1")
+    await frontend.submit(job)
+    [claimed] = await worker.claim("w1", 1, 1.0)
+    await worker.finish(claimed.id, generate_result(1, [b"png"]))
+    raw = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        ttls = [await raw.pttl(frontend.key(*parts)) for parts in
+                (("job", job.id), ("result", job.id), ("events", job.id), ("idem", "scoped-key"))]
+        assert all(0 < t <= 500 for t in ttls), ttls  # all at the job's TTL, the key's no longer its deadline's
+    finally:
+        await raw.aclose()
+    while await frontend.job_state(job.id) is not None:
+        await asyncio.sleep(0.05)
+    retry = Job("generate", GenerateParams("a cat", seed=1), owner="key:a", surface="generate", ttl=0.5,
+                idempotency_key="scoped-key", fingerprint="f1")
+    assert await frontend.submit(retry) == retry.id  # a new run, not a job whose record is gone
+    assert [s.id for s in await frontend.job_states("key:a", 10)] == [retry.id]  # the old one left the index

@@ -118,3 +118,44 @@ async def test_an_async_job_holds_its_keys_slot_until_it_ends() -> None:
     cancelled = await service.cancel_job(ticket.job_id, key.caller)  # ended: left as it is
     assert cancelled.state == "succeeded"
     await service.close()
+
+
+async def test_a_quiet_event_stream_sends_keepalives_until_the_job_ends(monkeypatch) -> None:
+    from server.http import jobs as routes
+
+    monkeypatch.setattr(routes, "KEEPALIVE", 0.01)
+    queue = MemoryQueue()
+    service = Service(Settings(), queue)
+    job = async_job(0)
+    await queue.submit(job)
+    stream = routes._events(service, await queue.job_state(job.id), job.owner, 0)
+    assert await stream.__anext__() == b": keepalive\n\n"  # queued: nothing to say yet, but the line stays open
+    await stream.aclose()  # a client that hangs up while its read waits: closed cleanly
+    stream = routes._events(service, await queue.job_state(job.id), job.owner, 0)
+    [claimed] = await queue.claim("w", 1, 0.1)
+    await queue.publish(claimed.id, progress_event(1, 2))
+    while (chunk := await stream.__anext__()) == b": keepalive\n\n":
+        pass
+    assert chunk.startswith(b"id: 1\nevent: progress\n")
+    await queue.finish(claimed.id, generate_result(0, [b"png"]))
+    while (chunk := await stream.__anext__()) == b": keepalive\n\n":
+        pass
+    assert chunk.startswith(b"id: 2\nevent: job\n") and b'"status":"succeeded"' in chunk
+    await stream.aclose()
+
+
+async def test_an_ended_job_replays_its_events_long_after_its_deadline() -> None:
+    from server.http import jobs as routes
+
+    queue = MemoryQueue()
+    service = Service(Settings(), queue)
+    job = async_job(0, deadline=0.0)  # its deadline long past, as an hour after it ran
+    await queue.submit(job)
+    [claimed] = await queue.claim("w", 1, 0.1)
+    await queue.publish(claimed.id, progress_event(1, 1))
+    await queue.finish(claimed.id, generate_result(0, [b"png"]))
+    state = await queue.job_state(job.id)
+    chunks = [chunk async for chunk in routes._events(service, state, job.owner, 0)]
+    assert [c.split(b"\n")[1] for c in chunks] == [b"event: progress", b"event: job"]
+    again = [chunk async for chunk in routes._events(service, state, job.owner, 2)]
+    assert again == [chunks[-1]]  # a client that had everything is told again that it ended

@@ -159,6 +159,19 @@ async def test_resolve_checked_refuses_unlisted_internal_addresses():
         await netcheck.resolve_checked("nothing-here.invalid", 443, ["nothing-here.invalid"], "X")
 
 
+@pytest.mark.parametrize(("address", "embeds"), [
+    ("::ffff:127.0.0.1", "127.0.0.1"),  # IPv4-mapped
+    ("64:ff9b::a00:1", "10.0.0.1"),  # NAT64's well-known prefix
+    ("64:ff9b:1::a9fe:a9fe", "169.254.169.254"),  # NAT64's local-use prefix: a cloud metadata address
+    ("2002:a00:1::1", "10.0.0.1"),  # 6to4
+])
+async def test_ipv6_addresses_that_reach_an_internal_ipv4_host_are_internal(address, embeds):
+    with pytest.raises(netcheck.AddressRefused, match=f"internal address {ip_address(address)};"):
+        await netcheck.resolve_checked(address, 443, [], "X")
+    assert ip_address(embeds) in netcheck._embedded_ipv4(ip_address(address))
+    assert await netcheck.resolve_checked("64:ff9b::808:808", 443, [], "X") == ip_address("64:ff9b::808:808")
+
+
 @pytest.mark.parametrize(("url", "address", "pinned", "host_header"), [
     ("https://example.com/a?b=1", "93.184.215.14", "https://93.184.215.14:443/a?b=1", "example.com"),
     ("http://example.com:8080/a", "2001:db8::1", "http://[2001:db8::1]:8080/a", "example.com:8080"),

@@ -94,6 +94,7 @@ class _Claim:
     run: str  # tags published events so followers can tell this run's replays from another's
     idempotency_key: str | None = None  # released if the job fails
     seq: int = 0
+    ttl: float | None = None  # an async job's: its events are kept as long as its result
 
 
 MAX_OWNED = 10_000  # async jobs an owner's index keeps (the oldest leave first)
@@ -360,7 +361,8 @@ class RedisQueue(JobQueue):
         if claim:
             claim.seq += 1
         fields = {"e": json.dumps(event), "r": run, "s": seq}
-        await self._retry(lambda: self._publish(self.key("events", job_id), fields), "publishing an event")
+        ttl = max(self.result_ttl, claim.ttl or 0.0) if claim else self.result_ttl
+        await self._retry(lambda: self._publish(self.key("events", job_id), fields, ttl), "publishing an event")
 
     async def finish(self, job_id: str, event: dict[str, Any]) -> None:
         if not is_terminal(event):
@@ -457,10 +459,10 @@ class RedisQueue(JobQueue):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1 if fail_fast else 1.0)  # fail_fast: notice the breaker opening soon
 
-    async def _publish(self, key: str, fields: dict[str, Any]) -> None:
+    async def _publish(self, key: str, fields: dict[str, Any], ttl: float) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(key, fields)
-            pipe.pexpire(key, ms(self.result_ttl))
+            pipe.pexpire(key, ms(ttl))
             await pipe.execute()
 
     async def _store_terminal(self, job_id: str, event: dict[str, Any], entry_hint: str,
@@ -550,7 +552,7 @@ class RedisQueue(JobQueue):
             if delivery.deliveries > 1:
                 self.redeliveries += 1
             run = f"{worker_id}/{delivery.deliveries}/{uuid.uuid4().hex[:8]}"
-            self._claims[job.id] = _Claim(worker_id, delivery.entry_id, run, job.idempotency_key)
+            self._claims[job.id] = _Claim(worker_id, delivery.entry_id, run, job.idempotency_key, ttl=job.ttl)
             jobs.append(job)
         await self.records.mark_started([job for job in jobs if job.is_async])
         return jobs

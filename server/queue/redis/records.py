@@ -10,6 +10,7 @@ the key layout of `server.queue.redis.queue` through the `RecordsHost` it is giv
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -22,6 +23,7 @@ from server.queue.redis import scripts
 from server.queue.redis.errors import ms
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 LISTED = 1000  # the newest jobs of an owner a listing looks through
 
 
@@ -45,9 +47,14 @@ class JobRecords:
         self._retry_later = redis.register_script(scripts.RETRY_DELIVERY)
 
     async def mark_started(self, jobs: list[Job]) -> None:
+        """Best effort: a job whose record could not say so still runs (it reads "queued" until it ends)."""
         records = [self.host.key("job", job.id) for job in jobs]
-        if records:
+        if not records:
+            return
+        try:
             await self.host._retry(lambda: self._started(keys=records, args=[time.time()]), "marking jobs started")
+        except Exception as exc:
+            log.warning("could not mark %d async job(s) started: %s", len(records), exc)
 
     async def state(self, job_id: str) -> JobState | None:
         h = self.host
@@ -66,8 +73,10 @@ class JobRecords:
             return None
         if result is not None:
             state.terminal = json.loads(result)
-        for _, fields in recent:  # the last progress among the latest events (the end marker has none)
-            event = json.loads(fields["e"]) if "e" in fields else {}
+        usable = state.terminal is None  # newest first: once ended, only what came before the end marker
+        for _, fields in recent:  # the last progress before the end (a late worker may add some after it)
+            usable = usable or "t" in fields
+            event = json.loads(fields["e"]) if "e" in fields and usable else {}
             if event.get("type") == "progress":
                 state.progress = {"step": event["step"], "total": event["total"]}
                 break
@@ -78,28 +87,34 @@ class JobRecords:
         return state
 
     async def states(self, owner: str, limit: int, status: str | None = None) -> list[JobState]:
+        """Through the owner's index, newest first, a page at a time, until `limit` match (looking at the newest
+        `LISTED` at most); records gone (expired) leave the index."""
         h = self.host
         index = h.key("owned", owner)
-        ids = await h._retry(lambda: h.redis.zrevrange(index, 0, LISTED - 1), "listing jobs")
-        if not ids:
-            return []
-
-        async def read() -> list[Any]:
-            async with h.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(h.key("job", job_id))
-                return await pipe.execute()
-
         states: list[JobState] = []
-        expired = []
-        for job_id, record in zip(ids, await h._retry(read, "listing jobs"), strict=True):
-            state = _state(record)
-            if state is None:
-                expired.append(job_id)
-            elif status is None or state.state == status:
-                states.append(state)
-        if expired:
-            await h._retry(lambda: h.redis.zrem(index, *expired), "listing jobs")
+        start, page = 0, max(limit, 20)
+        while len(states) < limit and start < LISTED:
+            ids = await h._retry(lambda at=start: h.redis.zrevrange(index, at, at + page - 1), "listing jobs")
+            if not ids:
+                break
+            start += len(ids)
+
+            async def read(ids: list[str] = ids) -> list[Any]:
+                async with h.redis.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.hgetall(h.key("job", job_id))
+                    return await pipe.execute()
+
+            expired = []
+            for job_id, record in zip(ids, await h._retry(read, "listing jobs"), strict=True):
+                state = _state(record)
+                if state is None:
+                    expired.append(job_id)
+                elif status is None or state.state == status:
+                    states.append(state)
+            if expired:
+                await h._retry(lambda gone=expired: h.redis.zrem(index, *gone), "listing jobs")
+                start -= len(expired)
         states = states[:limit]
         failed = [s for s in states if s.state in ("failed", "cancelled")]
         if failed:  # their errors are small; successes' results are read one job at a time

@@ -164,8 +164,8 @@ return {next_start, taken}
 
 # Stores the terminal event once (SET NX: a job run twice answers once) and acknowledges the entry.
 # A job that failed releases its idempotency key (when the key still names it): a retry runs again.
-# An async job's record gets its end (kept for the record's own TTL, as are its result and events), and
-# its webhook delivery is queued, due now.
+# An async job's record gets its end (kept for the record's own TTL, as are its result, its events and its
+# idempotency key), and its webhook delivery is queued, due now.
 # KEYS: stream, entry hash, result key, events stream, dead-letter stream, idempotency key, job record,
 #       webhook deliveries (sorted set by due time, ms).
 # ARGV: group, job id, terminal event JSON, TTL ms, entry id hint, dead reason ('' = not dead),
@@ -184,6 +184,10 @@ if stored then
     local t = redis.call('TIME')
     redis.call('HSET', KEYS[7], 'finished', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'status', ARGV[10])
     redis.call('PEXPIRE', KEYS[7], ttl)
+    -- a retry with its Idempotency-Key joins it only while its record is kept
+    local idem = redis.call('HGET', KEYS[7], 'idem')
+    local held = idem and redis.call('GET', idem)
+    if held and string.sub(held, -(#ARGV[2] + 1)) == ' ' .. ARGV[2] then redis.call('PEXPIRE', idem, ttl) end
     if redis.call('HEXISTS', KEYS[7], 'webhook') == 1 then
       redis.call('ZADD', KEYS[8], 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[2])
     end
