@@ -1,4 +1,4 @@
-"""The `janus-server` command: serve, api, worker, tiny-model, plan. Every flag is also `JANUS_<FLAG>`."""
+"""The `janus-server` command: serve, api, worker, tiny-model, plan, batch. Every flag is also `JANUS_<FLAG>`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
                       help="count the LM's linears and heads at one byte per weight (int8 or fp8)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    batch = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through a server (--url) or a model "
+                                         "loaded here (--model); writes OpenAI's batch output file, resumably")
+    batch.add_argument("input", help="OpenAI batch input: one {custom_id, method, url, body} per line")
+    batch.add_argument("--output", required=True,
+                       help="OpenAI batch output (JSONL); lines already in it are skipped (resume)")
+    batch.add_argument("--url", help="a running server's root URL, e.g. http://host:8000 (instead of --model)")
+    batch.add_argument("--images-dir", dest="images_dir",
+                       help="write images to files here; the output names their path instead of base64")
+    batch.add_argument("--concurrency", type=int,
+                       help="requests in flight (default: 16 with --url, serve's --max-batch-size; 2 x "
+                            "--max-batch-size with --model)")
+    batch.add_argument("--api-key", dest="api_key",
+                       help="--url: sent as Authorization: Bearer (default: JANUS_API_KEY's first key)")
+    batch.add_argument("--timeout", type=float, default=600.0, help="--url: seconds for one request (default 600)")
+    _common(batch, model=True, network=False)
     return parser
 
 
@@ -203,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return run_plan(args)
     settings = settings_from(args)
+    if args.command == "batch":
+        from server.batch import command
+
+        return command.main(args, settings)
     from server.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json, model_libraries=args.command != "api")

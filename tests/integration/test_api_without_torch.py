@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +137,22 @@ def test_api_serves_and_validates_without_the_model_runtime(api: ServerProcess, 
     attempts = blocker.attempts(api.proc.pid)
     assert attempts is not None, "the api did not run with the blocker"
     assert attempts == []  # not even tried: nothing in the api process reaches for the model runtime
+
+
+def test_batch_url_runs_without_the_model_runtime(api: ServerProcess, blocker: Blocker, tmp_path: Path) -> None:
+    """`janus-server batch --url` in the api-only install: each line is sent and its answer written (here the api's
+    own refusal, as no worker runs yet), and nothing reaches for the model runtime."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/generate", "body": {"prompt": "a", "n": 0}}
+    source.write_text(json.dumps(line) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "batch", str(source), "--output", str(output),
+                             "--url", api.url], env={**os.environ, **blocker.env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    (answer,) = [json.loads(text) for text in output.read_text().splitlines()]
+    assert answer["custom_id"] == "a" and answer["response"]["status_code"] == 422
+    assert blocker.attempts(proc.pid) == []
 
 
 def test_api_without_the_model_runtime_answers_through_a_worker(

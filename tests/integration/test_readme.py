@@ -164,3 +164,17 @@ def test_plan_example(tiny_hf_dir):
     assert result.returncode == 0, result.stderr
     assert "1.0 GiB" in result.stdout and "images" in result.stdout
     assert "KV 512 B per token" in result.stdout  # a tiny model's KV is bytes, not "0 KiB"
+
+
+def test_batch_example(readme_server, workdir):
+    block = next(b for b in _blocks("bash") if "janus-server batch" in b)
+    script = _localise(block, readme_server, workdir).replace(".venv/bin/janus-server",
+                                                              f"{sys.executable} -m server.cli")
+    result = subprocess.run(["bash", "-ec", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (workdir / "batch-out.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["boat", "fox", "hello"]
+    assert {line["response"]["status_code"] for line in lines} == {200}
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in (workdir / "batch-images").iterdir())
+    assert len(list((workdir / "batch-images").iterdir())) == 3
+    _assert_only_log_lines(readme_server)
