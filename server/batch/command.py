@@ -142,6 +142,7 @@ class Run:
         if isinstance(item, BadLine):
             self.output.write(error_record(item))
             self.progress.record(failed=True, images=0)
+            await asyncio.sleep(0)  # a file of bad lines still lets Ctrl+C (and the other lanes) in
             return
         headers = {} if self.key_scope is None else {"Idempotency-Key": item.idempotency_key(self.key_scope)}
         answer = await send(self.client, item, headers, self.policy, self.interrupts.stop, self.backoff)
@@ -158,7 +159,11 @@ class Run:
             if not self.backoff.clear.is_set():  # refused requests go first
                 await wait_any(self.backoff.clear, self.interrupts.stop)
                 continue
-            item = next(items, None)
+            try:
+                item = next(items, None)
+            except Exception as exc:  # the input cannot be read on: stop, never "done" with lines not read
+                self.interrupts.fail(f"reading the input: {type(exc).__name__}: {exc}", abandon=False)
+                return
             if item is None:
                 self.exhausted = True
                 return
@@ -173,7 +178,9 @@ class Run:
 
     async def run(self, items: Iterator[Request | BadLine], concurrency: int) -> int:
         self.interrupts.lanes = [asyncio.create_task(self.lane(items)) for _ in range(concurrency)]
-        await asyncio.gather(*self.interrupts.lanes, return_exceptions=True)
+        for outcome in await asyncio.gather(*self.interrupts.lanes, return_exceptions=True):
+            if isinstance(outcome, Exception):  # a lane that died: the run did not end well
+                self.interrupts.fail(f"{type(outcome).__name__}: {outcome}", abandon=False)
         if self.interrupts.failure is not None:
             say(f"{self.interrupts.failure}; run the same command again to resume")
             return FAILED
@@ -186,9 +193,11 @@ class Run:
 
 def private_settings(settings: Settings) -> Settings:
     """`serve`'s settings for an app only this process calls: the in-process queue, no keys, no playground,
-    no access log (the bar is the progress report)."""
+    no access log (the bar is the progress report), and no request deadline worth speaking of (no client waits on
+    one; a line queued behind many images must not be recorded as a 504)."""
     return settings.model_copy(update={"queue": "memory", "api_key": [], "api_keys_file": None,
-                                       "require_api_key": False, "playground": False, "access_log": False})
+                                       "require_api_key": False, "playground": False, "access_log": False,
+                                       "request_timeout": max(settings.request_timeout, 7 * 24 * 3600.0)})
 
 
 @contextlib.asynccontextmanager
@@ -275,6 +284,12 @@ def plan(args: argparse.Namespace, settings: Settings) -> Plan | str:
         return f"{source}: no such file"
     if not output.parent.is_dir():
         return f"--output {output}: the folder {output.parent} does not exist"
+    if output.is_dir():
+        return f"--output {output} is a folder; name a file"
+    if output.exists() and output.samefile(source):
+        return f"--output {output} is the input file; name another file"
+    if args.images_dir and Path(args.images_dir).exists() and not Path(args.images_dir).is_dir():
+        return f"--images-dir {args.images_dir} is a file; name a folder"
     concurrency = args.concurrency or (16 if args.url else 2 * settings.max_batch_size)  # 16: serve's batch
     if concurrency < 1:
         return f"--concurrency must be at least 1, got {concurrency}"

@@ -6,6 +6,7 @@ error records written to it; the images stored beside it. It knows nothing of HT
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -61,8 +62,10 @@ def parse_line(line_no: int, text: str, seen: set[str]) -> Request | BadLine:
     def bad(code: str, message: str, custom_id: str | None = None) -> BadLine:
         return BadLine(line_no, record_id(line_no, text), custom_id, code, f"line {line_no}: {message}")
 
-    try:
-        line = json.loads(text)
+    if text.startswith(TOO_LONG):
+        return bad("line_too_long", f"longer than {MAX_LINE_BYTES} bytes")
+    try:  # NaN and Infinity are not JSON (Python's reader takes them; no server could be sent them)
+        line = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         return bad("invalid_json", f"not JSON ({exc})")
     if not isinstance(line, dict):
@@ -74,6 +77,8 @@ def parse_line(line_no: int, text: str, seen: set[str]) -> Request | BadLine:
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return bad("missing_custom_id", "custom_id must be a non-empty string")
+    if len(custom_id) > MAX_CUSTOM_ID:
+        return bad("invalid_custom_id", f"custom_id is {len(custom_id)} characters; at most {MAX_CUSTOM_ID}")
     if custom_id in seen:
         return bad("duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line", custom_id)
     seen.add(custom_id)
@@ -90,10 +95,36 @@ def parse_line(line_no: int, text: str, seen: set[str]) -> Request | BadLine:
     return Request(line_no, record_id(line_no, text), custom_id, url, body)
 
 
+MAX_LINE_BYTES = 64 * 2**20  # an input line (a request with images as base64) or an output line read back
+MAX_CUSTOM_ID = 512
+TOO_LONG = "\x00too long"  # what `bounded_lines` gives for a line over the limit (no JSON starts so)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def bounded_lines(f: BinaryIO, limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of a binary file, each read with at most `limit` bytes held: a longer one is skipped to its end
+    in chunks and given as `TOO_LONG`."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            line = TOO_LONG.encode()
+        yield line
+
+
 def input_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of each non-blank line."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line_no, text in enumerate(f, 1):
+    """(1-based line number, text) of each non-blank line (a UTF-8 byte order mark at the start is no text)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(bounded_lines(f), 1):
+            text = raw.decode("utf-8", errors="surrogateescape")
+            if line_no == 1:
+                text = text.removeprefix("\ufeff")
             if text.strip():
                 yield line_no, text.rstrip("\r\n")
 
@@ -120,13 +151,13 @@ def recover(path: Path) -> Done:
     with open(path, "r+b") as f:
         cut_partial_line(f)
         f.seek(0)
-        for raw in f:
+        for raw in bounded_lines(f):
             try:
                 line = json.loads(raw)
                 done.records.add(line["id"])
                 if line.get("response") is not None:
                     done.answered.add(line["custom_id"])
-            except (ValueError, KeyError, TypeError):  # not a line of ours: left as it is
+            except (ValueError, KeyError, TypeError, RecursionError):  # not a line of ours: left as it is
                 continue
     return done
 
@@ -172,11 +203,23 @@ class OutputFile:
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self._broken: OSError | None = None
 
     def write(self, record: dict[str, Any]) -> None:
+        """A write that fails (a full disk) is taken back to the line's start, and no line is written after it: the
+        file stays whole lines, and a resume sends the rest."""
+        if self._broken is not None:
+            raise self._broken
         data = memoryview((json.dumps(record) + "\n").encode())
-        while data:  # a raw write may take fewer bytes than given
-            data = data[self._file.write(data):]
+        start = self._file.seek(0, os.SEEK_END)
+        try:
+            while data:  # a raw write may take fewer bytes than given
+                data = data[self._file.write(data):]
+        except OSError as exc:
+            self._broken = exc
+            with contextlib.suppress(OSError):
+                self._file.truncate(start)
+            raise
 
     def close(self) -> None:
         self._file.close()
@@ -199,10 +242,10 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 def image_name(custom_id: str, index: int, ext: str) -> str:
     """A file name safe whatever the custom_id: its ASCII letters, digits, `_` and `-` (no dots, no separators,
-    no leading `-` that a shell would read as an option), bounded, and 8 hex digits of its hash so that two ids
-    never share a file."""
-    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", custom_id).strip("_-")[:48] or "image"
-    digest = hashlib.sha256(custom_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    no leading `-` that a shell would read as an option), its last 48 of them (ids often share a long prefix), and
+    16 hex digits of its hash so that two ids do not share a file."""
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", custom_id).strip("_-")[-48:].lstrip("_-") or "image"
+    digest = hashlib.sha256(custom_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{safe}-{digest}-{index}.{ext}"
 
 

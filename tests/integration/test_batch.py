@@ -29,12 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server import cli
 from server.batch.command import DONE, INTERRUPTED, USAGE
 from server.batch.files import (
+    TOO_LONG,
     BadLine,
     Done,
+    OutputFile,
     Request,
+    bounded_lines,
     cut_partial_line,
     error_record,
     image_name,
+    input_lines,
     parse_line,
     pending,
     recover,
@@ -325,6 +329,10 @@ def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path, monk
     ('{"custom_id": "a", "url": "/v1/generate"}', "missing_body"),
     ('{"custom_id": "a", "url": "/v1/generate", "body": "prompt"}', "missing_body"),
     ('{"custom_id": "a", "url": "/v1/understand", "body": {"stream": true}}', "invalid_body"),
+    ('{"custom_id": "a", "url": "/v1/generate", "body": {"prompt": "x", "temperature": NaN}}', "invalid_json"),
+    ('{"custom_id": "a", "url": "/v1/generate", "body": {"prompt": "x", "cfg_weight": -Infinity}}', "invalid_json"),
+    ('{"custom_id": "' + "x" * 513 + '", "url": "/v1/generate", "body": {}}', "invalid_custom_id"),
+    ("\x00too long", "line_too_long"),
 ])
 def test_lines_that_cannot_be_sent_name_their_problem(text: str, code: str):
     seen = {"first"}
@@ -383,6 +391,50 @@ def test_resume_cuts_a_partial_line_and_skips_what_is_done(tmp_path: Path):
     assert recover(output) == Done(set(), set()) and output.read_bytes() == b""
 
 
+def test_input_lines_are_read_with_bounded_memory(tmp_path: Path):
+    source = tmp_path / "in.jsonl"
+    good = json.dumps(_line("a", "/v1/generate", {"prompt": "a"}))
+    source.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + b"{" + b"x" * 5000 + b"\n" + good.encode() + b"\n")
+    with open(source, "rb") as f:
+        assert [len(line) for line in bounded_lines(f, limit=1000)] == [len(good) + 4, len(TOO_LONG), len(good) + 1]
+    lines = list(input_lines(source))
+    assert lines[0] == (1, good)  # the byte order mark is no text
+    assert [parse_line(n, text, set()).code for n, text in lines[1:2]] == ["invalid_json"]  # 5 kB is under 64 MiB
+
+
+def test_a_failed_write_is_taken_back_and_nothing_follows_it(tmp_path: Path):
+    path = tmp_path / "out.jsonl"
+    output = OutputFile(path)
+    output.write({"id": "1"})
+
+    class Full:  # the disk fills in the middle of a line
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            self.real.write(bytes(data[:5]))
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    output._file = Full(output._file)
+    with pytest.raises(OSError):
+        output.write({"id": "2"})
+    with pytest.raises(OSError):
+        output.write({"id": "3"})  # the file is broken: later lines are refused, not appended after a fragment
+    output.close()
+    assert path.read_text() == '{"id": "1"}\n'
+
+
+def test_same_input_and_output_is_a_usage_error(tmp_path: Path, capsys):
+    source = _write_input(tmp_path / "in.jsonl", [_line("a", "/nope", {})])
+    assert cli.main(["batch", str(source), "--output", str(source), "--url", "http://127.0.0.1:9"]) == USAGE
+    assert "is the input file" in capsys.readouterr().err
+    assert cli.main(["batch", str(source), "--output", str(tmp_path), "--url", "http://127.0.0.1:9"]) == USAGE
+    assert "is a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 1 << 16])
 def test_cutting_the_partial_line_across_read_chunks(tmp_path: Path, chunk: int):
     path = tmp_path / "out.jsonl"
@@ -405,6 +457,9 @@ def test_image_names_are_safe_and_distinct_whatever_the_custom_id(tmp_path: Path
         (tmp_path / name).write_bytes(b"x")
         assert (tmp_path / name).resolve().parent == tmp_path.resolve()
     assert image_name("a", 1, "png") != image_name("a", 0, "png")
+    shared = "2024-06-01/experiment/some-long-dataset-name/with-a-long-prefix/prompt-"
+    assert image_name(shared + "000001", 0, "png") != image_name(shared + "000002", 0, "png")
+    assert "prompt-000001-" in image_name(shared + "000001", 0, "png")  # the id's end, where ids differ
 
 
 def test_images_are_written_and_named_in_place_of_their_base64(tmp_path: Path):
