@@ -17,12 +17,14 @@ import uvicorn
 
 from server.gpus import Assignment, expected_by_gpu, plan_workers
 from server.http.app import ModelInfo, create_app
+from server.http.jobs import webhook_body
 from server.metrics import Metrics
 from server.private_redis import PrivateRedis, PrivateRedisError
 from server.queue import JobQueue, QueueMisconfigured, create_queue
 from server.service import Service
 from server.settings import Settings
 from server.supervisor import WorkerSupervisor
+from server.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,14 +274,11 @@ async def serve_api(settings: Settings, *, with_local_worker: bool, spawn_worker
     return exit_code
 
 
-def start_webhooks(settings: Settings, service: Service, metrics: Metrics):
+def start_webhooks(settings: Settings, service: Service, metrics: Metrics) -> WebhookDeliverer | None:
     """Every frontend delivers webhooks (in Redis mode, whichever frontend takes a delivery first), when
     webhooks are on (JANUS_ALLOWED_WEBHOOK_HOSTS)."""
     if not settings.allowed_webhook_hosts:
         return None
-    from server.http.jobs import webhook_body
-    from server.webhooks import WebhookDeliverer
-
     deliverer = WebhookDeliverer(service.queue, lambda job_id: webhook_body(service, job_id), settings, metrics)
     task = asyncio.create_task(deliverer.run())
     task.add_done_callback(lambda t: t.cancelled() or t.exception() is None

@@ -303,7 +303,7 @@ class Service:
             self.quotas = Quotas(default)
         # server.http.app.ModelInfo where this process serves the model; its `generator` is known once loaded
         self.model_info: Any = None
-        self._watchers: set[asyncio.Task] = set()  # async jobs holding their key's in-flight slot
+        self._watchers: set[asyncio.Task] = set()  # async jobs followed to their end (`_watch`)
 
     def deadline(self, client_timeout: float | None = None) -> float:
         timeout = self.settings.request_timeout

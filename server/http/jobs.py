@@ -25,6 +25,7 @@ from server.http.common import HTTPError, origin_of
 from server.idempotency import ANONYMOUS
 from server.jobs import JobState
 from server.service import AsyncSpec, BadRequest, JobGone, JobNotFound, Service, Ticket
+from server.webhooks import check_webhook_url
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 MAX_LIST = 100
@@ -52,8 +53,6 @@ async def async_spec(request: Request, surface: str, body: Any, render: dict[str
         raise BadRequest("stream and Prefer: respond-async do not go together; follow an async job's progress "
                          "at GET /v1/jobs/{id}/events")
     if webhook is not None:
-        from server.webhooks import check_webhook_url
-
         webhook = await check_webhook_url(webhook, request.app.state.settings)
     return AsyncSpec(surface, render or {}, webhook)
 
