@@ -28,6 +28,7 @@ from janus_core.requests import (
     FinishedOutput,
     GenerateRequest,
     GenerateResult,
+    PreviewOutput,
     ProgressOutput,
     Request,
     Sink,
@@ -66,9 +67,9 @@ __version__ = "0.1.0"
 __all__ = [
     "IMAGE_FORMATS", "Engine", "EngineConfig", "EngineOutput", "EngineStats", "FailedOutput", "FinishedOutput",
     "GenerateRequest", "GenerateResult", "InvalidRequestError", "JanusError", "LoadedModel", "Message",
-    "ModelLoadError", "ProgressOutput", "Request", "SamplingParams", "Sink", "TokenOutput", "UnderstandRequest",
-    "UnderstandResult", "__version__", "check_conversation", "decode_image", "encode_image", "format_size",
-    "gpu_memory_allocated", "limits", "load_image", "load_model", "memory", "open_image", "parse_size",
+    "ModelLoadError", "PreviewOutput", "ProgressOutput", "Request", "SamplingParams", "Sink", "TokenOutput",
+    "UnderstandRequest", "UnderstandResult", "__version__", "check_conversation", "decode_image", "encode_image",
+    "format_size", "gpu_memory_allocated", "limits", "load_image", "load_model", "memory", "open_image", "parse_size",
     "write_tiny_flow_model", "write_tiny_model",
 ]
 

@@ -1,7 +1,7 @@
 """What goes into the engine and what comes out of it: requests, step outputs, results. Plain Python.
 
 A request goes in with `Engine.add_request(request, sink)`; everything the engine has to say about it
-reaches `sink` (called on the engine thread): `TokenOutput` / `ProgressOutput` while it runs, then
+reaches `sink` (called on the engine thread): `TokenOutput` / `ProgressOutput` / `PreviewOutput` while it runs, then
 exactly one `FinishedOutput` or `FailedOutput`. No torch here: the API layer builds these types
 without importing the model runtime (results carry arrays, typed loosely).
 """
@@ -42,7 +42,8 @@ class GenerateRequest:
     """`cfg_weight` None: the model's default (`janus_core.limits`: 5.0 for VQ models, 2.0 for flow ones).
     `steps`: a flow model's ODE steps (None: 30); a VQ model refuses it. `given`: the sampling parameters
     the client set (a flow model refuses temperature and top_p, which mean nothing to it; only
-    `params.seed` applies)."""
+    `params.seed` applies). `previews`: how many `PreviewOutput`s to send while the images form (evenly
+    spaced; fewer when the preview decoder is busy: `janus_core.engine.previews`)."""
 
     kind: ClassVar[str] = "generate"
     request_id: str
@@ -52,6 +53,7 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0))
     steps: int | None = None
     given: frozenset[str] = frozenset()
+    previews: int = 0
 
 
 Request = UnderstandRequest | GenerateRequest
@@ -72,6 +74,8 @@ class GenerateResult:
     seed: int
     tokens: Any  # torch (n, num_image_tokens) int64 VQ codes on CPU; a flow model's final latents (n, C, L, L)
     images: Any  # numpy (n, H, W, 3) uint8
+    prompt_tokens: int = 0
+    image_tokens: int = 0  # codes per image (VQ); 0 for a flow model, which makes latents
 
 
 @dataclass
@@ -89,9 +93,24 @@ class ProgressOutput:
 
 
 @dataclass
+class PreviewOutput:
+    """The images of a generation request as they look after `step` of `total` steps: (n, H, W, 3) uint8."""
+
+    request_id: str
+    step: int
+    total: int
+    images: Any
+
+
+@dataclass
 class FinishedOutput:
+    """`stamps`: when (epoch seconds) the request reached each phase in the engine: "prefill" (its prefill was
+    launched; the first one if it was preempted), "first" (its first token or image step came out),
+    "finished" (its last step), "done" (its answer was ready: for images, once their pixels were decoded)."""
+
     request_id: str
     result: UnderstandResult | GenerateResult
+    stamps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,5 +120,5 @@ class FailedOutput:
     message: str
 
 
-EngineOutput = TokenOutput | ProgressOutput | FinishedOutput | FailedOutput
+EngineOutput = TokenOutput | ProgressOutput | PreviewOutput | FinishedOutput | FailedOutput
 Sink = Callable[[EngineOutput], None]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refreshes the lock (requirements/test.txt, serve.txt, api.txt) to the newest releases that
-# pyproject.toml's ranges (and requirements/api.in's) allow, then reinstalls .venv from it and runs the
-# whole test suite:
+# pyproject.toml's ranges (and requirements/api.in's and tracing.in's) allow, then reinstalls .venv from
+# it and runs the whole test suite:
 #   scripts/lock.sh                 # upgrade everything, then test
 #   scripts/lock.sh --no-upgrade    # re-resolve after editing pyproject.toml, keeping other pins
 #   JANUS_LOCK_ONLY=1 scripts/lock.sh   # write the lock, do not test
@@ -34,9 +34,10 @@ compile=("$tools/bin/uv" pip compile --quiet --universal --python-version 3.11 -
          --custom-compile-command "scripts/lock.sh" "${upgrade[@]}")
 # test first; serve and api are resolved within it, so no two files pin a package differently
 "${compile[@]}" pyproject.toml requirements/build.in --extra test -o requirements/test.txt
-"${compile[@]}" pyproject.toml requirements/build.in --constraint requirements/test.txt -o requirements/serve.txt
+# both images carry the tracing extra, so their operators can pass --otlp-traces-endpoint
+"${compile[@]}" pyproject.toml requirements/build.in --extra tracing --constraint requirements/test.txt -o requirements/serve.txt
 # the api-only image (Dockerfile target `api`): no model runtime, so no torch at all
-"${compile[@]}" requirements/api.in requirements/build.in --constraint requirements/test.txt -o requirements/api.txt
+"${compile[@]}" requirements/tracing.in requirements/api.in requirements/build.in --constraint requirements/test.txt -o requirements/api.txt
 echo "lock written: requirements/test.txt, requirements/serve.txt, requirements/api.txt (torch $torch_version installed separately)"
 [ -n "${JANUS_LOCK_ONLY:-}" ] && exit 0
 JANUS_SETUP_FORCE=1 exec scripts/test.sh

@@ -9,7 +9,7 @@ import sys
 from server.settings import Settings
 
 
-def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
+def _common(p: argparse.ArgumentParser, *, model: bool, network: bool, tracing: bool = True) -> None:
     p.add_argument("--queue", help="'memory' (default) or redis://host:6379/0")
     if model:
         p.add_argument("--model", help="checkpoint directory or hub id (transformers or DeepSeek layout)")
@@ -56,6 +56,11 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool) -> None:
         p.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None,
                        help="serve the browser playground at / and /playground (default: on)")
     p.add_argument("--metrics-port", type=int, dest="metrics_port")
+    if tracing:
+        p.add_argument("--otlp-traces-endpoint", dest="otlp_traces_endpoint", metavar="URL",
+                       help="OpenTelemetry traces over OTLP/HTTP to this URL, e.g. http://collector:4318/v1/traces "
+                            "(default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else off); needs "
+                            "pip install 'janus-server[tracing]'")
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None, dest="log_json",
                    help="JSON log lines (default) or, with --no-log-json, plain text")
@@ -110,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--api-key", dest="api_key",
                        help="--url: sent as Authorization: Bearer (default: JANUS_API_KEY's first key)")
     batch.add_argument("--timeout", type=float, default=600.0, help="--url: seconds for one request (default 600)")
-    _common(batch, model=True, network=False)
+    _common(batch, model=True, network=False, tracing=False)
     return parser
 
 
@@ -225,6 +230,21 @@ def main(argv: list[str] | None = None) -> int:
     from server.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json, model_libraries=args.command != "api")
+    from server import tracing
+
+    try:
+        tracing.configure(settings.otlp_traces_endpoint, role=args.command)
+    except tracing.TracingUnavailable as exc:
+        print(f"janus-server {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_server(args, settings)
+    finally:
+        tracing.shutdown()  # what is still batched goes out before the process ends
+
+
+def run_server(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve`, `api` or `worker`, until it stops."""
     from server import runtime
 
     if args.command in ("serve", "api") and (refused := check_keys(settings, args)) is not None:

@@ -1,7 +1,8 @@
 """Jobs and job events: what frontends submit and what workers send back, as plain JSON-able data.
 
 A job is one client request. Events flow worker -> frontend: zero or more `delta` (understanding
-text) or `progress` (generation steps) events, then exactly one terminal event, `result` or `error`.
+text), `progress` (generation steps) or `preview` (an image as it forms) events, then exactly one terminal
+event, `result` or `error`.
 The same shapes travel through the in-process queue and through Redis.
 """
 
@@ -24,6 +25,9 @@ CANCELLED = "cancelled"
 UNAVAILABLE = "unavailable"
 RESOURCE_EXHAUSTED = "resource_exhausted"
 INTERNAL = "internal"
+
+
+MAX_PREVIEWS = 8  # previews a generation job may ask for
 
 
 def new_job_id() -> str:
@@ -74,6 +78,7 @@ class GenerateParams:
     steps: int | None = None
     output_format: str = "png"  # png | jpeg | webp: how the worker encodes the images
     output_compression: int | None = None  # jpeg / webp quality, 0-100 (None: the encoder's default)
+    previews: int = 0  # preview events while the images form (streamed and async jobs)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Job:
     owner: str | None = None  # who sent it (an API key's name, or server.idempotency.caller_of), never the key
     weight: float = 1.0  # the owner's share of dispatch (server.queue.fair)
     request_id: str | None = None  # the client's X-Request-Id (or gRPC call), for logs across processes
+    traceparent: str | None = None  # W3C trace context: the worker's spans join the request's trace (server.tracing)
     # Async jobs (Prefer: respond-async) have a job record: `surface` is the route whose body the result
     # takes ("generate", "understand", "images.generations", "chat.completions"), `render` what that body
     # needs besides the result (e.g. the model name), `webhook` where the job object goes when it ends.
@@ -108,6 +114,8 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if isinstance(self.params, GenerateParams) and not self.params.previews:
+            del data["params"]["previews"]  # as workers from before previews expect it
         if isinstance(self.params, UnderstandParams):
             data["params"]["images"] = [base64.b64encode(b).decode("ascii") for b in self.params.images]
         return data
@@ -125,7 +133,7 @@ class Job:
         return cls(kind=data["kind"], params=params, id=data["id"], deadline=float(data["deadline"]),
                    stream=bool(data.get("stream", False)), created=float(data.get("created", time.time())),
                    idempotency_key=data.get("idempotency_key"), fingerprint=data.get("fingerprint"),
-                   owner=data.get("owner"), request_id=data.get("request_id"),
+                   owner=data.get("owner"), request_id=data.get("request_id"), traceparent=data.get("traceparent"),
                    weight=float(data.get("weight", 1.0)), surface=data.get("surface"),
                    render=dict(data.get("render") or {}), webhook=data.get("webhook"),
                    ttl=None if data.get("ttl") is None else float(data["ttl"]))
@@ -188,14 +196,46 @@ def progress_event(step: int, total: int) -> dict[str, Any]:
     return {"type": "progress", "step": step, "total": total}
 
 
+def preview_event(step: int, total: int, image: int, encoded: bytes) -> dict[str, Any]:
+    """Image `image` of the job after `step` of `total` steps, encoded as its result will be (base64)."""
+    return {"type": "preview", "step": step, "total": total, "image": image,
+            "preview": base64.b64encode(encoded).decode("ascii")}
+
+
 def understand_result(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {"type": "result", "kind": "understand", "text": text, "finish_reason": finish_reason,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
 
 
-def generate_result(seed: int, images: list[bytes], output_format: str = "png") -> dict[str, Any]:
+def generate_result(seed: int, images: list[bytes], output_format: str = "png", prompt_tokens: int = 0,
+                    image_tokens: int = 0) -> dict[str, Any]:
     return {"type": "result", "kind": "generate", "seed": seed, "format": output_format,
-            "images": [base64.b64encode(p).decode("ascii") for p in images]}
+            "images": [base64.b64encode(p).decode("ascii") for p in images], "prompt_tokens": prompt_tokens,
+            "image_tokens": image_tokens}
+
+
+# A job's phases, from the stamps (epoch seconds) its worker keeps: "created" (the frontend accepted it), "claimed"
+# (a worker took it), the engine's "prefill", "first", "finished" and "done" (janus_core.FinishedOutput), "decoded"
+# (an image job's pixels were ready) and "encoded" (its result was encoded: the end). Image decoding counts as
+# encoding: both turn what the model made into what the client gets.
+PHASES = {"queue": ("created", "prefill"), "prefill": ("prefill", "first"), "decode": ("first", "finished"),
+          "encode": ("finished", "encoded"), "total": ("created", "encoded")}
+
+
+def phase_seconds(stamps: dict[str, float]) -> dict[str, float]:
+    """The phases whose two ends are stamped, in seconds (never negative: clocks of two hosts may disagree)."""
+    return {name: max(stamps[end] - stamps[start], 0.0) for name, (start, end) in PHASES.items()
+            if start in stamps and end in stamps}
+
+
+def timings_ms(seconds: dict[str, float]) -> dict[str, float]:
+    """`timings` as result events and response bodies carry them: milliseconds, to 0.1 ms."""
+    return {name: round(value * 1000.0, 1) for name, value in seconds.items()}
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """`timings` as a `Server-Timing` header (W3C; also gRPC trailing metadata): `queue;dur=12.5, ...` in ms."""
+    return ", ".join(f"{name};dur={value}" for name, value in timings.items())
 
 
 def error_event(code: str, message: str) -> dict[str, Any]:

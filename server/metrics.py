@@ -29,6 +29,10 @@ class Metrics:
         self.queue_depth = Gauge("janus_queue_depth", "Jobs waiting or running", registry=r)
         self.queue_wait = Histogram("janus_queue_wait_seconds", "Time from submit to a worker starting the job",
                                     ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_phase = Histogram(
+            "janus_request_phase_seconds", "Where a finished request's time went: queue, prefill, decode, encode "
+            "(image decoding and encoding) and total (server.jobs.PHASES)", ["kind", "phase"],
+            buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("janus_batch_size", "Requests per engine step", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.running = Gauge("janus_running_requests", "Requests the engine is running", ["kind"], registry=r)

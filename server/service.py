@@ -28,11 +28,12 @@ from janus_core import (
     load_image,
     open_image,
 )
-from server import idempotency
+from server import idempotency, tracing
 from server.http.schemas import MAX_MESSAGES, NON_BLANK, OutputFormat
 from server.jobs import (
     CANCELLED,
     DEADLINE_EXCEEDED,
+    MAX_PREVIEWS,
     GenerateParams,
     Job,
     JobState,
@@ -177,6 +178,8 @@ def validate_generate(settings: Settings, p: GenerateParams, generator: str | No
         raise BadRequest(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {p.output_format!r}")
     if p.output_compression is not None and not (0 <= p.output_compression <= 100):
         raise BadRequest(f"output_compression must be between 0 and 100, got {p.output_compression}")
+    if not (0 <= p.previews <= MAX_PREVIEWS):
+        raise BadRequest(f"previews must be between 0 and {MAX_PREVIEWS}, got {p.previews}")
     _check_sampling(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p, p.seed)
     refusal = generator and limits.generator_refusal(
         generator, [name for name in ("steps", "temperature", "top_p") if getattr(p, name) is not None])
@@ -233,16 +236,19 @@ class Origin:
     route: str
     caller: str = idempotency.ANONYMOUS
     idempotency_key: str | None = None
+    traceparent: str | None = None  # the W3C trace context its job carries to the worker (server.tracing)
 
     @classmethod
-    def of(cls, route: str, authorization: str | None, idempotency_key: str | None) -> Origin:
-        """From the raw header / metadata values; a malformed key is a `BadRequest`."""
+    def of(cls, route: str, authorization: str | None, idempotency_key: str | None,
+           traceparent: str | None = None) -> Origin:
+        """From the raw header / metadata values (`traceparent`: the client's); a malformed key is a `BadRequest`."""
         try:
             key = idempotency.check_key(idempotency_key)
         except idempotency.InvalidIdempotencyKey as exc:
             raise BadRequest(str(exc)) from exc
         api_key = current_key.get()  # the key's name where keys are checked; else a hash of any token sent
-        return cls(route, api_key.caller if api_key else idempotency.caller_of(authorization), key)
+        return cls(route, api_key.caller if api_key else idempotency.caller_of(authorization), key,
+                   tracing.traceparent(traceparent))
 
     def fingerprint(self, params: UnderstandParams | GenerateParams, stream: bool | str) -> str | None:
         return idempotency.fingerprint(self.route, params, stream) if self.idempotency_key is not None else None
@@ -334,6 +340,9 @@ class Service:
     async def submit_generate(self, params: GenerateParams, origin: Origin, *, stream: bool = False,
                               timeout: float | None = None, spec: AsyncSpec | None = None) -> Ticket:
         validate_generate(self.settings, params, getattr(self.model_info, "generator", None))
+        if params.previews and not (stream or spec):
+            raise BadRequest("previews are sent as events: ask for a stream (stream: true) or an async job (Prefer: "
+                             "respond-async)")
         api_key = current_key.get()
         await self.quotas.charge_images(api_key, params.n)
         job = Job("generate", params, deadline=self.deadline(timeout), stream=stream)
@@ -347,7 +356,7 @@ class Service:
         return ticket
 
     async def _submit(self, job: Job, origin: Origin, fingerprint: str | None, spec: AsyncSpec | None = None) -> Ticket:
-        job.owner, job.request_id = origin.caller, request_id_var.get()
+        job.owner, job.request_id, job.traceparent = origin.caller, request_id_var.get(), origin.traceparent
         api_key = current_key.get()
         job.weight = api_key.weight if api_key is not None else 1.0
         if origin.idempotency_key is not None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CsvList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JANUS_", extra="ignore")
+    # populate_by_name: a field with aliases (otlp_traces_endpoint) is still given by its name (the CLI does)
+    model_config = SettingsConfigDict(env_prefix="JANUS_", extra="ignore", populate_by_name=True)
 
     # model and device
     model: str | None = None
@@ -73,6 +74,8 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = 0.90  # CUDA: the share of the device weights + activations + KV may fill
     prefix_caching: bool = True  # keep full KV blocks for later prompts with the same start
     vision_cache_mb: int = 256  # SigLIP features of recent images
+    # the share of time the preview decoder may be busy (janus_core.engine.previews): previews cost at most that
+    preview_share: float = Field(0.05, ge=0.0, le=1.0)
 
     # limits
     max_body_bytes: int = 32 * 1024 * 1024
@@ -111,6 +114,10 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True  # false: plain text log lines
     access_log: bool = True  # one line per HTTP request (and gRPC call), refusals with their reason
+    # OpenTelemetry traces (server.tracing; the extra janus-server[tracing]): the OTLP/HTTP URL spans are POSTed
+    # to, e.g. http://collector:4318/v1/traces; None: off. OpenTelemetry's own variable is the fallback.
+    otlp_traces_endpoint: str | None = Field(default=None, validation_alias=AliasChoices(
+        "JANUS_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
     @field_validator("api_key", "cors_origins", "allowed_image_hosts", "served_model_name", "gpus",
                      "allowed_webhook_hosts", "webhook_retry_delays", mode="before")
@@ -136,6 +143,19 @@ class Settings(BaseSettings):
 
             if parse_size(value) < 1:
                 raise ValueError(f"must be a positive size such as 6GiB, got {value!r}")
+        return value
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL such as http://collector:4318/v1/traces, "
+                             f"got {value!r}")
         return value
 
     @field_validator("gpu_memory_utilization")

@@ -24,6 +24,7 @@ from janus_core import (
     GenerateRequest,
     GenerateResult,
     InvalidRequestError,
+    PreviewOutput,
     ProgressOutput,
     SamplingParams,
     TokenOutput,
@@ -34,8 +35,9 @@ from janus_core import (
     gpu_memory_allocated,
 )
 from server import jobs as J
+from server import tracing
 from server.gpus import device_label
-from server.jobs import GenerateParams, Job, UnderstandParams
+from server.jobs import MAX_PREVIEWS, GenerateParams, Job, UnderstandParams
 from server.logs import request_id_var
 from server.metrics import Metrics
 from server.queue import JobQueue
@@ -48,10 +50,15 @@ log = logging.getLogger(__name__)
 class _Running:
     job: Job
     outputs: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # claimed: epoch seconds
     first_token: bool = True
     streamed: str = ""  # text already sent as deltas
     stop_reason: str | None = None  # set when we asked the engine to stop the job
+    stamps: dict[str, float] = field(default_factory=dict)  # its phases (server.jobs.PHASES), once it has a result
+    previewing: asyncio.Task | None = None  # encoding and sending a preview
+    # One publish at a time: a queue numbers a job's events as they are sent, and a preview (hundreds of KB) sent
+    # beside a progress event could arrive after it and be taken for a repeat.
+    publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def default_worker_id() -> str:
@@ -120,18 +127,18 @@ class Worker:
         request_id_var.set(job.request_id or job.id)  # this claim loop's context; _pump copies it
         if self.metrics:
             self.metrics.queue_wait.labels(job.kind).observe(max(time.time() - job.created, 0.0))
+        running = _Running(job)
         if job.expired():
-            await self.queue.finish(job.id, J.error_event(J.DEADLINE_EXCEEDED, "the deadline passed while queued"))
+            await self._end(running, J.error_event(J.DEADLINE_EXCEEDED, "the deadline passed while queued"))
             return
         if await self.queue.is_cancelled(job.id):
-            await self.queue.finish(job.id, J.error_event(J.CANCELLED, "the request was cancelled"))
+            await self._end(running, J.error_event(J.CANCELLED, "the request was cancelled"))
             return
         try:
             request = await asyncio.to_thread(self._to_request, job)
         except InvalidRequestError as exc:
-            await self.queue.finish(job.id, J.error_event(J.INVALID_ARGUMENT, str(exc)))
+            await self._end(running, J.error_event(J.INVALID_ARGUMENT, str(exc)))
             return
-        running = _Running(job)
         self._running[job.id] = running
         loop = asyncio.get_running_loop()
         self.engine.add_request(request, lambda out: loop.call_soon_threadsafe(running.outputs.put_nowait, out))
@@ -155,7 +162,8 @@ class Worker:
         given = frozenset(name for name in ("temperature", "top_p") if getattr(p, name) is not None)
         sampling = SamplingParams(1.0 if p.temperature is None else p.temperature, 1.0 if p.top_p is None else p.top_p,
                                   p.seed)
-        return GenerateRequest(job.id, p.prompt, p.n, p.cfg_weight, sampling, steps=p.steps, given=given)
+        return GenerateRequest(job.id, p.prompt, p.n, p.cfg_weight, sampling, steps=p.steps, given=given,
+                               previews=min(max(p.previews, 0), MAX_PREVIEWS) if job.stream else 0)
 
     async def _pump(self, running: _Running) -> None:
         job = running.job
@@ -167,33 +175,65 @@ class Worker:
                     self._first_token(running)
                     if job.stream and out.delta:
                         running.streamed += out.delta
-                        await self.queue.publish(job.id, J.delta_event(out.delta))
+                        await self._publish(running, J.delta_event(out.delta))
                 elif isinstance(out, ProgressOutput):
                     if job.stream:
-                        await self.queue.publish(job.id, J.progress_event(out.step, out.total))
+                        await self._publish(running, J.progress_event(out.step, out.total))
+                elif isinstance(out, PreviewOutput):
+                    self._preview(running, out)
                 elif isinstance(out, FinishedOutput):
                     await self._flush_text(running, out)
-                    await self.queue.finish(job.id, await self._result_event(job, out))
+                    await self._end(running, await self._result_event(running, out))
                     log.info("finished job %s in %.3f s", job.id, time.time() - running.started)
                     return
                 elif isinstance(out, FailedOutput):
+                    await self._stop_preview(running)  # before a hand-back, too
                     if out.reason == "internal" and await self.queue.release(self.worker_id, [job.id]):
                         log.warning("job %s failed (%s); handed back for another delivery", job.id, out.message)
                         return
                     event = self._failure_event(running, out)
                     log.info("stopped job %s after %.3f s: %s", job.id, time.time() - running.started,
                              event.get("code"))
-                    await self.queue.finish(job.id, event)
+                    await self._end(running, event)
                     return
         except Exception as exc:  # report, so the client never waits in silence
             log.exception("job %s: forwarding its result failed", job.id)
             try:
-                await self.queue.finish(job.id, J.error_event(J.INTERNAL, f"worker failed: {exc}"))
+                await self._end(running, J.error_event(J.INTERNAL, f"worker failed: {exc}"))
             except Exception:
                 log.exception("job %s: could not report the failure", job.id)
         finally:
             self._running.pop(job.id, None)
             self._slot_freed.set()
+
+    def _preview(self, running: _Running, out: PreviewOutput) -> None:
+        """Encode and send a preview beside the job (never before its next outputs); skipped while the last one
+        is still being encoded."""
+        if running.previewing is not None and not running.previewing.done():
+            return
+        job = running.job
+        assert isinstance(job.params, GenerateParams)
+        fmt, quality = job.params.output_format, job.params.output_compression
+
+        async def send() -> None:
+            encoded = await asyncio.to_thread(lambda: [encode_image(img, fmt, quality) for img in out.images])
+            for i, data in enumerate(encoded):
+                await self._publish(running, J.preview_event(out.step, out.total, i, data))
+
+        running.previewing = asyncio.get_running_loop().create_task(send())
+        running.previewing.add_done_callback(_log_failure)
+
+    async def _publish(self, running: _Running, event: dict) -> None:
+        async with running.publishing:
+            await self.queue.publish(running.job.id, event)
+
+    @staticmethod
+    async def _stop_preview(running: _Running) -> None:
+        """A preview still on its way when the job ends is dropped: the result is what the client waits for."""
+        task = running.previewing
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # its end, not its outcome (a cancel of this task itself still raises)
 
     async def _flush_text(self, running: _Running, out: FinishedOutput) -> None:
         """Send the text the incremental decoder held back (an unfinished UTF-8 sequence at the end)."""
@@ -202,7 +242,7 @@ class Worker:
             rest = result.text[len(running.streamed):]
             if rest:
                 running.streamed += rest
-                await self.queue.publish(running.job.id, J.delta_event(rest))
+                await self._publish(running, J.delta_event(rest))
 
     def _first_token(self, running: _Running) -> None:
         if running.first_token:
@@ -210,15 +250,38 @@ class Worker:
             if self.metrics:
                 self.metrics.ttft.observe(time.time() - running.started)
 
-    async def _result_event(self, job: Job, out: FinishedOutput) -> dict:
-        result = out.result
+    async def _result_event(self, running: _Running, out: FinishedOutput) -> dict:
+        """The result event, with its `timings` (the phases of the job, `server.jobs.PHASES`)."""
+        result, job = out.result, running.job
         if isinstance(result, UnderstandResult):
-            return J.understand_result(result.text, result.finish_reason, result.prompt_tokens,
-                                       result.completion_tokens)
-        assert isinstance(result, GenerateResult) and isinstance(job.params, GenerateParams)
-        fmt, quality = job.params.output_format, job.params.output_compression
-        return await asyncio.to_thread(
-            lambda: J.generate_result(result.seed, [encode_image(img, fmt, quality) for img in result.images], fmt))
+            event = J.understand_result(result.text, result.finish_reason, result.prompt_tokens,
+                                        result.completion_tokens)
+        else:
+            assert isinstance(result, GenerateResult) and isinstance(job.params, GenerateParams)
+            fmt, quality = job.params.output_format, job.params.output_compression
+            event = await asyncio.to_thread(
+                lambda: J.generate_result(result.seed, [encode_image(img, fmt, quality) for img in result.images],
+                                          fmt, result.prompt_tokens, result.image_tokens))
+        running.stamps = {"created": job.created, "claimed": running.started, **out.stamps}
+        if job.kind == "generate":
+            running.stamps["decoded"] = out.stamps["done"]
+        running.stamps["encoded"] = time.time()
+        event["timings"] = J.timings_ms(J.phase_seconds(running.stamps))
+        return event
+
+    async def _end(self, running: _Running, event: dict) -> None:
+        """Store the job's terminal event; record its phases (metrics, and spans when tracing is on)."""
+        await self._stop_preview(running)
+        await self.queue.finish(running.job.id, event)
+        job, stamps = running.job, running.stamps or {"created": running.job.created, "claimed": running.started}
+        try:
+            if event["type"] == "result" and self.metrics:
+                for phase, seconds in J.phase_seconds(stamps).items():
+                    self.metrics.request_phase.labels(job.kind, phase).observe(seconds)
+            tracing.record_job(job, stamps if event["type"] == "result" else {**stamps, "ended": time.time()},
+                               J.terminal_status(event))
+        except Exception:  # the job has ended well; what records it must not say otherwise
+            log.exception("job %s: recording its phases failed", job.id)
 
     @staticmethod
     def _failure_event(running: _Running, out: FailedOutput) -> dict:
@@ -266,6 +329,11 @@ class Worker:
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_interval)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a preview could not be sent: %s", task.exception())
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:

@@ -24,6 +24,7 @@ class EngineConfig:
     compile_backend: str = "inductor"  # torch.compile's backend for them ("eager": trace only, for tests)
     overlap: bool | None = None  # stream step t's outputs while the device runs step t+1; None: on CUDA only
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.step.packed_linear)
+    preview_share: float = 0.05  # the share of time the preview decoder may be busy (janus_core.engine.previews)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -38,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention not in ("auto", "runs", "flex"):
             raise ValueError(f"attention must be auto, runs or flex, got {self.attention!r}")
+        if not (0.0 <= self.preview_share <= 1.0):
+            raise ValueError(f"preview_share must be in [0, 1], got {self.preview_share}")
         if self.vision_cache_bytes < 0:
             raise ValueError("vision_cache_bytes must be >= 0")
 

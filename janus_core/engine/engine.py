@@ -2,7 +2,7 @@
 
 Requests go in with `add_request(request, sink)`; everything the engine has to say about a request
 reaches `sink` (called on the engine thread, by the `OutputProcessor`): `TokenOutput` /
-`ProgressOutput` while it runs, then exactly one `FinishedOutput` or `FailedOutput`.
+`ProgressOutput` / `PreviewOutput` while it runs, then exactly one `FinishedOutput` or `FailedOutput`.
 `cancel(request_id)` removes a request at its next step without disturbing the others.
 
 Each `step` is: take in new requests (validated and tokenized by their batch), let the `Scheduler`
@@ -31,9 +31,10 @@ from collections import deque
 from janus_core.engine import memory
 from janus_core.engine.config import EngineConfig, EngineStats
 from janus_core.engine.outputs import OutputProcessor
+from janus_core.engine.previews import Previews
 from janus_core.errors import InvalidRequestError
 from janus_core.models.loader import LoadedModel
-from janus_core.requests import Request, Sink
+from janus_core.requests import GenerateRequest, Request, Sink
 from janus_core.sched.block_pool import BLOCK_SIZE, BlockPool
 from janus_core.sched.kv_manager import KVManager
 from janus_core.sched.scheduler import KINDS, Scheduler
@@ -88,6 +89,7 @@ class Engine:
         self._stats = EngineStats(kv_cache_bytes=self.kv.nbytes, kv_blocks_total=num_blocks)
         overlap = cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda"
         self.outputs = OutputProcessor(self.scheduler, lm.tokenizer, self._stats, self._lock, overlap=overlap)
+        self.previews = Previews(lm.device, cfg.preview_share, self._notify)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._clear = False
@@ -154,7 +156,7 @@ class Engine:
         while True:
             with self._wakeup:
                 while not (self._inbox or self._cancelled or self.scheduler.has_work() or self._stopping
-                           or any(b.ready for b in self.batches.values())):
+                           or any(b.ready for b in self.batches.values()) or self.previews.ready):
                     self._wakeup.wait()
                 if (self._stopping and not self._inbox and not self.scheduler.has_work()
                         and not any(b.pending for b in self.batches.values())):
@@ -175,6 +177,8 @@ class Engine:
             for batch in self.batches.values():
                 batch.clear_caches()
         self._collect_decoded(wait=False)
+        self.outputs.preview(self.previews.collect())
+        self.previews.forget()
         plan = self.scheduler.schedule()
         if plan.empty:
             return self._idle()
@@ -196,6 +200,8 @@ class Engine:
         if not seqs:
             return None
         started = time.perf_counter()
+        if prefill:
+            seqs[0].stamps.setdefault("prefill", time.time())
         try:
             chosen = batch.prefill(seqs[0]) if prefill else batch.launch(seqs)
         except Exception as exc:
@@ -216,6 +222,7 @@ class Engine:
                     self._record_step(launch.batch.kind, len(launch.seqs), launch.seconds + waited)
                 outputs = launch.batch.update(launch.seqs, tokens)
                 self.outputs.update(launch.batch, outputs, hold=not launch.prefill)
+                self.previews.offer(launch.batch, outputs)
         except Exception as exc:  # the rows' device state is suspect now: rebuild it next step
             for batch in self.batches.values():
                 batch.reset()
@@ -242,6 +249,8 @@ class Engine:
                 continue
             self.outputs.add(seq, sink)
             self.scheduler.add(seq)
+            if isinstance(request, GenerateRequest) and request.previews:
+                self.previews.add(seq, request.previews, seq.max_steps)
         for request_id in cancelled:
             self.scheduler.cancel(request_id)
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from janus_core.engine.config import EngineStats
 from janus_core.requests import (
@@ -26,6 +28,7 @@ from janus_core.requests import (
     FailedOutput,
     FinishedOutput,
     GenerateResult,
+    PreviewOutput,
     ProgressOutput,
     Sink,
     TokenOutput,
@@ -36,6 +39,9 @@ from janus_core.sched.sequence import Sequence
 from janus_core.step.batch import Batch, StepOutput
 from janus_core.text.detok import IncrementalDecoder
 from janus_core.text.stops import StopMatcher
+
+if TYPE_CHECKING:
+    from janus_core.engine.previews import Preview
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,10 @@ class OutputProcessor:
         self.flush(seq)  # what it streamed before its answer reaches its client first
         self._text.pop(seq, None)
         self._count(failed=False)
-        self._emit(self._sinks.pop(seq), FinishedOutput(seq.request_id, result))
+        now = time.time()
+        seq.stamps.setdefault("finished", now)  # a stop string ended it
+        seq.stamps["done"] = now
+        self._emit(self._sinks.pop(seq), FinishedOutput(seq.request_id, result, dict(seq.stamps)))
 
     def fail(self, seq: Sequence, reason: str, message: str) -> None:
         self.flush(seq)  # what it streamed before the failure reaches its client first
@@ -90,8 +99,12 @@ class OutputProcessor:
         """Let the scheduler count each output, then stream it; answer the sequences it finished.
         `hold` False: stream now even with overlap (a prefill's first token: nothing to hide behind)."""
         finished = []
+        now = time.time()
         for out in outputs:
             done = self.scheduler.update(out.seq, out.token)
+            out.seq.stamps.setdefault("first", now)
+            if done:
+                out.seq.stamps["finished"] = now
             if out.token is not None:
                 text = self._text_of(out.seq)
                 stream = functools.partial(self._stream_token, out.seq, text, out.token, done)
@@ -117,6 +130,12 @@ class OutputProcessor:
                 continue
             for seq, result in zip(seqs, results, strict=True):
                 self._answer_image(seq, result)
+
+    def preview(self, previews: list[Preview]) -> None:
+        """Send decoded previews to the requests still running."""
+        for p in previews:
+            if p.seq in self._sinks:
+                self._emit(self._sinks[p.seq], PreviewOutput(p.seq.request_id, p.step, p.total, p.images))
 
     def flush(self, seq: Sequence | None = None) -> None:
         """Run the streaming and answers held back for overlap: all of them, or those of `seq`."""

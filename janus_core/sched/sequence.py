@@ -178,6 +178,7 @@ class Sequence:
     preemptions: int = 0
     arrival: int = field(default_factory=lambda: next(_arrivals))
     data: Any = None  # the engine's per-request state
+    stamps: dict[str, float] = field(default_factory=dict)  # when (epoch s) it reached each phase (the engine's)
     layout: RowLayout | None = None  # None: a text row for understanding, CFG pairs for generation
 
     def __post_init__(self) -> None:

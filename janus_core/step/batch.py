@@ -12,6 +12,9 @@ Three batches implement it: `TextBatch` (understanding), `VQBatch` (Janus-Pro's 
 - `update(seqs, chosen)`: the host side once the chosen tokens are copied: one `StepOutput` each.
 - `finish(seqs)`: the results of finished image sequences, or [] when a background decoder has them
   (`decoded()` hands them over later; `pending` / `ready` say whether any are out / done).
+- `snapshot(seq)` / `render(snapshot)`: an image batch's previews (`janus_core.engine.previews`): what a
+  running request's images are decoded from now (a copy, on the engine thread), and its pixels (n, H, W, 3),
+  on the preview thread.
 - `reset()`: forget per-row device state after a failed step; `clear_caches()`: drop what it keeps for
   reuse (vision features); `close()`: stop background work.
 """
@@ -65,6 +68,10 @@ class Batch(Protocol):
 
     def decoded(self, wait: bool = False) -> Decoded: ...
 
+    def snapshot(self, seq: Sequence) -> Any: ...
+
+    def render(self, snapshot: Any) -> Any: ...
+
     @property
     def pending(self) -> bool: ...
 
@@ -90,6 +97,12 @@ class Foreground:
 
     def finish(self, seqs: list[Sequence]) -> list[tuple[Sequence, GenerateResult]]:
         return []
+
+    def snapshot(self, seq: Sequence) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} makes no previews")
+
+    def render(self, snapshot: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} makes no previews")
 
     def clear_caches(self) -> None:
         pass

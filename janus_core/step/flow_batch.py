@@ -58,6 +58,7 @@ class FlowState:
     seed: int
     z: torch.Tensor  # (n, C, L, L) float32 latents on the model's device
     steps: int = 0  # ODE steps taken
+    v: torch.Tensor | None = None  # (n, C, L, L) the last step's guided velocity (previews)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -157,10 +158,11 @@ class FlowBatch(Foreground):
         v = self._velocity(hidden, skip.repeat_interleave(2, dim=0), t_emb.repeat_interleave(2, dim=0))
         w = torch.tensor([s.cfg_weight for s in images], device=device)[:, None, None, None]
         dt = torch.tensor([1.0 / s.num_steps for s in images], device=device)[:, None, None, None]
-        z = z + dt * (w * v[0::2] - (w - 1.0) * v[1::2])
-        # 4. Euler: each request keeps its images' new latents.
-        for s, mine in zip(states, per_sequence(z, seqs), strict=True):
-            s.z = mine
+        guided = w * v[0::2] - (w - 1.0) * v[1::2]
+        z = z + dt * guided
+        # 4. Euler: each request keeps its images' new latents (and velocity, for a preview's estimate).
+        for s, mine, velocity in zip(states, per_sequence(z, seqs), per_sequence(guided, seqs), strict=True):
+            s.z, s.v = mine, velocity
             s.steps += 1
 
     def update(self, seqs: list[Sequence], chosen: list[int] | None) -> list[StepOutput]:
@@ -190,6 +192,17 @@ class FlowBatch(Foreground):
         return self.net.vision_gen_dec_model(h, skip, t_emb).float()
 
     # --- pixels -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def snapshot(self, seq: Sequence) -> torch.Tensor:
+        """A preview's latents: the denoised estimate z + (1 - t) * v at this step (t = steps / N), on the device."""
+        state: FlowState = seq.data
+        if state.v is None:
+            return state.z.clone()
+        return state.z + (1.0 - state.steps / state.num_steps) * state.v
+
+    def render(self, snapshot: torch.Tensor) -> np.ndarray:
+        return decode_latents(self.parts, snapshot)
+
     def finish(self, seqs: list[Sequence]) -> list[tuple[Sequence, GenerateResult]]:
         """VAE-decode the finished requests together: now (CPU), or handed to the decoder's thread (CUDA)."""
         z = torch.cat([seq.data.z for seq in seqs])
@@ -219,7 +232,7 @@ class FlowBatch(Foreground):
 
     @staticmethod
     def _results(seqs: list[Sequence], pixels: np.ndarray) -> list[tuple[Sequence, GenerateResult]]:
-        return [(seq, GenerateResult(seq.data.seed, seq.data.tokens, one))
+        return [(seq, GenerateResult(seq.data.seed, seq.data.tokens, one, seq.prompt_tokens))
                 for seq, one in zip(seqs, per_sequence(pixels, seqs), strict=True)]
 
     @staticmethod

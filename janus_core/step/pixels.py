@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from janus_core.models.janusflow import FlowParts
 from janus_core.models.loader import LoadedModel
@@ -38,12 +39,45 @@ def decode_images(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
 
 
 def _decode(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
-    decoded = lm.model.decode_image_tokens(tokens.to(lm.device)).float().cpu()  # (1, H, W, 3) in [-1, 1]
+    decoded = lm.model.decode_image_tokens(tokens.to(lm.device))  # (1, H, W, 3) in [-1, 1]
+    return _to_pixels(lm, decoded.permute(0, 3, 1, 2))
+
+
+def _to_pixels(lm: LoadedModel, decoded: torch.Tensor) -> np.ndarray:
+    """The decoder's (b, 3, h, w) output in [-1, 1] -> uint8 (b, h, w, 3), post-processed as the reference does."""
     # Channels first: the PIL backend of the image processor normalises channel-first arrays only.
-    planes = list(decoded.permute(0, 3, 1, 2).numpy())
+    planes = list(decoded.float().cpu().numpy())
     pil = lm.processor.postprocess(planes, return_tensors="PIL.Image.Image",
                                    input_data_format="channels_first")["pixel_values"]
     return np.stack([np.asarray(im) for im in pil])
+
+
+NEUTRAL = 128  # the grey of a preview's rows not generated yet
+
+
+@torch.inference_mode()
+def decode_rows(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
+    """A preview of VQ images still being generated, from their first k codes (n, k): the complete rows of
+    codes decoded, the rest of the image a neutral grey. (n, H, W, 3) uint8.
+
+    The codes of complete rows decode as a band of their own: an estimate, not a crop of the final image (the
+    decoder's attention and normalisation see the whole band, and the final image's lower rows change the
+    band's lower edge). transformers' `decode` takes whole grids only, hence the codebook lookup written here:
+    the same embedding, L2 normalisation and layout.
+    """
+    vq = lm.model.model.vqmodel
+    grid_rows, width = vq.quantize.quant_state_dims
+    n, rows = tokens.shape[0], tokens.shape[1] // width
+    if rows >= grid_rows:
+        return decode_images(lm, tokens[:, :grid_rows * width])
+    out = np.full((n, lm.image_size, lm.image_size, 3), NEUTRAL, dtype=np.uint8)
+    for i in range(n if rows else 0):
+        codes = tokens[i:i + 1, :rows * width].to(lm.device)
+        z = F.normalize(vq.quantize.embedding(codes), p=2, dim=-1)  # (1, rows * width, D)
+        z = z.view(1, rows, width, -1).permute(0, 3, 1, 2).contiguous()  # (1, D, rows, width)
+        band = _to_pixels(lm, vq.decoder(vq.post_quant_conv(z)))[0]  # (rows * f, W, 3)
+        out[i, :band.shape[0]] = band
+    return out
 
 
 class PixelDecoder:

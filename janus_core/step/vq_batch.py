@@ -32,7 +32,7 @@ from janus_core.sampling.sampler import RowSampling, sample, stream_uniforms
 from janus_core.sched.sequence import CFG_PAIR, Sequence
 from janus_core.simple.generate import prompt_ids
 from janus_core.step.batch import Foreground, StepOutput, per_sequence
-from janus_core.step.pixels import decode_images
+from janus_core.step.pixels import decode_images, decode_rows
 from janus_core.step.rows import DecodeRows, RowValues
 from janus_core.step.runner import ModelRunner
 from janus_core.text.processor import unconditional_ids
@@ -146,10 +146,19 @@ class VQBatch(Foreground):
             outputs.append(StepOutput(seq, None, state.steps, seq.max_steps))
         return outputs
 
+    def snapshot(self, seq: Sequence) -> torch.Tensor:
+        """A preview's codes: those sampled so far (n, steps), on the host."""
+        state: GenerationState = seq.data
+        return state.tokens[:, :state.steps].clone()
+
+    def render(self, snapshot: torch.Tensor) -> np.ndarray:
+        """The complete rows of codes decoded, the rest grey (`decode_rows`)."""
+        return decode_rows(self.lm, snapshot)
+
     def finish(self, seqs: list[Sequence]) -> list[tuple[Sequence, GenerateResult]]:
         """VQ-decode the finished requests (image by image: `decode_images`, byte-reproducible pixels)."""
-        return [(seq, GenerateResult(seq.data.seed, seq.data.tokens, decode_images(self.lm, seq.data.tokens)))
-                for seq in seqs]
+        return [(seq, GenerateResult(seq.data.seed, seq.data.tokens, decode_images(self.lm, seq.data.tokens),
+                                     seq.prompt_tokens, self.lm.num_image_tokens)) for seq in seqs]
 
     @staticmethod
     def profile_peak(lm: LoadedModel, runner: ModelRunner, prefill_tokens: int, rows: int) -> int:

@@ -25,9 +25,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import jobs as J
+from server import tracing
 from server.http.bodies import images_body, understand_body
 from server.http.common import (
     HTTPError,
+    answer,
+    answer_timings,
     decode_image_payload,
     error_body,
     error_response,
@@ -43,7 +46,7 @@ from server.http.messages import read_messages
 from server.http.openai import add_openai_routes
 from server.http.openapi import install_openapi
 from server.http.schemas import GenerateBody, UnderstandBody, form_int
-from server.jobs import GenerateParams, UnderstandParams
+from server.jobs import GenerateParams, UnderstandParams, server_timing
 from server.keys import RateLimited
 from server.logs import log_access, printable, request_id_var
 from server.metrics import Metrics
@@ -83,7 +86,8 @@ def create_app(settings: Settings, service: Service, metrics: Metrics, model_inf
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which an air-gapped cluster cannot reach
     # and a key-protected server should not ask its users' browsers to trust. /openapi.json is the contract.
     app = FastAPI(title="janus-server", version="0.1.0", docs_url=None, redoc_url=None,
-                  description="Inference server for DeepSeek Janus-Pro: image understanding and generation.")
+                  description="Inference server for DeepSeek Janus-Pro: image understanding and generation.",
+                  telemetry=tracing.fastapi_telemetry())  # HTTP server spans with --otlp-traces-endpoint, else none
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
@@ -139,6 +143,7 @@ class RequestContextMiddleware:
         if len(request_id) > 128 or not request_id.isprintable():
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        scope["state"]["arrived"] = time.time()  # the start of a synchronous answer's `total` timing
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -347,13 +352,13 @@ def _add_native_routes(app: FastAPI) -> None:
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        return understand_body(ticket.job_id, event)
+        return answer(request, understand_body(ticket.job_id, event), event)
 
     @app.post("/v1/generate", tags=["janus"], responses={200: {"content": {"image/png": {}}}})
     async def generate(body: GenerateBody, request: Request):
         service: Service = request.app.state.service
         params = GenerateParams(body.prompt, body.n, body.cfg_weight, body.temperature, body.top_p, body.seed,
-                                body.steps, body.output_format, body.output_compression)
+                                body.steps, body.output_format, body.output_compression, body.previews)
         spec = await async_spec(request, "generate", body)
         ticket = await service.submit_generate(params, origin_of(request), stream=body.stream, spec=spec)
         if spec is not None:
@@ -365,9 +370,12 @@ def _add_native_routes(app: FastAPI) -> None:
             raise job_error(event)
         media_type = f"image/{event.get('format', 'png')}"
         if body.n == 1 and media_type in request.headers.get("accept", ""):
-            return Response(J.result_images(event)[0], media_type=media_type,
-                            headers={"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id})
-        return images_body(ticket.job_id, event)
+            headers = {"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id}
+            timings = answer_timings(request, event)
+            if timings is not None:
+                headers["Server-Timing"] = server_timing(timings)
+            return Response(J.result_images(event)[0], media_type=media_type, headers=headers)
+        return answer(request, images_body(ticket.job_id, event), event)
 
 
 async def _read_understand(request: Request, settings: Settings) -> tuple[UnderstandBody, list[bytes]]:
@@ -462,13 +470,15 @@ def _understand_sse(event: dict[str, Any]) -> list[Any]:
     if event["type"] == "result":
         return [{"finish_reason": event["finish_reason"], "text": event["text"],
                  "usage": {"prompt_tokens": event["prompt_tokens"],
-                           "completion_tokens": event["completion_tokens"]}}]
+                           "completion_tokens": event["completion_tokens"]}, "timings": event.get("timings")}]
     return []
 
 
 def _generate_sse(event: dict[str, Any], job_id: str) -> list[Any]:
     if event["type"] == "progress":
         return [{"step": event["step"], "total": event["total"]}]
+    if event["type"] == "preview":
+        return [{k: event[k] for k in ("step", "total", "image", "preview")}]
     if event["type"] == "result":
         return [images_body(job_id, event)]
     return []

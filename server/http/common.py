@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import jobs as J
+from server.jobs import server_timing
 from server.service import BadRequest, Origin, Service, Ticket
 
 # Terminal job errors -> HTTP status. 499: the client went away (nginx's convention).
@@ -48,6 +50,33 @@ def error_response(status: int, message: str, code: str | None = None,
                         headers=headers)
 
 
+def answer(request: Request, body: dict[str, Any], event: dict[str, Any]) -> JSONResponse:
+    """A synchronous route's JSON answer with its timings: the body's `timings` and a `Server-Timing` header."""
+    timings = answer_timings(request, event)
+    if timings is None:
+        return JSONResponse(body)
+    body["timings"] = timings
+    return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
+
+
+def answer_timings(request: Request, event: dict[str, Any]) -> dict[str, float] | None:
+    """The job's phases (ms, as its worker measured them), `total` from the request's arrival here until now (or the
+    job's own, when this request joined a job that was already running or done: Idempotency-Key)."""
+    worker = event.get("timings")
+    if worker is None:
+        return None
+    timings = dict(worker)
+    arrived = request.scope.get("state", {}).get("arrived")
+    if arrived is not None:  # a retry answered from a job that ran before it came keeps the job's own total
+        timings["total"] = max(round(max(time.time() - arrived, 0.0) * 1000.0, 1), worker.get("total", 0.0))
+    return timings
+
+
+def last_to_end(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of several jobs answering one request, the one whose timings end last (it decided the request's)."""
+    return max(events, key=lambda e: (e.get("timings") or {}).get("total", 0.0))
+
+
 def job_error(event: dict[str, Any]) -> HTTPError:
     status = ERROR_STATUS.get(event.get("code", ""), 500)
     headers = {"Retry-After": "2"} if status == 503 else None
@@ -55,8 +84,10 @@ def job_error(event: dict[str, Any]) -> HTTPError:
 
 
 def origin_of(request: Request) -> Origin:
-    """The route, the caller and the Idempotency-Key (if any) of a REST request."""
-    return Origin.of(request.url.path, request.headers.get("authorization"), request.headers.get("idempotency-key"))
+    """The route, the caller, the Idempotency-Key (if any) and the trace context of a REST request."""
+    headers = request.headers
+    return Origin.of(request.url.path, headers.get("authorization"), headers.get("idempotency-key"),
+                     headers.get("traceparent"))
 
 
 def decode_image_payload(value: str, index: int, max_bytes: int, field: str = "images",

@@ -84,7 +84,7 @@ def job_object(state: JobState, *, with_result: bool = True, gone: str | None = 
             "queue_position": state.position if status == "queued" else None,
             "progress": state.progress, "created_at": _seconds(state.created), "started_at": _seconds(state.started),
             "finished_at": _seconds(state.finished), "result": result, "error": error,
-            "webhook": state.webhook}
+            "timings": event.get("timings") if event is not None else None, "webhook": state.webhook}
 
 
 async def webhook_body(service: Service, job_id: str) -> dict[str, Any] | None:

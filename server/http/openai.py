@@ -13,15 +13,19 @@ token ids, no chat format, no images). Both honour vLLM's sampling extensions (`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 
+from server import jobs as J
 from server.http.bodies import chat_completion_body, openai_images_body, usage
 from server.http.common import (
     HTTPError,
     abandon_all,
+    answer,
     job_error,
+    last_to_end,
     origin_of,
     sse_response,
     stream_job,
@@ -68,7 +72,8 @@ def add_openai_routes(app: FastAPI) -> None:
                 if event["type"] == "delta":
                     out.append(_chunk(chunk_id, created, model, {"content": event["text"]}, None))
                 elif event["type"] == "result":
-                    out.append(_chunk(chunk_id, created, model, {}, event["finish_reason"]))
+                    out.append({**_chunk(chunk_id, created, model, {}, event["finish_reason"]),
+                                "timings": event.get("timings")})
                     if include_usage:  # OpenAI's shape: one more chunk, no choices, the usage
                         out.append({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                                     "model": model, "choices": [], "usage": usage(event)})
@@ -78,7 +83,7 @@ def add_openai_routes(app: FastAPI) -> None:
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        return chat_completion_body(ticket.job_id, event, model, created)
+        return answer(request, chat_completion_body(ticket.job_id, event, model, created), event)
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionsBody, request: Request):
@@ -121,15 +126,15 @@ def add_openai_routes(app: FastAPI) -> None:
                 if event["type"] != "result":
                     return []
                 results.append(event)
-                return [body_of([choice(i, "", event["finish_reason"])])]
+                return [body_of([choice(i, "", event["finish_reason"])], timings=event.get("timings"))]
 
             def finish() -> list[Any]:  # OpenAI's shape: one more chunk, no choices, the usage of them all
                 return [body_of([], usage=usage(*results))] if include_usage else []
 
             return sse_response(stream_jobs(service, tickets, render, finish), tickets)
         events = await wait_for_results(service, tickets, request)
-        return body_of([choice(i, e["text"], e["finish_reason"]) for i, e in enumerate(events)],
-                       usage=usage(*events))
+        return answer(request, body_of([choice(i, e["text"], e["finish_reason"]) for i, e in enumerate(events)],
+                                       usage=usage(*events)), last_to_end(events))
 
     @app.post("/v1/images/generations", tags=["openai"])
     async def images_generations(body: ImagesGenerationsBody, request: Request):
@@ -151,15 +156,58 @@ def add_openai_routes(app: FastAPI) -> None:
             params.temperature = body.temperature
         params.steps = body.steps
         params.output_format, params.output_compression = body.output_format, body.output_compression
+        params.previews = body.partial_images or 0
         service: Service = request.app.state.service
         spec = await async_spec(request, "images.generations", body, {"size": native})
-        ticket = await service.submit_generate(params, origin_of(request), spec=spec)
+        if params.previews and not body.stream and spec is None:
+            raise BadRequest("partial_images are sent as stream events: set stream: true (or send the request with "
+                             "Prefer: respond-async and follow GET /v1/jobs/{id}/events)")
+        # stream events only with partial images: the completed events need just the result
+        ticket = await service.submit_generate(params, origin_of(request), stream=bool(body.stream and params.previews),
+                                               spec=spec)
         if spec is not None:
             return await accepted(request, ticket)
+        if body.stream:
+            return sse_response(stream_job(service, ticket, image_events(body, native)), ticket)
         event = await wait_for_result(service, ticket, request)
         if event["type"] == "error":
             raise job_error(event)
-        return openai_images_body(event, native, int(time.time()))
+        return answer(request, openai_images_body(event, native, int(time.time())), event)
+
+
+QUALITIES = ("low", "medium", "high", "auto")
+
+
+def image_events(body: ImagesGenerationsBody, size: str) -> Callable[[dict[str, Any]], list[Any]]:
+    """OpenAI's image stream: `image_generation.partial_image` for each preview (numbered per image from 0; with n
+    > 1 an extra `index` names the image), then `image_generation.completed` for each image, with its usage (the
+    prompt's tokens counted with the first image)."""
+    partials: dict[int, int] = {}
+    shared = {"size": size, "quality": body.quality if body.quality in QUALITIES else "auto", "background": "opaque",
+              "output_format": body.output_format}
+    many = body.n > 1
+
+    def render(event: dict[str, Any]) -> list[Any]:
+        if event["type"] == "preview":
+            i = event["image"]
+            partials[i] = partials.get(i, -1) + 1
+            return [{"type": "image_generation.partial_image", "b64_json": event["preview"],
+                     "created_at": int(time.time()), "partial_image_index": partials[i], **shared,
+                     **({"index": i} if many else {})}]
+        if event["type"] != "result":
+            return []
+        prompt, per_image = event.get("prompt_tokens", 0), event.get("image_tokens", 0)
+
+        def usage(i: int) -> dict[str, Any]:  # the prompt counts once, with the first image: the sum is the request's
+            inputs = prompt if i == 0 else 0
+            return {"input_tokens": inputs, "input_tokens_details": {"image_tokens": 0, "text_tokens": inputs},
+                    "output_tokens": per_image, "total_tokens": inputs + per_image}
+
+        return [{"type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()), **shared,
+                 "usage": usage(i), "timings": event.get("timings"), **({"index": i} if many else {})}
+                for i, b64 in enumerate(J.result_b64(event))]
+
+    return render
 
 
 def check_model(request: Request, name: str | None) -> str:

@@ -125,6 +125,10 @@ def describe(doc: dict[str, Any], settings: Settings, native_size: str,
             prop.pop("type", None)
             prop["enum"] = values
     _document_openai_refusals(schemas, settings)
+    for body, field in (("GenerateBody", "previews"), ("ImagesGenerationsBody", "partial_images")):
+        if body in schemas:  # previews are stream events (or an async job's, with Prefer: respond-async)
+            schemas[body]["if"] = {"properties": {field: {"type": "integer", "minimum": 1}}, "required": [field]}
+            schemas[body]["then"] = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
     content = schemas.get("ChatMessage", {}).get("properties", {}).get("content", {})
     for branch in content.get("anyOf", []):
         if branch.get("type") == "array":  # images per message, as the chat route counts them

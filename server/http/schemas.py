@@ -133,6 +133,8 @@ class UnderstandBody(Webhook, SamplingExtensions, _Strict):
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 COMPRESSION = "JPEG / WebP quality, 0-100 (default: Pillow's, 75 / 80); PNG is lossless and ignores it."
+PREVIEWS = ("With stream: true (or Prefer: respond-async): events with each image as it forms, at this many evenly "
+            "spaced steps (fewer when the server's preview decoder is busy).")
 
 
 class GenerateBody(Webhook, _Strict):
@@ -150,16 +152,17 @@ class GenerateBody(Webhook, _Strict):
     stream: bool = False
     output_format: OutputFormat = Field("png", description="How the images are encoded.")
     output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
+    previews: Int = Field(0, ge=0, le=8, description=PREVIEWS)
 
 
 class ImagesGenerationsBody(Webhook):
     """OpenAI Images API. Extra OpenAI fields (quality, style, user) are accepted and ignored; the
     sampling fields (the SDK's `extra_body`) reach the model."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields ignored; known ones as typed (false: no 0)
     prompt: str = Field(min_length=1)
     model: str | None = None
-    n: int = Field(1, ge=1)
+    n: Int = Field(1, ge=1)
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     seed: Int | None = Field(None, ge=0, lt=2**63)
@@ -171,6 +174,12 @@ class ImagesGenerationsBody(Webhook):
     steps: Int | None = Field(None, ge=1, le=100, description="Flow models (JanusFlow) only: ODE steps, default 30.")
     output_format: OutputFormat = Field("png", description="How the images are encoded.")
     output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
+    stream: bool = Field(False, description="Server-sent events: image_generation.partial_image events (as many as "
+                                            "partial_images asks for), then image_generation.completed per image.")
+    partial_images: Int | None = Field(None, ge=0, le=3,
+                                       description="Partial images per image while it forms (stream: true, or "
+                                                   "Prefer: respond-async).")
+    quality: str | None = Field(None, description="Accepted and echoed in stream events; it changes nothing.")
 
 
 class StreamOptions(BaseModel):

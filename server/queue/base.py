@@ -103,7 +103,8 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, job_id: str, event: dict[str, Any]) -> None:
-        """Send a non-terminal event (delta, progress) to whoever follows the job."""
+        """Send a non-terminal event (delta, progress, preview) to whoever follows the job. Previews are for
+        watching a job run: a queue drops them when the job ends (followers that had not read them skip them)."""
 
     @abc.abstractmethod
     async def finish(self, job_id: str, event: dict[str, Any]) -> None:

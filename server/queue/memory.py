@@ -54,6 +54,7 @@ class _Entry:
         return state
 
 
+DROPPED: dict[str, Any] = {"type": "dropped"}  # a preview once its job ended: kept in place, so followers' counts hold
 MAX_GONE = 4096  # notes kept about async results dropped before their time
 
 
@@ -108,6 +109,8 @@ class MemoryQueue(JobQueue):
             while seen < len(entry.history):
                 event = entry.history[seen]
                 seen += 1
+                if event is DROPPED:
+                    continue
                 yield event
                 if is_terminal(event):
                     return
@@ -156,6 +159,7 @@ class MemoryQueue(JobQueue):
         entry = self._entries.get(job_id)
         if entry is None or entry.done_at is not None:
             return
+        entry.history = [DROPPED if e.get("type") == "preview" else e for e in entry.history]  # previews are live
         entry.history.append(event)
         entry.done_at = time.time()
         entry.changed.set()

@@ -62,6 +62,15 @@ class Progress:
     total: int
 
 
+@dataclass(frozen=True)
+class Preview:
+    """Image `index` as it looks after `step` steps (`generate_stream(previews=k)`), a PNG."""
+
+    index: int
+    step: int
+    png: bytes
+
+
 def _read_image(image: ImageInput) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
@@ -156,14 +165,21 @@ class JanusClient:
 
     def generate_stream(self, prompt: str, *, n: int | None = None, cfg_weight: float | None = None,
                         temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                        steps: int | None = None, timeout: float | None = None) -> Iterator[Progress | Images]:
-        """`Progress` per decoded image token (flow models: per ODE step), then one `Images`."""
+                        steps: int | None = None, timeout: float | None = None,
+                        previews: int = 0) -> Iterator[Progress | Preview | Images]:
+        """`Progress` per decoded image token (flow models: per ODE step), with `previews` (0-8) a `Preview` of
+        each image at that many evenly spaced steps (fewer when the server's preview decoder is busy), then one
+        `Images`."""
         request = self._generate_request(prompt, n, cfg_weight, temperature, top_p, seed, steps)
+        request.previews = previews
         call = self._stub.GenerateStream(request, **self._options(timeout))
         try:
             for event in call:
                 if event.HasField("progress"):
                     yield Progress(step=event.progress.step, total=event.progress.total)
+                elif event.HasField("preview"):
+                    p = event.preview
+                    yield Preview(index=p.index, step=p.step, png=p.png)
                 elif event.HasField("result"):
                     yield _images(event.result)
         finally:

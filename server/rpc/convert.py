@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from typing import Any
@@ -56,6 +57,8 @@ def generate_params(request: janus_pb2.GenerateRequest) -> GenerateParams:
         fields["seed"] = request.seed
     if request.steps:
         fields["steps"] = request.steps
+    if request.previews:
+        fields["previews"] = request.previews
     return GenerateParams(**fields)
 
 
@@ -63,6 +66,10 @@ def understand_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.Unde
     return janus_pb2.UnderstandResponse(
         id=ticket.job_id, text=event["text"], finish_reason=event["finish_reason"],
         prompt_tokens=event["prompt_tokens"], completion_tokens=event["completion_tokens"])
+
+
+def preview(event: dict[str, Any]) -> janus_pb2.Preview:
+    return janus_pb2.Preview(index=event["image"], step=event["step"], png=base64.b64decode(event["preview"]))
 
 
 def generate_response(ticket: Ticket, event: dict[str, Any]) -> janus_pb2.GenerateResponse:

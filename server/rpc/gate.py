@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from server import jobs
+from server import jobs, tracing
 from server.keys import Key, KeyRing, Lease, Quotas, RateLimited, Unauthorized, admit, current_key
 from server.logs import log_access
 from server.metrics import Metrics
@@ -141,11 +141,13 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
 
 class _Recorder:
     """Counts one rpc in janus_requests_total / janus_request_duration_seconds (endpoint = rpc path), a quota
-    refusal in janus_rate_limited_total, and writes its access log line (the REST middleware's format: a
-    refusal with its reason, and the key's name once the key is known)."""
+    refusal in janus_rate_limited_total, writes its access log line (the REST middleware's format: a
+    refusal with its reason, and the key's name once the key is known), and gives its status to its span
+    (`span`: server.tracing's, while tracing is on)."""
 
     def __init__(self, metrics: Metrics | None, method: str, access_log: bool = False) -> None:
         self.metrics, self.method, self.access_log = metrics, method, access_log
+        self.span: Any = None
 
     def start(self) -> float:
         return time.perf_counter()
@@ -162,6 +164,8 @@ class _Recorder:
             status, message, _ = status_for(exc)
             code = status.name
         seconds = time.perf_counter() - started
+        if self.span is not None:
+            tracing.rpc_status(self.span, code, grpc.StatusCode[code].value[0], str(message) if message else None)
         if self.metrics is not None:
             self.metrics.requests.labels(self.method, code).inc()
             self.metrics.request_duration.labels(self.method).observe(seconds)
@@ -175,7 +179,14 @@ class _Recorder:
 async def _run_guarded(gate: _Gate, recorder: _Recorder, context: grpc.aio.ServicerContext,
                        run: Callable[[], Awaitable[Any]]) -> Any:
     """`run()` (the handler) for an admitted call, with `current_key` set while it runs; an exception from
-    either becomes the call's status. The quota slot is given back however the call ends, cancels included."""
+    either becomes the call's status. The quota slot is given back however the call ends, cancels included.
+    With tracing on, the call's server span covers all of it, refusals included, and is current in `run()`."""
+    with tracing.rpc_span(recorder.method, context.invocation_metadata()) as recorder.span:
+        return await _admit_and_run(gate, recorder, context, run)
+
+
+async def _admit_and_run(gate: _Gate, recorder: _Recorder, context: grpc.aio.ServicerContext,
+                         run: Callable[[], Awaitable[Any]]) -> Any:
     started = recorder.start()
     key = None
     try:

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from server import jobs
 from server.jobs import GenerateParams, UnderstandParams
 from server.metrics import Metrics
-from server.rpc.convert import generate_params, generate_response, understand_params, understand_response
+from server.rpc.convert import generate_params, generate_response, preview, understand_params, understand_response
 from server.rpc.gate import METHOD_PREFIX, SERVICE_NAME, JobFailed, StatusInterceptor
 from server.rpc.gen.janus.v1 import janus_pb2, janus_pb2_grpc
 from server.rpc.health import MAX_HEALTH_WATCHES, HealthServicer, Readiness
@@ -45,7 +45,7 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
     async def Understand(self, request: janus_pb2.UnderstandRequest,
                          context: grpc.aio.ServicerContext) -> janus_pb2.UnderstandResponse:
         ticket = await self._submit(context, "Understand", understand_params(request), stream=False)
-        return understand_response(ticket, await self._result(ticket))
+        return understand_response(ticket, await self._result(ticket, context))
 
     async def UnderstandStream(self, request: janus_pb2.UnderstandRequest,
                                context: grpc.aio.ServicerContext) -> AsyncIterator[janus_pb2.UnderstandChunk]:
@@ -56,6 +56,7 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
                 sent += event["text"]
                 yield janus_pb2.UnderstandChunk(id=ticket.job_id, delta=event["text"])
             elif event["type"] == "result":
+                _send_timings(context, event)
                 # Whatever text the deltas did not carry (a worker that does not stream) goes last.
                 text: str = event["text"]
                 rest = text[len(sent):] if text.startswith(sent) else ""
@@ -66,7 +67,7 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
     async def Generate(self, request: janus_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> janus_pb2.GenerateResponse:
         ticket = await self._submit(context, "Generate", generate_params(request), stream=False)
-        return generate_response(ticket, await self._result(ticket))
+        return generate_response(ticket, await self._result(ticket, context))
 
     async def GenerateStream(self, request: janus_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[janus_pb2.GenerateEvent]:
@@ -75,7 +76,10 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
             if event["type"] == "progress":
                 progress = janus_pb2.Progress(step=event["step"], total=event["total"])
                 yield janus_pb2.GenerateEvent(progress=progress)
+            elif event["type"] == "preview":
+                yield janus_pb2.GenerateEvent(preview=preview(event))
             elif event["type"] == "result":
+                _send_timings(context, event)
                 yield janus_pb2.GenerateEvent(result=generate_response(ticket, event))
 
     async def _submit(self, context: grpc.aio.ServicerContext, rpc: str, params: UnderstandParams | GenerateParams,
@@ -84,19 +88,21 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
         if not ready:
             raise ServiceUnavailable(f"not ready: {reason}")
         metadata = dict(context.invocation_metadata() or ())
-        origin = Origin.of(METHOD_PREFIX + rpc, metadata.get("authorization"), metadata.get("idempotency-key"))
+        origin = Origin.of(METHOD_PREFIX + rpc, metadata.get("authorization"), metadata.get("idempotency-key"),
+                           metadata.get("traceparent"))
         options: dict[str, Any] = {"stream": stream, "timeout": context.time_remaining()}
         if isinstance(params, UnderstandParams):
             return await self._service.submit_understand(params, origin, **options)
         return await self._service.submit_generate(params, origin, **options)
 
-    async def _result(self, ticket: Ticket) -> dict[str, Any]:
+    async def _result(self, ticket: Ticket, context: grpc.aio.ServicerContext) -> dict[str, Any]:
         result: dict[str, Any] | None = None
         async for event in self._events(ticket):  # runs to the end: the result is the last event
             if event["type"] == "result":
                 result = event
         if result is None:
             raise JobFailed(jobs.INTERNAL, "the job ended without a result")
+        _send_timings(context, result)
         return result
 
     async def _events(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
@@ -114,6 +120,12 @@ class JanusServicer(janus_pb2_grpc.JanusServicer):
             if not finished:
                 # shielded: this runs while the call's task is being cancelled
                 await asyncio.shield(self._service.abandon(ticket))
+
+
+def _send_timings(context: grpc.aio.ServicerContext, event: dict[str, Any]) -> None:
+    """The job's phases as trailing metadata `server-timing` (the REST header's format, ms)."""
+    if event.get("timings"):
+        context.set_trailing_metadata((("server-timing", jobs.server_timing(event["timings"])),))
 
 
 # --- the server ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ EXPECTED = {
     "janus_preemptions_total",
     "janus_rate_limited_total",
     "janus_webhook_deliveries_total",
+    "janus_request_phase_seconds",
 }
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])janus_[a-z0-9_]+")

@@ -1,7 +1,8 @@
 """The playground page driven in a real headless Chromium against `janus-server serve` (tiny model).
 
 The tiny checkpoint here has Janus-Pro's image shapes (576 tokens, 384x384 PNGs), so a generation
-takes the real number of decode steps: long enough to stop one half-way and see that it stopped.
+takes the real number of decode steps: long enough to stop one half-way and see that it stopped, or to
+watch its previews replace each other.
 Every test fails on a JavaScript error or console.error in the page; screenshots go to tmp_path.
 """
 
@@ -23,19 +24,24 @@ MAX_IMAGE_BYTES = 1024 * 1024  # above a 384x384 noise PNG (so "use as input" wo
 
 
 @pytest.fixture(scope="module")
-def page_server(tmp_path_factory):
+def model_384(tmp_path_factory) -> Path:
     require_browser()
     from janus_core.tiny.janus import write_tiny_model
 
-    model = write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-model-384", "hf", seed=0, image_size=384)
-    proc = start_server(["serve", "--model", str(model)], tmp_path_factory.mktemp("logs"),
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-model-384", "hf", seed=0, image_size=384)
+
+
+@pytest.fixture(scope="module")
+def page_server(model_384, tmp_path_factory):
+    proc = start_server(["serve", "--model", str(model_384)], tmp_path_factory.mktemp("logs"),
                         env={"JANUS_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES)})
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="module")
-def browser(page_server):
+def browser():
+    require_browser()
     driver = start_chromium()
     yield driver
     driver.quit()
@@ -220,7 +226,7 @@ def test_stop_cancels_the_generation_on_the_server(page, page_server, tmp_path):
         "a scrape with the job's steps and nothing running")
     assert steps - steps_before < 0.75 * 576, f"{steps - steps_before} decode steps ran; Stop came at step 5-ish"
     assert images == images_before
-    assert job.find_elements("css selector", ".gallery img") == []
+    assert job.find_elements("css selector", ".gallery img[data-state=final]") == []  # a preview may stay
     assert console_problems(page) == []
 
 
@@ -335,3 +341,50 @@ def test_stop_cancels_a_streaming_answer(page, page_server, tmp_path):
     wait_for(lambda: _metric(page_server, r'^janus_running_requests\{kind="understand"\} (\S+)$', 0) == 0, 30,
              "the engine to drop the job")
     assert console_problems(page) == []
+
+
+# The job's state and its first image's, read in one script: "a preview while the job runs" is one observation.
+IMAGE_STATE = """
+    const job = arguments[0], img = job.querySelector(".gallery img");
+    return {job: job.dataset.state, image: img && img.dataset.state, step: img && Number(img.dataset.step),
+            width: img && img.complete ? img.naturalWidth : 0, images: job.querySelectorAll(".gallery img").length,
+            src: img && img.src.slice(0, 30) + img.src.slice(-120)};  // a PNG's tail holds its checksums
+"""
+
+
+def test_shows_the_image_forming_then_the_final_image(browser, model_384, tmp_path_factory, tmp_path):
+    """With the preview decoder given all the time it wants, the page draws each preview in the image's slot
+    while the job runs (a later one replacing an earlier one), then the final image in that same <img>."""
+    server = start_server(["serve", "--model", str(model_384)], tmp_path_factory.mktemp("logs"),
+                          env={"JANUS_PREVIEW_SHARE": "1"})
+    try:
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.find_element("id", "model").get_attribute("data-ready"), 30, "the model name")
+        browser.get_log("browser")
+        _set(browser, "gen-prompt", "a fox forming")
+        _set(browser, "gen-n", "1")
+        _el(browser, "#gen-submit").click()
+        job = _el(browser, "#gen-jobs .job")
+
+        def preview_after(step: int):
+            state = browser.execute_script(IMAGE_STATE, job)
+            assert state["job"] == "running", f"the job ended before the page showed a preview after step {step}"
+            return state["image"] == "preview" and state["step"] > step and state["width"] == 384 and state
+
+        first = wait_for(lambda: preview_after(0), 60, "a preview")
+        img = _el(job, ".gallery img")
+        assert first["src"].startswith("data:image/png;base64,iVBOR") and first["images"] == 1
+        later = wait_for(lambda: preview_after(first["step"]), 60, "a later preview")
+        browser.save_screenshot(str(tmp_path / "preview.png"))
+        assert later["src"] != first["src"] and later["images"] == 1
+
+        wait_for(lambda: job.get_attribute("data-state") != "running", 60, "the generation to finish")
+        assert job.get_attribute("data-state") == "done", job.text
+        final = browser.execute_script(IMAGE_STATE, job)
+        assert final["image"] == "final" and final["width"] == 384 and final["images"] == 1
+        assert final["src"] not in (first["src"], later["src"])
+        assert img.get_attribute("data-step") is None  # the same <img> (not stale), now showing the result
+        assert job.find_elements("css selector", ".gallery .seed[data-seed]")  # the final card's caption
+        assert console_problems(browser) == []
+    finally:
+        server.stop()

@@ -145,7 +145,7 @@ def test_lifecycle_position_progress_events_and_cancel(jobs_server: ServerProces
         assert c.get(f"/v1/jobs/{first['id']}/images/1").status_code == 404
 
         other = wait_status(c, second["id"], "succeeded")
-        assert set(other["result"]) == {"created", "data", "output_format", "size"}
+        assert set(other["result"]) == {"created", "data", "output_format", "size", "timings"}
         assert c.get(f"/v1/jobs/{blocker['id']}").json()["status"] == "cancelled"
         # a cancel after the end changes nothing
         assert c.delete(f"/v1/jobs/{first['id']}").json()["status"] == "succeeded"

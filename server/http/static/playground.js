@@ -1,12 +1,14 @@
 // Janus playground: a client of this server's public API in plain JavaScript (no build step, no
 // library, no request to any other origin). Understanding is a chat over /v1/chat/completions that
 // sends the whole conversation and streams the answer; generation is /v1/generate with stream: true
-// (progress events, then the images). Stopping aborts the fetch: the server cancels a job whose
-// client went away. The API key, when the server wants one, lives in sessionStorage only.
+// (progress events, previews of each image as it forms, then the images). Stopping aborts the fetch:
+// the server cancels a job whose client went away. The API key, when the server wants one, lives in
+// sessionStorage only.
 "use strict";
 
 const KEY_STORAGE = "janus-playground-api-key";
 const SEED_MODULUS = 1n << 63n; // the server's seeds are int64; image i of a request uses seed + i
+const PREVIEWS = 8; // the most the server sends; they cost it at most its preview share of time, so always ask
 const $ = (id) => document.getElementById(id);
 
 // --- talking to the API -------------------------------------------------------------------------
@@ -382,7 +384,7 @@ function submitGenerate(event) {
   const fields = { prompt, n: Number($("gen-n").value), cfg_weight: Number($("gen-cfg").value) };
   if (generator === "flow") fields.steps = Number($("gen-steps").value);
   else fields.temperature = Number($("gen-temperature").value);
-  let body = JSON.stringify({ ...fields, stream: true });
+  let body = JSON.stringify({ ...fields, stream: true, previews: PREVIEWS });
   // Seeds go up to 2^63, past what a JavaScript number holds exactly: write the digits as they are.
   if (seed) body = `${body.slice(0, -1)},"seed":${seed}}`;
   runGeneration(prompt, body);
@@ -416,6 +418,8 @@ async function runGeneration(prompt, body) {
       if (event.images) {
         const match = /"seed"\s*:\s*(\d+)/.exec(data); // parsed from the text: JSON.parse rounds big seeds
         showImages(gallery, prompt, match ? BigInt(match[1]) : null, event.images);
+      } else if ("preview" in event) {
+        showPreview(gallery, prompt, event); // not progress: it may arrive after later steps' events
       } else if ("step" in event) {
         step = event.step;
         total = event.total;
@@ -444,15 +448,38 @@ async function runGeneration(prompt, body) {
   }
 }
 
+// Image i's card in the gallery, made on its first preview (or with the result) and kept in index order.
+function imageCard(gallery, i) {
+  const cards = [...gallery.children];
+  let card = cards.find((c) => c.dataset.image === String(i));
+  if (card) return card;
+  card = element("figure", "card");
+  card.dataset.image = String(i);
+  card.append(element("img"));
+  gallery.insertBefore(card, cards.find((c) => Number(c.dataset.image) > i) || null);
+  return card;
+}
+
+// A preview is best-effort (the server skips some): show the latest one of its image; a stopped job keeps it.
+function showPreview(gallery, prompt, event) {
+  const img = imageCard(gallery, event.image).querySelector("img");
+  img.src = `data:image/png;base64,${event.preview}`;
+  img.alt = `${prompt} (step ${event.step} / ${event.total})`;
+  img.dataset.state = "preview";
+  img.dataset.step = String(event.step);
+}
+
 function showImages(gallery, prompt, seed, images) {
   images.forEach((image, i) => {
     const imageSeed = seed === null ? null : (seed + BigInt(i)) % SEED_MODULUS;
     const label = imageSeed === null ? "seed ?" : `seed ${imageSeed}`;
     const url = `data:image/png;base64,${image.b64_png}`;
-    const card = element("figure", "card");
-    const img = element("img");
+    const card = imageCard(gallery, i);
+    const img = card.querySelector("img");
     img.src = url;
     img.alt = `${prompt} (${label})`;
+    img.dataset.state = "final";
+    delete img.dataset.step;
     const caption = element("figcaption", "seed", label);
     if (imageSeed !== null) caption.dataset.seed = String(imageSeed);
     const actions = element("div", "actions");
@@ -478,8 +505,7 @@ function showImages(gallery, prompt, seed, images) {
       });
       actions.append(again);
     }
-    card.append(img, caption, actions);
-    gallery.append(card);
+    card.append(caption, actions);
   });
 }
 

@@ -57,8 +57,8 @@ class Replay:
     """Hides what a repeated run of a job repeats, so a follower sees one coherent stream.
 
     A repeated run starts over: its progress restarts at step 0 and its text deltas repeat the
-    text already sent. Progress is passed on only when it moves forward, and deltas only for text
-    beyond what was already sent (runs are told apart by the `r` field, duplicates by `s`).
+    text already sent. Progress (and each image's previews) is passed on only when it moves forward, and
+    deltas only for text beyond what was already sent (runs are told apart by the `r` field, duplicates by `s`).
     """
 
     def __init__(self) -> None:
@@ -66,6 +66,7 @@ class Replay:
         self.texts: dict[str, str] = {}
         self.sent_chars = 0
         self.step = -1
+        self.preview_steps: dict[int, int] = {}  # image -> the step of its last preview passed on
 
     def accept(self, fields: dict[str, str]) -> dict[str, Any] | None:
         event: dict[str, Any] = json.loads(fields["e"])
@@ -85,6 +86,11 @@ class Replay:
             if event.get("step", 0) <= self.step:
                 return None
             self.step = event.get("step", 0)
+        elif event.get("type") == "preview":  # an image's previews only move forward, across runs too
+            image, step = event.get("image", 0), event.get("step", 0)
+            if step <= self.preview_steps.get(image, 0):
+                return None
+            self.preview_steps[image] = step
         return event
 
 

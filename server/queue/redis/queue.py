@@ -47,13 +47,14 @@ This module knows nothing about models or HTTP; it moves `Job`s and event dicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
@@ -95,6 +96,7 @@ class _Claim:
     idempotency_key: str | None = None  # released if the job fails
     seq: int = 0
     ttl: float | None = None  # an async job's: its events are kept as long as its result
+    previews: list[str] = field(default_factory=list)  # ids of the preview events it sent, deleted at its end
 
 
 MAX_OWNED = 10_000  # async jobs an owner's index keeps (the oldest leave first)
@@ -355,14 +357,17 @@ class RedisQueue(JobQueue):
 
     async def publish(self, job_id: str, event: dict[str, Any]) -> None:
         if is_terminal(event):  # it would end the follower but leave the job unacknowledged
-            raise ValueError("publish takes delta/progress events; use finish for the result or error")
+            raise ValueError("publish takes delta/progress/preview events; use finish for the result or error")
         claim = self._claims.get(job_id)
         run, seq = (claim.run, claim.seq) if claim else ("0", 0)
         if claim:
             claim.seq += 1
         fields = {"e": json.dumps(event), "r": run, "s": seq}
         ttl = max(self.result_ttl, claim.ttl or 0.0) if claim else self.result_ttl
-        await self._retry(lambda: self._publish(self.key("events", job_id), fields, ttl), "publishing an event")
+        entry = await self._retry(lambda: self._publish(self.key("events", job_id), fields, ttl),
+                                  "publishing an event")
+        if claim and event.get("type") == "preview":
+            claim.previews.append(entry)
 
     async def finish(self, job_id: str, event: dict[str, Any]) -> None:
         if not is_terminal(event):
@@ -370,6 +375,9 @@ class RedisQueue(JobQueue):
         claim = self._claims.pop(job_id, None)
         await self._store_terminal(job_id, event, claim.entry_id if claim else "",
                                    idempotency_key=claim.idempotency_key if claim else None)
+        if claim and claim.previews:  # previews are for watching the job run, not kept with its result
+            with contextlib.suppress(*DOWN, redis_errors.RedisError):
+                await self.redis.xdel(self.key("events", job_id), *claim.previews)
 
     async def is_cancelled(self, job_id: str) -> bool:
         """True once the job is cancelled, or once another run of it has already finished."""
@@ -459,11 +467,13 @@ class RedisQueue(JobQueue):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1 if fail_fast else 1.0)  # fail_fast: notice the breaker opening soon
 
-    async def _publish(self, key: str, fields: dict[str, Any], ttl: float) -> None:
+    async def _publish(self, key: str, fields: dict[str, Any], ttl: float) -> str:
+        """XADD (the new entry's id) and the stream's TTL, together."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(key, fields)
             pipe.pexpire(key, ms(ttl))
-            await pipe.execute()
+            entry, _ = await pipe.execute()
+        return entry
 
     async def _store_terminal(self, job_id: str, event: dict[str, Any], entry_hint: str,
                               dead_reason: str = "", job_json: str = "", idempotency_key: str | None = None) -> bool:

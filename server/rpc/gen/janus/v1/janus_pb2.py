@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14janus/v1/janus.proto\x12\x08janus.v1\"\xb0\x01\n\x11UnderstandRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12#\n\x08messages\x18\x07 \x03(\x0b\x32\x11.janus.v1.MessageB\x07\n\x05_seed\"5\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"w\n\x12UnderstandResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"u\n\x0fUnderstandChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\n\n\x02id\x18\x05 \x01(\t\"\xa4\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x12\n\ncfg_weight\x18\x03 \x01(\x02\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\r\n\x05steps\x18\x07 \x01(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"9\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0b\n\x03png\x18\x03 \x03(\x0c\"n\n\rGenerateEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x12.janus.v1.ProgressH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.janus.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\'\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r2\xa9\x02\n\x05Janus\x12G\n\nUnderstand\x12\x1b.janus.v1.UnderstandRequest\x1a\x1c.janus.v1.UnderstandResponse\x12L\n\x10UnderstandStream\x12\x1b.janus.v1.UnderstandRequest\x1a\x19.janus.v1.UnderstandChunk0\x01\x12\x41\n\x08Generate\x12\x19.janus.v1.GenerateRequest\x1a\x1a.janus.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.janus.v1.GenerateRequest\x1a\x17.janus.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14janus/v1/janus.proto\x12\x08janus.v1\"\xb0\x01\n\x11UnderstandRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12#\n\x08messages\x18\x07 \x03(\x0b\x32\x11.janus.v1.MessageB\x07\n\x05_seed\"5\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"w\n\x12UnderstandResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"u\n\x0fUnderstandChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\n\n\x02id\x18\x05 \x01(\t\"\xb6\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x12\n\ncfg_weight\x18\x03 \x01(\x02\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\r\n\x05steps\x18\x07 \x01(\r\x12\x10\n\x08previews\x18\x08 \x01(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"9\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0b\n\x03png\x18\x03 \x03(\x0c\"\x94\x01\n\rGenerateEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x12.janus.v1.ProgressH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.janus.v1.GenerateResponseH\x00\x12$\n\x07preview\x18\x03 \x01(\x0b\x32\x11.janus.v1.PreviewH\x00\x42\x07\n\x05\x65vent\"3\n\x07Preview\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"\'\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r2\xa9\x02\n\x05Janus\x12G\n\nUnderstand\x12\x1b.janus.v1.UnderstandRequest\x1a\x1c.janus.v1.UnderstandResponse\x12L\n\x10UnderstandStream\x12\x1b.janus.v1.UnderstandRequest\x1a\x19.janus.v1.UnderstandChunk0\x01\x12\x41\n\x08Generate\x12\x19.janus.v1.GenerateRequest\x1a\x1a.janus.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.janus.v1.GenerateRequest\x1a\x17.janus.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNDERSTANDCHUNK']._serialized_start=389
   _globals['_UNDERSTANDCHUNK']._serialized_end=506
   _globals['_GENERATEREQUEST']._serialized_start=509
-  _globals['_GENERATEREQUEST']._serialized_end=673
-  _globals['_GENERATERESPONSE']._serialized_start=675
-  _globals['_GENERATERESPONSE']._serialized_end=732
-  _globals['_GENERATEEVENT']._serialized_start=734
-  _globals['_GENERATEEVENT']._serialized_end=844
-  _globals['_PROGRESS']._serialized_start=846
-  _globals['_PROGRESS']._serialized_end=885
-  _globals['_JANUS']._serialized_start=888
-  _globals['_JANUS']._serialized_end=1185
+  _globals['_GENERATEREQUEST']._serialized_end=691
+  _globals['_GENERATERESPONSE']._serialized_start=693
+  _globals['_GENERATERESPONSE']._serialized_end=750
+  _globals['_GENERATEEVENT']._serialized_start=753
+  _globals['_GENERATEEVENT']._serialized_end=901
+  _globals['_PREVIEW']._serialized_start=903
+  _globals['_PREVIEW']._serialized_end=954
+  _globals['_PROGRESS']._serialized_start=956
+  _globals['_PROGRESS']._serialized_end=995
+  _globals['_JANUS']._serialized_start=998
+  _globals['_JANUS']._serialized_end=1295
 # @@protoc_insertion_point(module_scope)

@@ -63,7 +63,7 @@ class UnderstandChunk(_message.Message):
     def __init__(self, delta: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "n", "cfg_weight", "temperature", "top_p", "seed", "steps")
+    __slots__ = ("prompt", "n", "cfg_weight", "temperature", "top_p", "seed", "steps", "previews")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     CFG_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     n: int
     cfg_weight: float
@@ -78,7 +79,8 @@ class GenerateRequest(_message.Message):
     top_p: float
     seed: int
     steps: int
-    def __init__(self, prompt: _Optional[str] = ..., n: _Optional[int] = ..., cfg_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    previews: int
+    def __init__(self, prompt: _Optional[str] = ..., n: _Optional[int] = ..., cfg_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., previews: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "seed", "png")
@@ -91,12 +93,24 @@ class GenerateResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., seed: _Optional[int] = ..., png: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("progress", "result")
+    __slots__ = ("progress", "result", "preview")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     result: GenerateResponse
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    preview: Preview
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ...) -> None: ...
+
+class Preview(_message.Message):
+    __slots__ = ("index", "step", "png")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    step: int
+    png: bytes
+    def __init__(self, index: _Optional[int] = ..., step: _Optional[int] = ..., png: _Optional[bytes] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total")
