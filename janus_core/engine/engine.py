@@ -178,8 +178,8 @@ class Engine:
                 batch.clear_caches()
         self._collect_decoded(wait=False)
         self.outputs.preview(self.previews.collect())
-        self.previews.forget()
         plan = self.scheduler.schedule()
+        self.previews.forget()  # after the plan: it marks the cancelled
         if plan.empty:
             return self._idle()
         for seq in plan.cancelled:

@@ -174,8 +174,9 @@ class ImagesGenerationsBody(Webhook):
     steps: Int | None = Field(None, ge=1, le=100, description="Flow models (JanusFlow) only: ODE steps, default 30.")
     output_format: OutputFormat = Field("png", description="How the images are encoded.")
     output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
-    stream: bool = Field(False, description="Server-sent events: image_generation.partial_image events (as many as "
-                                            "partial_images asks for), then image_generation.completed per image.")
+    stream: bool | None = Field(False, description="Server-sent events: image_generation.partial_image events (as "
+                                                   "many as partial_images asks for), then image_generation.completed "
+                                                   "per image. null: false, as the OpenAI SDK may send it.")
     partial_images: Int | None = Field(None, ge=0, le=3,
                                        description="Partial images per image while it forms (stream: true, or "
                                                    "Prefer: respond-async).")

@@ -25,6 +25,7 @@ from server.jobs import (
     error_event,
     generate_result,
     is_terminal,
+    preview_event,
     progress_event,
     result_images,
     understand_result,
@@ -550,3 +551,25 @@ async def test_an_async_jobs_record_result_and_key_expire_together(make_queue: M
                 idempotency_key="scoped-key", fingerprint="f1")
     assert await frontend.submit(retry) == retry.id  # a new run, not a job whose record is gone
     assert [s.id for s in await frontend.job_states("key:a", 10)] == [retry.id]  # the old one left the index
+
+
+async def test_previews_of_every_run_go_when_the_job_ends(make_queue: MakeQueue) -> None:
+    """A run handed back (or crashed, or cancelled mid-publish) leaves its previews listed in Redis itself, so
+    the job's end deletes them whichever run sent them; a preview after the end is not added."""
+    queue = make_queue()
+    job = Job("generate", GenerateParams("a fox", previews=2), deadline=time.time() + 30, stream=True)
+    await queue.submit(job)
+    [first] = await queue.claim("w1", 1, 1.0)
+    await queue.publish(job.id, preview_event(144, 576, 0, b"first run"))
+    await queue.release("w1", [first.id])
+    [second] = await queue.claim("w2", 1, 1.0)
+    await queue.publish(job.id, progress_event(1, 576))
+    await queue.publish(job.id, preview_event(288, 576, 0, b"second run"))
+    live = [json.loads(fields["e"])["type"] for _, fields in await queue.redis.xrange(queue.key("events", job.id))]
+    assert live.count("preview") == 2
+    await queue.finish(second.id, generate_result(1, [b"png"]))
+    await queue.publish(job.id, preview_event(432, 576, 0, b"too late"))
+    kept = [fields for _, fields in await queue.redis.xrange(queue.key("events", job.id))]
+    assert [json.loads(f["e"])["type"] for f in kept if "e" in f] == ["progress"] and "t" in kept[-1]
+    assert not await queue.redis.exists(queue.key("previews", job.id))
+    assert [e["type"] for e in await collect(queue, job.id)] == ["progress", "result"]

@@ -47,14 +47,13 @@ This module knows nothing about models or HTTP; it moves `Job`s and event dicts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
@@ -96,7 +95,6 @@ class _Claim:
     idempotency_key: str | None = None  # released if the job fails
     seq: int = 0
     ttl: float | None = None  # an async job's: its events are kept as long as its result
-    previews: list[str] = field(default_factory=list)  # ids of the preview events it sent, deleted at its end
 
 
 MAX_OWNED = 10_000  # async jobs an owner's index keeps (the oldest leave first)
@@ -176,6 +174,7 @@ class RedisQueue(JobQueue):
         self._fair_keys = [self.key("fair", name) for name in ("owners", "active", "weights", "credits")]
         self._fair_wake, self._fair_lists = self.key("fair", "wake"), self.key("fair", "q:")
         self._finish = self.redis.register_script(scripts.FINISH)
+        self._publish_preview = self.redis.register_script(scripts.PUBLISH_PREVIEW)
         self.records = JobRecords(self)
         self._touch = self.redis.register_script(scripts.TOUCH)
         self._beat = self.redis.register_script(scripts.HEARTBEAT)
@@ -364,10 +363,12 @@ class RedisQueue(JobQueue):
             claim.seq += 1
         fields = {"e": json.dumps(event), "r": run, "s": seq}
         ttl = max(self.result_ttl, claim.ttl or 0.0) if claim else self.result_ttl
-        entry = await self._retry(lambda: self._publish(self.key("events", job_id), fields, ttl),
-                                  "publishing an event")
-        if claim and event.get("type") == "preview":
-            claim.previews.append(entry)
+        if event.get("type") == "preview":  # listed, so the job's end deletes it
+            keys = [self.key("events", job_id), self.key("previews", job_id), self.key("result", job_id)]
+            args = [fields["e"], run, seq, ms(ttl)]
+            await self._retry(lambda: self._publish_preview(keys=keys, args=args), "publishing a preview")
+            return
+        await self._retry(lambda: self._publish(self.key("events", job_id), fields, ttl), "publishing an event")
 
     async def finish(self, job_id: str, event: dict[str, Any]) -> None:
         if not is_terminal(event):
@@ -375,9 +376,6 @@ class RedisQueue(JobQueue):
         claim = self._claims.pop(job_id, None)
         await self._store_terminal(job_id, event, claim.entry_id if claim else "",
                                    idempotency_key=claim.idempotency_key if claim else None)
-        if claim and claim.previews:  # previews are for watching the job run, not kept with its result
-            with contextlib.suppress(*DOWN, redis_errors.RedisError):
-                await self.redis.xdel(self.key("events", job_id), *claim.previews)
 
     async def is_cancelled(self, job_id: str) -> bool:
         """True once the job is cancelled, or once another run of it has already finished."""
@@ -467,19 +465,17 @@ class RedisQueue(JobQueue):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1 if fail_fast else 1.0)  # fail_fast: notice the breaker opening soon
 
-    async def _publish(self, key: str, fields: dict[str, Any], ttl: float) -> str:
-        """XADD (the new entry's id) and the stream's TTL, together."""
+    async def _publish(self, key: str, fields: dict[str, Any], ttl: float) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(key, fields)
             pipe.pexpire(key, ms(ttl))
-            entry, _ = await pipe.execute()
-        return entry
+            await pipe.execute()
 
     async def _store_terminal(self, job_id: str, event: dict[str, Any], entry_hint: str,
                               dead_reason: str = "", job_json: str = "", idempotency_key: str | None = None) -> bool:
         keys = [self.stream, self.key("entry"), self.key("result", job_id), self.key("events", job_id),
                 self.dead_stream, self.key("idem", idempotency_key or ""), self.key("job", job_id),
-                self.key("hooks")]
+                self.key("hooks"), self.key("previews", job_id)]
         release = "1" if idempotency_key and event.get("type") == "error" else ""
         args = [self.group, job_id, json.dumps(event), ms(self.result_ttl), entry_hint, dead_reason,
                 job_json, self.dead_maxlen, release, terminal_status(event)]

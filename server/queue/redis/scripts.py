@@ -165,9 +165,9 @@ return {next_start, taken}
 # Stores the terminal event once (SET NX: a job run twice answers once) and acknowledges the entry.
 # A job that failed releases its idempotency key (when the key still names it): a retry runs again.
 # An async job's record gets its end (kept for the record's own TTL, as are its result, its events and its
-# idempotency key), and its webhook delivery is queued, due now.
+# idempotency key), and its webhook delivery is queued, due now. The job's preview events are deleted.
 # KEYS: stream, entry hash, result key, events stream, dead-letter stream, idempotency key, job record,
-#       webhook deliveries (sorted set by due time, ms).
+#       webhook deliveries (sorted set by due time, ms), preview ids (list: PUBLISH_PREVIEW).
 # ARGV: group, job id, terminal event JSON, TTL ms, entry id hint, dead reason ('' = not dead),
 #       job JSON for the dead letter, dead-letter stream max length, '1' to release the idempotency key,
 #       the job's final status.
@@ -178,6 +178,12 @@ local async = redis.call('EXISTS', KEYS[7]) == 1
 if async then ttl = redis.call('HGET', KEYS[7], 'ttl') or ttl end
 local stored = redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ttl)
 if stored then
+  -- previews are for watching the job run: every run's go now (PUBLISH_PREVIEW listed them)
+  local previews = redis.call('LRANGE', KEYS[9], 0, -1)
+  for i = 1, #previews, 500 do
+    redis.call('XDEL', KEYS[4], unpack(previews, i, math.min(i + 499, #previews)))
+  end
+  redis.call('DEL', KEYS[9])
   redis.call('XADD', KEYS[4], '*', 't', '1')
   redis.call('PEXPIRE', KEYS[4], ttl)
   if async then
@@ -213,6 +219,18 @@ if entry then
 end
 if stored then return 1 end
 return 0
+"""
+
+# A preview event: added to the job's events and its id listed, so FINISH deletes it whichever run sent it
+# (a run handed back, crashed or cancelled mid-publish included); none once the job has ended.
+# KEYS: events stream, previews list, result. ARGV: event JSON, run, seq, ttl ms.
+PUBLISH_PREVIEW = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'r', ARGV[2], 's', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('RPUSH', KEYS[2], id)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return id
 """
 
 # Resets the idle time of entries this consumer still owns (XCLAIM JUSTID leaves the delivery count
