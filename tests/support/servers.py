@@ -14,11 +14,18 @@ from pathlib import Path
 import httpx
 import redis
 
+_handed_out: set[int] = set()  # ports this test process gave out: a port free now may be a server's in a moment
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this process gave out before (the second port of a pair included)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def pid_alive(pid: int) -> bool:
@@ -31,14 +38,18 @@ def pid_alive(pid: int) -> bool:
 
 
 def free_port_pair() -> int:
-    """A free port p with p + 1 free too (`serve --workers 2` gives its workers metrics_port + i)."""
+    """A free port p with p + 1 free too (`serve --workers 2` gives its workers metrics_port + i); neither is
+    given out again by `free_port` (a server started next once took p + 1 for its gRPC port)."""
     while True:
         port = free_port()
+        if port + 1 in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
+        _handed_out.add(port + 1)
         return port
 
 
