@@ -38,6 +38,7 @@ from server.http.common import (
     origin_of,
     sse_response,
     stream_job,
+    timing_header,
     wait_for_result,
 )
 from server.http.edge import KeyGuard, rate_limited_response
@@ -46,7 +47,7 @@ from server.http.messages import read_messages
 from server.http.openai import add_openai_routes
 from server.http.openapi import install_openapi
 from server.http.schemas import GenerateBody, UnderstandBody, form_int
-from server.jobs import GenerateParams, UnderstandParams, server_timing
+from server.jobs import GenerateParams, UnderstandParams
 from server.keys import RateLimited
 from server.logs import log_access, printable, request_id_var
 from server.metrics import Metrics
@@ -370,10 +371,8 @@ def _add_native_routes(app: FastAPI) -> None:
             raise job_error(event)
         media_type = f"image/{event.get('format', 'png')}"
         if body.n == 1 and media_type in request.headers.get("accept", ""):
-            headers = {"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id}
-            timings = answer_timings(request, event)
-            if timings is not None:
-                headers["Server-Timing"] = server_timing(timings)
+            headers = {"X-Seed": str(event["seed"]), "X-Job-Id": ticket.job_id,
+                       **timing_header(answer_timings(request, event))}
             return Response(J.result_images(event)[0], media_type=media_type, headers=headers)
         return answer(request, images_body(ticket.job_id, event), event)
 

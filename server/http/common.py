@@ -53,10 +53,14 @@ def error_response(status: int, message: str, code: str | None = None,
 def answer(request: Request, body: dict[str, Any], event: dict[str, Any]) -> JSONResponse:
     """A synchronous route's JSON answer with its timings: the body's `timings` and a `Server-Timing` header."""
     timings = answer_timings(request, event)
-    if timings is None:
-        return JSONResponse(body)
-    body["timings"] = timings
-    return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
+    if timings is not None:
+        body["timings"] = timings
+    return JSONResponse(body, headers=timing_header(timings))
+
+
+def timing_header(timings: dict[str, float] | None) -> dict[str, str]:
+    """`Server-Timing` for an answer's timings (none without them: a worker from before timings)."""
+    return {"Server-Timing": server_timing(timings)} if timings is not None else {}
 
 
 def answer_timings(request: Request, event: dict[str, Any]) -> dict[str, float] | None:

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from server.jobs import MAX_PREVIEWS
+
 NON_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"  # server.service's test for a non-blank prompt
 
 
@@ -152,7 +154,7 @@ class GenerateBody(Webhook, _Strict):
     stream: bool = False
     output_format: OutputFormat = Field("png", description="How the images are encoded.")
     output_compression: Int | None = Field(None, ge=0, le=100, description=COMPRESSION)
-    previews: Int = Field(0, ge=0, le=8, description=PREVIEWS)
+    previews: Int = Field(0, ge=0, le=MAX_PREVIEWS, description=PREVIEWS)
 
 
 class ImagesGenerationsBody(Webhook):

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -19,6 +18,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusProto
+
+from tests.support.receiver import LoopbackServer, QuietHandler
 
 PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
@@ -70,7 +71,7 @@ def decode(body: bytes) -> list[Span]:
     return spans
 
 
-class OtlpReceiver:
+class OtlpReceiver(LoopbackServer):
     """Use as a context manager; `endpoint` is what --otlp-traces-endpoint takes."""
 
     def __init__(self) -> None:
@@ -79,7 +80,7 @@ class OtlpReceiver:
         self.refused: list[str] = []  # why a POST was not taken (wrong path or content type, bad body)
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 if self.headers.get("content-encoding") == "gzip":
@@ -105,15 +106,11 @@ class OtlpReceiver:
                 self.end_headers()
                 self.wfile.write(reply)
 
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}{PATH}"
+        return self.url + PATH
 
     def spans(self, trace_id: str | None = None) -> list[Span]:
         with self._lock:
@@ -134,12 +131,3 @@ class OtlpReceiver:
                     raise AssertionError(f"spans never passed the test in {timeout}s; received {names}, "
                                          f"refused {self.refused}")
                 self._lock.wait(left)
-
-    def __enter__(self) -> OtlpReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)

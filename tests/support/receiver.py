@@ -1,4 +1,5 @@
-"""A real webhook receiver for tests: an HTTP server on a loopback port, in a thread, that records every POST.
+"""Real HTTP receivers for tests: `LoopbackServer`, an HTTP server on a free loopback port, in a thread of its own
+while in a `with` block (tests.support.otlp's receiver is one too); and `WebhookReceiver`, which records every POST.
 
 Each try is kept with its status, headers and body, by the job id in the body. `fail_next(k)` makes the next k
 tries answer 500; `wait_delivered(job_id)` waits (on an event, not a sleep loop) for a try answered 200.
@@ -10,6 +11,7 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 
 @dataclass
@@ -19,14 +21,40 @@ class Try:
     body: bytes
 
 
-class WebhookReceiver:
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no line on stderr per request
+        pass
+
+
+class LoopbackServer:
+    """`handler` served on 127.0.0.1 at a free port, on a thread started by `with` and stopped at its end."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class WebhookReceiver(LoopbackServer):
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._tries: dict[str, list[Try]] = {}
         self._failures = 0
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with receiver._lock:
@@ -43,15 +71,7 @@ class WebhookReceiver:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        super().__init__(Handler)
 
     def fail_next(self, count: int) -> None:
         with self._lock:
@@ -72,11 +92,3 @@ class WebhookReceiver:
             found = ok()
             assert found is not None
             return found
-
-    def __enter__(self) -> WebhookReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
