@@ -38,6 +38,11 @@ FLOW_SHAPES = {
     "mid": FlowShape(lm_hidden=512, lm_layers=8, lm_heads=8, lm_intermediate=1408, vocab=16384, vision_hidden=384,
                      vision_layers=6, vision_heads=6, uvit_width=256, uvit_layers=2, vae_width=64, image_size=384,
                      max_context=2048),
+    # JanusFlow-1.3B's LM, SigLIP-L-sized vision tower and UViT widths; the VAE's blocks all 256 wide (SDXL's decoder
+    # goes 512, 512, 256, 128): for GPU runs.
+    "1.3b": FlowShape(lm_hidden=2048, lm_layers=24, lm_heads=16, lm_intermediate=5632, vocab=102400,
+                      vision_hidden=1024, vision_layers=24, vision_heads=16, uvit_width=768, uvit_layers=2,
+                      vae_width=256, image_size=384, max_context=4096),
 }
 PROMPTS = ["a photo of a mountain lake at sunrise", "a red car", "a watercolor painting of a small boat, soft light",
            "a futuristic city skyline at night with neon lights", "a cat on a chair", "a bowl of fruit on a table",

@@ -20,6 +20,10 @@ tree), and the summary prints this tree's figures over DIR's.
    `stream: true`, time to the first SSE event of a question about a fresh image (no reuse possible)
    and of a second question about that same image (prefix and vision-feature reuse).
 
+With `--check N`: N questions about images of their own (greedy, `--check-tokens` tokens) are answered by
+transformers one at a time first, then sent to the server together (so they share decode steps), and the
+answers are compared as text: the greedy oracle over HTTP.
+
 Ratios are server / reference at the same concurrency; the reference serves c requests one after
 the other, so its rate does not depend on c. `x_hf_cpu` is the same ratio in CPU seconds (the
 server process's, from /proc, against this process's for the reference): on a shared machine it
@@ -43,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -90,6 +94,18 @@ class Reference:
     tokens_per_s: float = float("nan")
     tokens_per_cpu_s: float = float("nan")
     ttft: float = float("nan")  # first question about a fresh image
+    greedy: list[tuple[str, str]] = field(default_factory=list)  # the greedy check: (image as base64 PNG, text)
+
+
+def greedy_references(lm: LoadedModel, count: int, max_new_tokens: int) -> list[tuple[str, str]]:
+    """`count` (image, transformers' greedy answer to DESCRIBE) pairs on images of their own, one at a time."""
+    pics, tokenizer = Pictures(lm.image_size, seed=7), lm.processor.tokenizer
+    pairs = []
+    for _ in range(count):
+        image = pics.next()
+        run = hf_understand(lm, [image], DESCRIBE, max_new_tokens=max_new_tokens)
+        pairs.append((b64_png(image), tokenizer.decode(run.ids, skip_special_tokens=True)))
+    return pairs
 
 
 def measure_reference(lm: LoadedModel, pics: Pictures, kinds: set[str], requests: int,
@@ -133,6 +149,8 @@ def start_server(model_dir: Path, max_batch: int, args: argparse.Namespace, log_
            "--max-batch-size", str(max_batch), "--request-timeout", str(args.timeout), "--log-level", "warning"]
     if args.compile:
         cmd.append("--compile")
+    if args.cuda_graphs:
+        cmd.append("--cuda-graphs")
     # Metrics from engine stats are refreshed every heartbeat; 0.5 s keeps the batch figure current.
     env = {**os.environ, "JANUS_HEARTBEAT_INTERVAL": "0.5", "JANUS_MAX_QUEUE_DEPTH": str(4 * max_batch),
            "HF_HUB_OFFLINE": "1"}
@@ -208,12 +226,16 @@ class Client:
         return Round([a[0] for a in answers], [a[1] for a in answers], makespan, cpu, batch, step_s)
 
     async def _post(self, path: str, body: dict, started: float) -> tuple[float, int]:
+        data = await self.answer(path, body)
+        produced = len(data["images"]) if "images" in data else data["usage"]["completion_tokens"]
+        return time.perf_counter() - started, produced
+
+    async def answer(self, path: str, body: dict) -> dict:
+        """The JSON answer of a 200; RuntimeError naming the status and body otherwise."""
         resp = await self.http.post(path, json=body)
         if resp.status_code != 200:
             raise RuntimeError(f"{path} answered {resp.status_code}: {resp.text[:300]}")
-        data = resp.json()
-        produced = len(data["images"]) if "images" in data else data["usage"]["completion_tokens"]
-        return time.perf_counter() - started, produced
+        return resp.json()
 
     async def first_event(self, body: dict) -> float:
         """Seconds from sending a streaming understand request to its first SSE data event."""
@@ -287,6 +309,26 @@ async def bench_second_question(client: Client, ref: Reference, pics: Pictures, 
     return t_first / t_second
 
 
+async def greedy_check(client: Client, ref: Reference, max_new_tokens: int) -> int:
+    """Send the greedy check's questions together (one batch) and count answers equal to transformers'."""
+    bodies = [{"prompt": DESCRIBE, "images": [image], "max_new_tokens": max_new_tokens, "temperature": 0.0}
+              for image, _ in ref.greedy]
+    answers = await asyncio.gather(*(client.answer("/v1/understand", body) for body in bodies))
+    equal = 0
+    print(f"\n## greedy check over REST: {len(bodies)} questions sent together, {max_new_tokens} tokens, "
+          "against transformers one at a time")
+    for i, (answer, (_, expected)) in enumerate(zip(answers, ref.greedy, strict=True)):
+        got = answer["text"]
+        if got == expected:
+            equal += 1
+            continue
+        pairs = enumerate(zip(got, expected, strict=False))
+        same = next((k for k, (a, b) in pairs if a != b), min(len(got), len(expected)))
+        print(f"request {i}: differs from character {same}: {got[same:same + 40]!r} vs {expected[same:same + 40]!r}")
+    print(f"{equal}/{len(bodies)} answers equal transformers' greedy text")
+    return equal
+
+
 async def bench_server(server: ServerProcess, ref: Reference, pics: Pictures, args: argparse.Namespace,
                        levels: list[int], kinds: set[str]) -> dict[str, float]:
     """Every figure, named as the summary prints it (ratios over transformers)."""
@@ -295,6 +337,8 @@ async def bench_server(server: ServerProcess, ref: Reference, pics: Pictures, ar
     try:
         # Warm-up: the first forward passes of a fresh process pay one-off allocation costs.
         await client.round("understand", [{"prompt": "hi", "images": [b64_png(pics.next())], "max_new_tokens": 2}])
+        if ref.greedy:
+            await greedy_check(client, ref, args.check_tokens)
         if "gen" in kinds:
             r = await bench_generation(client, ref, levels)
             summary |= {f"generation images/s vs transformers at c={c}": x for c, x in r.items()}
@@ -322,8 +366,12 @@ def main() -> None:
     parser.add_argument("--only", default="gen,und,prefix")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per HTTP request")
     parser.add_argument("--compile", action="store_true", help="pass --compile to the server (CUDA)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="pass --cuda-graphs to the server (CUDA)")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,4; 16 new tokens; 1 reference")
     parser.add_argument("--before", type=Path, help="another checkout: measure a server from its code too")
+    parser.add_argument("--check", type=int, default=0,
+                        help="greedy check: this many questions sent together, against transformers (default 0: off)")
+    parser.add_argument("--check-tokens", type=int, default=32, help="new tokens per greedy check question")
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.max_new_tokens, args.ref_requests = "1,4", 16, 1
@@ -336,6 +384,7 @@ def main() -> None:
           f"{lm.device} ({lm.dtype}), torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     ref = measure_reference(lm, pics, kinds, args.ref_requests, args.max_new_tokens)
+    ref.greedy = greedy_references(lm, args.check, args.check_tokens)
     del lm  # the server loads its own copy
     trees = ([("before", args.before)] if args.before else []) + [("this tree", None)]
     figures: dict[str, dict[str, float]] = {}

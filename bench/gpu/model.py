@@ -114,3 +114,32 @@ def step_weight_bytes(lm: LoadedModel, kind: str) -> int:
 
 def parameter_count(lm: LoadedModel) -> int:
     return sum(p.numel() for p in lm.model.parameters())
+
+
+def write_random_checkpoint(shape: str, out: str | Path, device: torch.device, dtype: torch.dtype,
+                            seed: int = 0) -> Path:
+    """`build_random_model` saved in transformers' layout (for a server to load): built on `device` in `dtype`,
+    so a 1B checkpoint on a GPU box takes seconds and half the disk of `bench.models.write_model`'s fp32."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    lm = build_random_model(resolve_shape(shape), device, dtype, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(out)
+    lm.processor.save_pretrained(out)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from janus_core.models.device import resolve_device, resolve_dtype
+
+    parser = argparse.ArgumentParser(description="write a random checkpoint of a shape, built on the device")
+    parser.add_argument("out")
+    parser.add_argument("--shape", default="1b", help=", ".join(SHAPE_NAMES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    print(write_random_checkpoint(args.shape, args.out, device, resolve_dtype(args.dtype, device)))

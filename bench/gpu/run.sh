@@ -8,7 +8,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-$(command -v python3 || command -v python)}"
-if compgen -G "$here/wheels/*.whl" >/dev/null; then
+if [[ -z "${JANUS_BENCH_DEPS_READY:-}" ]] && compgen -G "$here/wheels/*.whl" >/dev/null; then
   deps="${JANUS_BENCH_DEPS:-${TMPDIR:-/tmp}/janus-bench-deps}"
   "$python" -m pip install --quiet --no-index --no-deps --upgrade --target "$deps" "$here"/wheels/*.whl
   export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}"
