@@ -22,6 +22,9 @@ def _common(p: argparse.ArgumentParser, *, model: bool, network: bool, tracing: 
         p.add_argument("--gpu-memory-utilization", type=float, dest="gpu_memory_utilization",
                        help="CUDA: share of the device for weights + activations + KV (default 0.90)")
         p.add_argument("--compile", action="store_true", default=None, help="compile the decode step (CUDA)")
+        p.add_argument("--cuda-graphs", action="store_true", default=None, dest="cuda_graphs",
+                       help="capture the decode step as a CUDA graph per batch bucket at start-up, replayed each "
+                            "step (compiled too with --compile)")
         p.add_argument("--quantization", choices=["none", "int8", "fp8"],
                        help="weights of the LM's linears and heads: int8 weight-only (CPU, CUDA) or fp8 (CUDA, "
                             "compute capability >= 8.9); quantized while loading (default: none)")

@@ -76,7 +76,8 @@ def load_engine(settings: Settings):
                           kv_cache_memory=settings.kv_cache_bytes,
                           gpu_memory_utilization=settings.gpu_memory_utilization,
                           prefix_caching=settings.prefix_caching, vision_cache_bytes=settings.vision_cache_mb * 2**20,
-                          compile=settings.compile, pack_cpu_linears=settings.cpu_packed_linears,
+                          compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+                          pack_cpu_linears=settings.cpu_packed_linears,
                           preview_share=settings.preview_share)
     return lm, Engine(lm, config)
 

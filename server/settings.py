@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
+    cuda_graphs: bool = False
     # LM linears and heads: int8 weight-only (CPU and CUDA) or fp8 (CUDA, compute capability >= 8.9)
     quantization: Literal["none", "int8", "fp8"] = "none"
     # serve on CUDA: the visible GPUs that get workers (indices into the visible list); empty: every one

@@ -179,8 +179,8 @@ def isolated_levels(state: State, shape: str, section: str, mode: str, levels: l
             traceback.print_exc()
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             rows.append(Row(shape, section, mode, c, note=f"failed: {error}"))
-            if mode == "compile":
-                failed = f"compiling failed at c={c}"
+            if mode != "eager":
+                failed = f"{mode} failed at c={c}"
             measure.free_device_memory()
     return rows
 
@@ -212,21 +212,21 @@ def build_sections(args, device: torch.device, dtype: torch.dtype, bandwidth: fl
                 planned = level_rows(shape, "generate", mode, args.levels)
 
                 def gen(shape=shape, mode=mode, f=f) -> list[Row]:
-                    if mode == "compile" and device.type != "cuda":
+                    if mode.startswith("compile") and device.type != "cuda":
                         raise Skipped("--compile needs CUDA (the runner runs eager elsewhere)")
                     lm = state.model(shape)
                     rows: list[Row] = []
                     levels = fitting_levels(lm, "generate", args.levels, rows, shape, mode)
                     if not levels:
                         return rows
-                    engine = measure.make_engine(lm, "generate", max(levels), compile=mode == "compile")
+                    engine = measure.make_engine(lm, "generate", max(levels), **measure.mode_config(mode))
                     timer = measure.StepTimer(engine)
                     rows += isolated_levels(state, shape, "generate", mode, levels,
                                             lambda c: measure.generation_level(lm, timer, c, mode, bandwidth),
                                             lambda c: est.generation(f, [c], mode))
                     return rows
 
-                target = compile_sections if mode == "compile" else sections
+                target = compile_sections if mode.startswith("compile") else sections
                 target.append(Section(f"generate {mode} {shape}", est.generation(f, args.levels, mode), planned, gen,
                                       first_s=est.generation(f, args.levels[:1], mode)))
 
@@ -323,8 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma list of {', '.join(SHAPE_NAMES)} (default 1b,7b)")
     p.add_argument("--only", type=csv_choice(SECTION_KINDS), default=list(SECTION_KINDS),
                    help="comma list of gen, und, ref, check (default all)")
-    p.add_argument("--modes", type=csv_choice(("eager", "compile")), default=["eager", "compile"],
-                   help="generation decode modes (default eager,compile)")
+    p.add_argument("--modes", type=csv_choice(measure.MODES), default=["eager", "graphs", "compile"],
+                   help="generation decode modes: eager, graphs (the static step as CUDA graphs), compile, "
+                        "compile-graphs (default eager,graphs,compile)")
     p.add_argument("--levels", type=csv_ints, default=[1, 16, 64], help="images in flight (default 1,16,64)")
     p.add_argument("--und-levels", type=csv_ints, default=[1, 32], help="understanding sequences (default 1,32)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="understanding tokens per request (default 128)")

@@ -114,7 +114,18 @@ def kv_bytes_needed(lm: LoadedModel, kind: str, slots: int) -> int:
     return slots * min(UND_CONTEXT, lm.max_context) * per_token
 
 
-def make_engine(lm: LoadedModel, kind: str, slots: int, *, compile: bool = False) -> Engine:
+MODES = ("eager", "graphs", "compile", "compile-graphs")  # how generation's decode step runs (EngineConfig)
+
+
+def mode_config(mode: str) -> dict[str, bool]:
+    """EngineConfig's flags of a mode: `graphs` captures the static step as CUDA graphs, `compile` compiles it."""
+    flags = {"compile": mode.startswith("compile")}
+    if mode.endswith("graphs"):
+        flags["cuda_graphs"] = True
+    return flags
+
+
+def make_engine(lm: LoadedModel, kind: str, slots: int, *, compile: bool = False, cuda_graphs: bool = False) -> Engine:
     """The bench's only engine constructor: KV room for `slots` sequences of `kind` ("generate": images).
 
     With the paged KV pool (`EngineConfig.kv_cache_memory`) the room is one byte count; with the
@@ -125,8 +136,9 @@ def make_engine(lm: LoadedModel, kind: str, slots: int, *, compile: bool = False
         # Slack for block rounding: up to one partly filled block per row, at any block size up to 64.
         rows = 2 * slots if kind == "generate" else slots
         memory = kv_bytes_needed(lm, kind, slots) + rows * 64 * kv_bytes_per_token(lm)
+        graphs = {"cuda_graphs": True} if cuda_graphs else {}  # an engine from before graphs has no such field
         config = EngineConfig(max_batch_size=slots, max_context=context, max_generation_prompt=GEN_PROMPT_TOKENS,
-                              kv_cache_memory=memory, compile=compile)
+                              kv_cache_memory=memory, compile=compile, **graphs)
     elif kind == "generate":
         config = EngineConfig(max_batch_size=slots, max_generation_images=slots, max_context=2,
                               max_generation_prompt=GEN_PROMPT_TOKENS, compile=compile,
@@ -179,8 +191,11 @@ class StepTimer:
         self.device = engine.lm.device
         self.steps: list[float] = []
         self.forwards: list[float] = []
-        # The compiled step is one function from token ids to logits: timed whole, embedding and head included.
-        name = "decode_logits" if getattr(engine.runner, "compile", False) else "decode"
+        # The static step (compiled or graphed) is one function from token ids to logits: timed whole, embedding
+        # and head included.
+        runner = engine.runner
+        static = getattr(runner, "compile", False) or getattr(runner, "cuda_graphs", False)
+        name = "decode_logits" if static else "decode"
         forward = getattr(engine.runner, name, None)
         if forward is None:  # a runner without one decode entry point: steps are timed, forwards are not
             return
@@ -261,8 +276,8 @@ def generation_requests(tag: str, count: int, *, temperature: float = 1.0) -> li
 
 def generation_level(lm: LoadedModel, timer: StepTimer, c: int, mode: str, bandwidth: float) -> Row:
     """c images (c requests, n=1, CFG 5, temperature 1) in flight together; one row."""
-    # Compiling needs this level's batch bucket; eager only needs the code paths touched once.
-    compiled = mode == "compile"
+    # Compiling and capturing need this level's batch bucket; eager only needs the code paths touched once.
+    compiled = mode != "eager"
     warm_s = timer.warm(generation_requests(f"warm{c}", c if compiled else 1), WARM_STEPS if compiled else 2)
     requests = generation_requests(f"g{c}", c)
     reset_peak(lm.device)

@@ -30,14 +30,17 @@ class Costs:
     step_fixed_ms: float  # per step outside the layers: embedding, heads, sampling, scheduling
     per_request_ms: float  # per running request per step: bookkeeping in Python
     flops: float  # dense matmul rate the LM reaches
-    compile_s: float  # torch.compile + CUDA-graph capture of one batch bucket
+    compile_s: float  # torch.compile of one batch bucket's static step
+    capture_s: float  # CUDA-graph capture of one batch bucket (its flex kernel compiled first)
     init_bytes_per_s: float  # random init: weights written (twice: init and noise)
     image_s: float  # SigLIP encode or VQ decode of one 384 px image
 
 
 COSTS = {
-    "cuda": Costs({"eager": 0.30, "compile": 0.03}, 1.5, 0.03, 300e12, 60.0, 40e9, 0.01),
-    "cpu": Costs({"eager": 0.25, "compile": 0.25}, 1.0, 0.05, 60e9, 0.0, 1e9, 0.5),
+    "cuda": Costs({"eager": 0.30, "graphs": 0.01, "compile": 0.03, "compile-graphs": 0.005}, 1.5, 0.03, 300e12,
+                  60.0, 10.0, 40e9, 0.01),
+    "cpu": Costs({"eager": 0.25, "graphs": 0.25, "compile": 0.25, "compile-graphs": 0.25}, 1.0, 0.05, 60e9, 0.0,
+                 0.0, 1e9, 0.5),
 }
 
 
@@ -104,8 +107,9 @@ class Estimator:
         for c in levels:
             step = self.gen_step(f, c, mode)
             prefill = c * self.prefill_s(f, 2 * BENCH_PROMPT_TOKENS)
-            compile_s = self.costs.compile_s if mode == "compile" else 0.0
-            total += compile_s + 2 * prefill + (4 + f.image_tokens) * step + c * self.image_s(f)
+            once = (self.costs.compile_s if mode.startswith("compile") else 0.0) + \
+                (self.costs.capture_s if mode.endswith("graphs") else 0.0)
+            total += once + 2 * prefill + (4 + f.image_tokens) * step + c * self.image_s(f)
         return total
 
     def und_prompt(self, f: ShapeFacts) -> int:

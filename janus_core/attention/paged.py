@@ -16,15 +16,13 @@ Decode attention has two implementations over the same pool, chosen per `PagedKV
 - "flex" (CUDA): one `flex_attention` call for the whole batch over the whole pool, with a
   `BlockMask` built from the block tables, so the kernel visits each row's blocks where they lie
   (torch itself, no extra dependency; compiled, with the batch padded to power-of-two buckets so a
-  handful of compilations serve every request mix).
+  handful of compilations serve every request mix): `janus_core.attention.flex`.
 
 This module knows tensors, slots and positions; not tokens, prompts, blocks' owners or sampling.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +31,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from janus_core.attention.flex import FlexBlocks
 
 ATTENTION = "janus_paged"
 
@@ -67,11 +67,6 @@ class PagedKV:
         dst_t = torch.tensor(list(dst), device=self.device)
         for buf in (*self.k, *self.v):
             buf[:, dst_t] = buf[:, src_t]
-
-
-def bucket(rows: int) -> int:
-    """The power of two a batch of `rows` is padded to, so a few compiled shapes serve every batch."""
-    return 1 << max(rows - 1, 0).bit_length()
 
 
 def slots_of(table: Sequence[int], block_size: int, start: int, end: int) -> list[int]:
@@ -269,70 +264,6 @@ def _single_run_groups(runs: list[Run], num_slots: int, device: torch.device) ->
         if b < len(runs):
             lo, step, longest = b, 0, runs[b][1] - runs[b][0]
     return groups
-
-
-class FlexBlocks:
-    """A decode batch's block tables as one `BlockMask` over the whole pool, for `flex_attention`.
-
-    Row b's query is query row b of batch element b; the keys are the pool's slots (one shared batch
-    element). The mask lists each row's physical blocks, so the kernel reads only those, and its
-    `mask_mod` maps a slot back to the row's position through a (rows, blocks) table of logical block
-    indices (a block shared by several rows has one entry per row). Rows are padded to a power of two.
-    """
-
-    def __init__(self, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> None:
-        self.kv, self.rows = kv, len(tables)
-        bs, blocks, device = kv.block_size, kv.num_blocks, kv.device
-        padded = bucket(self.rows)
-        width = max(len(t) for t in tables)
-        table = torch.tensor([[*t, *[t[0]] * (width - len(t))] for t in tables] + [[0] * width] * (padded - self.rows),
-                             device=device)  # (P, W): padding repeats a row's first block, rows after are empty
-        logical = torch.arange(width, device=device).expand(padded, width).clone()
-        logical[table == table[:, :1]] = 0  # the repeated first block keeps logical index 0
-        to_logical = torch.full((padded, blocks), -1, dtype=torch.int32, device=device)
-        to_logical.scatter_(1, table, logical.to(torch.int32))
-        position = torch.tensor([*positions, *[-1] * (padded - self.rows)], device=device)  # -1: sees nothing
-        counts = torch.tensor([-(-(p + 1) // bs) for p in positions] + [1] * (padded - self.rows),
-                              dtype=torch.int32, device=device)
-        indices = torch.zeros((padded, blocks), dtype=torch.int32, device=device)
-        indices[:, :width] = table.to(torch.int32)
-        self.mask = block_mask(kv, counts[:, None, None], indices[:, None, None, :], to_logical, position)
-        self.padded = padded
-
-    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        # q: (B, H, 1, D) -> (B, H, 1, D)
-        if self.padded > self.rows:
-            q = torch.cat([q, q.new_zeros((self.padded - self.rows, *q.shape[1:]))])
-        out = _flex(q.is_cuda)(q, self.kv.k[layer][None], self.kv.v[layer][None], block_mask=self.mask, scale=scale)
-        return out[:self.rows]
-
-
-def block_mask(kv: PagedKV, counts: torch.Tensor, indices: torch.Tensor, to_logical: torch.Tensor,
-               positions: torch.Tensor):
-    """The flex `BlockMask` of a decode batch over the whole pool: row b reads its `counts[b]` blocks
-    `indices[b]` (physical ids), and sees a slot when its block's logical index (`to_logical[b, block]`,
-    -1: not the row's) puts it at or before the row's position. Shared by the eager and the static step."""
-    from torch.nn.attention.flex_attention import BlockMask  # torch >= 2.5; imported where it is used
-
-    bs = kv.block_size
-
-    def visible(b, h, q_idx, kv_idx):
-        block = to_logical[b, kv_idx // bs]
-        return (block >= 0) & (block * bs + kv_idx % bs <= positions[b])
-
-    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(128, bs), mask_mod=visible,
-                                    seq_lengths=(1, kv.num_blocks * bs))
-
-
-@functools.cache
-def _flex(compiled: bool):
-    """`flex_attention`, compiled where it runs for real (CUDA); eager elsewhere (tests on CPU)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if compiled:
-        return torch.compile(flex_attention, dynamic=False)
-    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-    return flex_attention
 
 
 def _write(kv: PagedKV, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

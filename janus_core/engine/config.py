@@ -22,6 +22,7 @@ class EngineConfig:
     vision_cache_bytes: int = 256 * 2**20
     compile: bool = False  # decode steps over flex attention as compiled static functions, one per batch bucket
     compile_backend: str = "inductor"  # torch.compile's backend for them ("eager": trace only, for tests)
+    cuda_graphs: bool = False  # the static decode step (compiled with `compile`) captured per batch bucket (CUDA)
     overlap: bool | None = None  # stream step t's outputs while the device runs step t+1; None: on CUDA only
     pack_cpu_linears: bool = True  # CPU fp32 only: oneDNN-packed weights (janus_core.step.packed_linear)
     preview_share: float = 0.05  # the share of time the preview decoder may be busy (janus_core.engine.previews)

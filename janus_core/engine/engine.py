@@ -52,8 +52,8 @@ class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None) -> None:
         self.lm = lm
         self.config = cfg = config or EngineConfig()
-        self.runner = ModelRunner(lm, compile=cfg.compile, pack_cpu_linears=cfg.pack_cpu_linears,
-                                  compile_backend=cfg.compile_backend)
+        self.runner = ModelRunner(lm, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+                                  pack_cpu_linears=cfg.pack_cpu_linears, compile_backend=cfg.compile_backend)
         images = image_batch(lm.generator)
         context = min(cfg.max_context or lm.max_context, lm.max_context)
         per_token = memory.kv_bytes_per_token(lm.model.config.text_config, lm.dtype)
@@ -68,10 +68,13 @@ class Engine:
         self.kv = self.runner.new_kv(num_blocks, BLOCK_SIZE)
         if cfg.attention != "auto":
             self.kv.attention = cfg.attention
-        if cfg.compile and self.kv.attention == "flex" and num_blocks > 1:
-            # The compiled step pads its batch to a bucket; the padding rows write into the last block.
+        if (cfg.compile or cfg.cuda_graphs) and self.kv.attention == "flex" and num_blocks > 1:
+            # The static step pads its batch to a bucket; the padding rows write into the last block.
             num_blocks -= 1
             self.runner.scratch_slot = num_blocks * BLOCK_SIZE
+            # the static step's block tables are as wide as each kind's longest row, so its shapes never change
+            image_row = cfg.max_generation_prompt + lm.num_image_tokens
+            self.runner.row_blocks = {"text": -(-context // BLOCK_SIZE), "image": -(-image_row // BLOCK_SIZE) + 1}
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
         manager = KVManager(self.pool, prefix_caching=cfg.prefix_caching,
                             room_to_grow=ROOM_TO_GROW if self.kv.attention == "runs" else 0)

@@ -5,7 +5,8 @@ attention function (`janus_core.attention.paged`: keys and values written into a
 pool in place) selected for the LM, and applies the text or image head. Rows of different lengths
 share a decode step: each row has its own position and its own blocks, so nothing is padded; with
 `compile`, decode steps over flex attention run as one compiled static function per power-of-two
-bucket of rows (`janus_core.step.static`), padded to the bucket.
+bucket of rows (`janus_core.step.static`), padded to the bucket; with `cuda_graphs`, that static step
+(compiled or not) is captured once per bucket as a CUDA graph and replayed (`janus_core.step.graphs`).
 On CPU in fp32 the runner swaps the model's linear layers for oneDNN-packed ones
 (`janus_core.step.packed_linear`), in place, unless told not to.
 
@@ -20,10 +21,12 @@ from collections.abc import Sequence
 
 import torch
 
-from janus_core.attention.paged import ATTENTION, DecodeBatch, PagedKV, PrefillBatch, bucket
+from janus_core.attention.flex import bucket, flex_kernel
+from janus_core.attention.paged import ATTENTION, DecodeBatch, PagedKV, PrefillBatch
 from janus_core.models.compat import unwrap_hub_kernels
 from janus_core.models.device import measure_peak
 from janus_core.models.loader import LoadedModel
+from janus_core.step.graphs import StepGraphs
 from janus_core.step.packed_linear import pack_linears, packing_supported
 from janus_core.step.static import StaticDecode, tables_to_tensors
 
@@ -44,12 +47,16 @@ def _room_for_graphs(graphs: int) -> None:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, *, compile: bool = False, pack_cpu_linears: bool = True,
-                 compile_backend: str = "inductor") -> None:
+    def __init__(self, lm: LoadedModel, *, compile: bool = False, cuda_graphs: bool = False,
+                 pack_cpu_linears: bool = True, compile_backend: str = "inductor") -> None:
         self.lm = lm
-        self.compile, self.compile_backend = compile, compile_backend
-        self._static: dict[str, object] = {}  # head -> the compiled static decode step
-        self.scratch_slot: int | None = None  # set by the owner of the pool when compiling: padding rows write there
+        self.compile, self.compile_backend, self.cuda_graphs = compile, compile_backend, cuda_graphs
+        self._static: dict[str, object] = {}  # head -> the static decode step (compiled with `compile`)
+        self._graphs: dict[str, StepGraphs] = {}  # head -> its captured steps (with `cuda_graphs`)
+        self.scratch_slot: int | None = None  # set by the pool's owner for the static step: padding rows write there
+        self.row_blocks: dict[str, int] = {}  # head -> block-table width of the static step (the longest row's blocks)
+        if cuda_graphs and lm.device.type != "cuda":
+            log.info("no CUDA: the graphed decode step runs on its static buffers without capturing a graph")
         if pack_cpu_linears and packing_supported(lm.device, lm.dtype):
             log.info("packed %d linear layers for oneDNN", pack_linears(lm.model))
         self.model = lm.model
@@ -118,22 +125,36 @@ class ModelRunner:
         """One decode step to the `head` ("text" or "image") logits (R, V): row r feeds `ids[r]` at
         `positions[r]` (the same on the device: `position_t`) with block table `tables[r]`.
 
-        With `compile` and flex attention: the static step (`janus_core.step.static`), compiled once per
-        power-of-two bucket of rows and padded to it; otherwise the eager paged step.
+        With `compile` or `cuda_graphs` and flex attention: the static step (`janus_core.step.static`),
+        padded to the power-of-two bucket of rows, compiled once per bucket with `compile` and replayed as
+        that bucket's CUDA graph with `cuda_graphs`; otherwise the eager paged step.
         """
-        if not self.compile or kv.attention != "flex" or self.scratch_slot is None:
+        if not (self.compile or self.cuda_graphs) or kv.attention != "flex" or self.scratch_slot is None:
             embed = self.embed_text if head == "text" else self.embed_image_tokens
             hidden = self.decode(DecodeBatch.for_rows(kv, tables, positions), embed(ids[:, None]), position_t)
             return self.text_logits(hidden) if head == "text" else self.image_logits(hidden)
-        step = self._static.get(head)
-        if step is None:
-            _room_for_graphs(STATIC_GRAPHS)
-            step = self._static[head] = torch.compile(StaticDecode(self, kv, head).step, fullgraph=True,
-                                                      dynamic=False, backend=self.compile_backend)
         rows = len(tables)
         padded = bucket(rows)
-        args = tables_to_tensors(kv, tables, positions, padded, self.scratch_slot)
-        return step(torch.cat([ids, ids.new_zeros(padded - rows)]), **args)[:rows]
+        args = {"ids": torch.cat([ids, ids.new_zeros(padded - rows)]),
+                **tables_to_tensors(kv, tables, positions, padded, self.scratch_slot, self.row_blocks.get(head, 1))}
+        if self.cuda_graphs:
+            graphs = self._graphs.get(head)
+            if graphs is None:
+                graphs = self._graphs[head] = StepGraphs(self._static_step(kv, head), kv.device)
+            return graphs.run(args)[:rows]
+        return self._static_step(kv, head)(**args)[:rows]
+
+    def _static_step(self, kv: PagedKV, head: str):
+        step = self._static.get(head)
+        if step is None:
+            if self.compile:
+                _room_for_graphs(STATIC_GRAPHS)
+                step = torch.compile(StaticDecode(self, kv, head).step, fullgraph=True, dynamic=False,
+                                     backend=self.compile_backend)
+            else:  # eager layers around the compiled flex kernel (on CUDA), for a graph to capture
+                step = StaticDecode(self, kv, head, flex=flex_kernel(kv.device.type == "cuda")).step
+            self._static[head] = step
+        return step
 
     @torch.inference_mode()
     def profile_peak(self, tokens: int, rows: int) -> int:
@@ -149,33 +170,42 @@ class ModelRunner:
         return measure_peak(self.lm.device, run)
 
     def warm_up(self, kv: PagedKV, max_batch_size: int) -> None:
-        """Compile for every batch bucket before requests arrive: on CUDA the flex decode attention, and
-        with `compile` (on any device) the static decode step of each head, so serving never compiles.
+        """Compile (and capture) for every batch bucket before requests arrive: on CUDA the flex decode
+        attention; with `compile` (on any device) the static decode step of each head; with `cuda_graphs`
+        each head's step captured per bucket, largest first (smaller graphs reuse the larger's memory). So
+        serving never compiles or captures.
 
-        If it cannot be compiled on this torch/driver, log why and fall back: the eager step, or the
-        per-row attention.
+        What cannot be done on this torch/driver is logged and dropped: the graphs (the step runs without
+        them), the compiled step (the eager one), or the flex kernel (the per-row attention).
         """
         on_cuda = self.lm.device.type == "cuda"
-        if kv.attention != "flex" or not (on_cuda or self.compile):
+        static = self.compile or self.cuda_graphs
+        if kv.attention != "flex" or not (on_cuda or static):
             return
-        started, rows = time.perf_counter(), 1
+        started = time.perf_counter()
+        buckets = [1 << i for i in range((2 * max_batch_size - 1).bit_length() + 1)]  # up to 2 x max rows (CFG)
         try:
-            while rows < 2 * 2 * max_batch_size:  # up to the bucket of the largest decode batch
+            for rows in reversed(buckets) if self.cuda_graphs else buckets:
                 ids, positions = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
-                if self.compile:  # block 0 is free: scratch for the warm-up
-                    for head in ("text", "image") if rows <= max_batch_size else ("image",):
-                        self.decode_logits(kv, head, [[0]] * rows, [0] * rows, ids, positions)
+                if static:  # block 0 is free: scratch for the warm-up
+                    for head in ("text", "image") if rows <= bucket(max_batch_size) else ("image",):
+                        self.decode_logits(kv, head, [[0]] * rows, [0] * rows, ids.to(kv.device), positions)
                 else:
                     batch = DecodeBatch.for_rows(kv, [[0]] * rows, [0] * rows)
                     self.decode(batch, self.embed_text(ids[:, None]), positions)
-                rows *= 2
             if on_cuda:
                 torch.cuda.synchronize(self.lm.device)
-            log.info("compiled the %s for batches up to %d rows in %.1f s",
-                     "static decode step" if self.compile else "flex decode attention", rows // 2,
+            done = "captured" if self.cuda_graphs else "compiled"
+            what = "static decode step" if static else "flex decode attention"
+            log.info("%s the %s for batches up to %d rows in %.1f s", done, what, buckets[-1],
                      time.perf_counter() - started)
         except Exception:
-            if self.compile:
+            if self.cuda_graphs:
+                log.exception("capturing the decode step as CUDA graphs failed; decoding without graphs")
+                self.cuda_graphs = False
+                self._graphs.clear()
+                self.warm_up(kv, max_batch_size)
+            elif self.compile:
                 log.exception("the static decode step failed to compile; decoding eager instead")
                 self.compile = False
             else:

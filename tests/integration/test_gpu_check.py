@@ -39,12 +39,12 @@ def test_cpu_mode_prints_the_full_table(cpu_run):
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert _cells(lines[0]) == COLUMNS
     rows = {tuple(_cells(line)[1:4]): dict(zip(COLUMNS, _cells(line), strict=True)) for line in lines[1:]}
-    expected = {("generate", mode, c) for mode in ("eager", "compile") for c in ("1", "16", "64")}
+    expected = {("generate", mode, c) for mode in ("eager", "graphs", "compile") for c in ("1", "16", "64")}
     expected |= {("understand", "eager", "1"), ("understand", "eager", "32"), ("transformers image", "eager", "1"),
                  ("transformers text", "eager", "1"), ("greedy check", "understand", "3"),
                  ("greedy check", "generate", "2")}
     assert set(rows) == expected and len(lines) - 1 == len(expected)
-    for key in [k for k in expected if k[0] in ("generate", "understand") and k[1] == "eager"]:
+    for key in [k for k in expected if k[0] in ("generate", "understand") and k[1] in ("eager", "graphs")]:
         row = rows[key]
         assert float(row["ms/step"]) > 0 and float(row["roof ms"]) >= 0 and float(row["of roof"]) >= 0, row
         assert float(row["rate"].split()[0]) > 0 and float(row["x ref"]) > 0, row

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from janus_core.attention.paged import DecodeBatch, PrefillBatch, bucket
+from janus_core.attention.flex import bucket
+from janus_core.attention.paged import DecodeBatch, PrefillBatch
 from janus_core.models.loader import load_model
 from janus_core.step.runner import ModelRunner
 from janus_core.step.static import StaticDecode, tables_to_tensors

@@ -323,6 +323,49 @@ def test_compiled_static_step_in_the_engine_equals_eager(lm, images):
             assert a.token_ids == b.token_ids, req.request_id
 
 
+def test_graphed_step_in_the_engine_equals_eager(lm, images):
+    """`cuda_graphs`: warm-up captures each head's static step once per bucket, largest first (on CPU a bucket
+    runs the step on its static buffers, the same path as a replayed graph); serving copies each step's rows into
+    its bucket's buffers, captures nothing more, and gives the eager engine's tokens while rows join and leave
+    (buckets change; a bucket's buffers keep the last step's values in rows a smaller batch does not fill)."""
+    reqs = [*gen_mix(), *understand_mix(images)]
+    eager = run(Engine(lm, EngineConfig(max_batch_size=8)), reqs)
+    engine = Engine(lm, EngineConfig(max_batch_size=8, attention="flex", cuda_graphs=True))
+    engine.warm_up()
+    assert engine.runner.cuda_graphs, "warm-up dropped the graphs"
+    graphs = engine.runner._graphs
+    captured = {head: list(graphs[head]._buckets) for head in graphs}
+    assert captured == {"image": [16, 8, 4, 2, 1], "text": [8, 4, 2, 1]}  # 8 sequences; CFG pairs of 8 images
+    graphed = run(engine, reqs)
+    assert {head: list(graphs[head]._buckets) for head in graphs} == captured, "captured again while serving"
+    for req in reqs:
+        a, b = eager.result(req.request_id), graphed.result(req.request_id)
+        if isinstance(req, GenerateRequest):
+            assert torch.equal(a.tokens, b.tokens), req.request_id
+        else:
+            assert a.token_ids == b.token_ids, req.request_id
+
+
+def test_a_failed_capture_leaves_the_step_without_graphs(lm, images, monkeypatch, caplog):
+    """A capture that raises at warm-up (an unsupported op on this torch or driver) is logged, the graphs are
+    dropped, and the engine serves with the plain step: the same tokens."""
+    from janus_core.step.graphs import StepGraphs
+
+    def refuse(self, args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StepGraphs, "capture", refuse)
+    reqs = understand_mix(images)[:2]
+    eager = run(Engine(lm, EngineConfig(max_batch_size=4)), reqs)
+    engine = Engine(lm, EngineConfig(max_batch_size=4, attention="flex", cuda_graphs=True))
+    engine.warm_up()
+    assert not engine.runner.cuda_graphs and not engine.runner._graphs
+    assert "capturing the decode step as CUDA graphs failed" in caplog.text
+    served = run(engine, reqs)
+    for req in reqs:
+        assert served.result(req.request_id).token_ids == eager.result(req.request_id).token_ids
+
+
 # --- vLLM's sampling extensions through the engine -------------------------------------------------------------
 
 

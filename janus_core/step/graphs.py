@@ -1,0 +1,86 @@
+"""CUDA graphs of the static decode step: each (head, batch bucket) captured once, then replayed every step.
+
+An eager decode step launches some fifteen kernels per layer, plus the mask, the embedding and the head; at
+small batches the GPU waits on the host between them. The static step (`janus_core.step.static`) is one
+function of fixed-shape tensors per power-of-two bucket and the paged KV pool never moves, so a bucket's
+step can be captured once as a CUDA graph: its inputs live in static buffers that each step copies its rows
+into before `replay()`, and the graph's kernels write and read the pool in place. Buckets are captured at
+warm-up (largest first, all in one memory pool); a bucket warm-up did not reach is captured the first
+time a step needs it. Never per request.
+
+Without CUDA (tests on CPU) a bucket's "graph" runs the step on its static buffers instead, so everything
+but the capture itself is the same code on every device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Step = Callable[..., torch.Tensor]  # the static step: keyword tensors of one bucket's shapes -> logits (P, V)
+WARM_RUNS = 2  # runs on a side stream before a capture: lazy initialisation, compiled kernels, autotuning
+
+
+@dataclass
+class _Bucket:
+    inputs: dict[str, torch.Tensor]  # the static buffers the graph reads
+    replay: Callable[[], torch.Tensor]  # runs the step on them; returns its (static) output
+
+
+class StepGraphs:
+    """One head's captured steps, keyed by bucket (rows)."""
+
+    def __init__(self, step: Step, device: torch.device) -> None:
+        self.step, self.device = step, device
+        self._buckets: dict[int, _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    def __contains__(self, rows: int) -> bool:
+        return rows in self._buckets
+
+    def capture(self, args: dict[str, torch.Tensor]) -> None:
+        """Capture the step for the bucket of `args` (its keyword tensors, `ids` first dimension the rows).
+        The warm-up runs write the keys and values of `args`' rows where `args` puts them, as the step would."""
+        inputs = {name: tensor.clone() for name, tensor in args.items()}
+        replay = _capture(self.step, inputs, self._pool) if self.device.type == "cuda" else _rerun(self.step, inputs)
+        self._buckets[args["ids"].shape[0]] = _Bucket(inputs, replay)
+
+    def run(self, args: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step's logits for `args`: copied into their bucket's buffers and replayed (captured first if this
+        bucket never was). The result is the caller's own: the next replay does not overwrite it."""
+        rows = args["ids"].shape[0]
+        if rows not in self._buckets:
+            log.info("capturing the decode step for %d rows outside warm-up", rows)
+            self.capture(args)
+        bucket = self._buckets[rows]
+        for name, tensor in args.items():
+            bucket.inputs[name].copy_(tensor, non_blocking=True)
+        return bucket.replay().clone()
+
+
+def _capture(step: Step, inputs: dict[str, torch.Tensor], pool) -> Callable[[], torch.Tensor]:
+    side = torch.cuda.Stream(device=next(iter(inputs.values())).device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARM_RUNS):
+            step(**inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the preview decoder's thread may use the device while the engine thread captures.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = step(**inputs)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return output
+
+    return replay
+
+
+def _rerun(step: Step, inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    return lambda: step(**inputs)
