@@ -5,7 +5,7 @@
 #   JANUS_GPU_PARTS=rest,flow bench/gpu/all.sh
 # Parts (each under its own `timeout`, its output in $OUT/<part>.txt as it goes; a part that fails or runs out
 # of time leaves what it printed and the next part still runs):
-#   env       versions, nvidia-smi, the commit
+#   env       versions, nvidia-smi, the commit, tests/unit/test_step_graphs.py (a CUDA graph captured and replayed)
 #   check     bench/gpu/run.sh: 1B and 7B shapes, generation at 1/16/64, understanding, transformers, the
 #             greedy check, --compile (its gpu.md and gpu.json land in $OUT too)
 #   rest      janus-server serve on a random 1B checkpoint written on the device: 16 /v1/generate and 16
@@ -39,17 +39,17 @@ cd "$root"
 
 if [[ $cpu == 1 ]]; then
   dev=cpu dtype=float32 ckpt_shape=tiny levels=1,4 questions=4 flow=(--shape tiny --concurrency 4 --steps 3)
-  previews=(--requests 4 --concurrency 2 --repeats 1)
+  previews_args="--requests 4 --concurrency 2 --repeats 1"
 else
   dev=cuda dtype=bfloat16 ckpt_shape=1b levels=1,16 questions=16 flow=(--shape 1.3b --concurrency 8 --steps 30)
-  previews=(--requests 32 --concurrency 16 --repeats 1)
+  previews_args="--requests 32 --concurrency 16 --repeats 1"
 fi
 ckpt="${JANUS_GPU_CKPT:-${TMPDIR:-/tmp}/janus-gpu-$ckpt_shape}"
-export python ckpt ckpt_shape dev dtype levels questions here out root
+export python ckpt ckpt_shape dev dtype levels questions previews_args here out root
 
 # part NAME COMMAND...: run COMMAND with NAME's share of what is left of the budget (the shares of NAME and the
 # parts after it that will run, so time a part leaves unused goes to the later ones)
-declare -A share=([env]=2 [check]=50 [rest]=25 [flow]=14 [previews]=9)
+declare -A share=([env]=3 [check]=46 [rest]=25 [flow]=17 [previews]=9)
 order=(env check rest flow previews)
 part() {
   local name=$1
@@ -103,13 +103,20 @@ for name in ("transformers", "tokenizers", "huggingface-hub", "diffusers", "fast
     except md.PackageNotFoundError:
         print(name, "missing")
 EOF
+  # a first CUDA graph captured and replayed, seconds before the check depends on it
+  "$python" -m pytest -q -p no:cacheprovider "$root/tests/unit/test_step_graphs.py" 2>&1 | tail -5
 }
 
-# The checkpoint is built on the device (seconds on a GPU) and reused by rest and previews.
+# The checkpoint is built on the device (seconds on a GPU), once, by whichever of rest and previews runs first.
+checkpoint() {
+  "$python" -m bench.gpu.model "$ckpt" --shape $ckpt_shape --device $dev --dtype $dtype
+}
 rest() {
-  "$python" -m bench.gpu.model "$ckpt" --shape $ckpt_shape --device $dev --dtype $dtype &&
-    "$python" bench/bench_rest.py --model-dir "$ckpt" --device $dev --dtype $dtype --concurrency $levels \
-      --check $questions --ref-requests 1 --max-new-tokens 64 --prefix-trials 2
+  checkpoint && "$python" bench/bench_rest.py --model-dir "$ckpt" --device $dev --dtype $dtype \
+    --concurrency $levels --check $questions --ref-requests 1 --max-new-tokens 64 --prefix-trials 2
+}
+previews() {
+  checkpoint && "$python" bench/bench_previews.py --model "$ckpt" --device $dev $previews_args
 }
 # run.sh plans its sections to its own --budget: what this part gets, less a margin for its set-up
 gpu_check() {
@@ -119,12 +126,12 @@ gpu_check() {
     bash "$here/run.sh" --budget $((PART_SECONDS > 40 ? PART_SECONDS - 30 : 10)) --out "$out"
   fi
 }
-export -f env_report rest gpu_check
+export -f env_report checkpoint rest previews gpu_check
 
 : > "$out/summary.txt"
 part env env_report
 part check gpu_check
 part rest rest
 part flow "$python" bench/bench_flow.py --device $dev --dtype $dtype "${flow[@]}"
-part previews "$python" bench/bench_previews.py --model "$ckpt" --device $dev "${previews[@]}"
+part previews previews
 echo "== all: $((SECONDS - started))s of ${budget}s" | tee -a "$out/summary.txt"

@@ -391,40 +391,61 @@ def agreeing_prefix(ours: list[int], theirs: list[int]) -> int:
     return n
 
 
-def _check_row(shape: str, kind: str, ours: list[list[int]], theirs: list[list[int]], dtype: torch.dtype) -> Row:
+def _check_row(shape: str, kind: str, ours: list[list[int]], theirs: list[list[int]], dtype: torch.dtype,
+               graphed: list[list[int]] | None) -> Row:
+    """`graphed`: the same requests through an engine with CUDA graphs (None: its warm-up dropped them)."""
     equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
     agree = [agreeing_prefix(a, b) for a, b in zip(ours, theirs, strict=True)]
     lengths = [max(len(a), len(b)) for a, b in zip(ours, theirs, strict=True)]
     note = f"{equal}/{len(ours)} requests token-equal to transformers"
     if equal < len(ours):
         note += "; steps agreeing " + ", ".join(f"{a}/{n}" for a, n in zip(agree, lengths, strict=True))
-    return Row(shape, "greedy check", kind, len(ours), note=note,
-               extra={"equal": equal, "requests": len(ours), "agree": agree, "lengths": lengths, "dtype": str(dtype)})
+    extra = {"equal": equal, "requests": len(ours), "agree": agree, "lengths": lengths, "dtype": str(dtype)}
+    if graphed is None:
+        note += "; CUDA graphs: dropped at warm-up (see the log)"
+    else:
+        extra["equal_graphs"] = sum(a == b for a, b in zip(graphed, theirs, strict=True))
+        note += f"; with --cuda-graphs {extra['equal_graphs']}/{len(ours)}"
+    return Row(shape, "greedy check", kind, len(ours), note=note, extra=extra)
 
 
 CHECK_IMAGES = 2  # greedy generation requests in the check (576 transformers steps each on a real shape)
 
 
+def _through_engine(lm: LoadedModel, kind: str, requests: list, mode: str) -> Clock | None:
+    """Run `requests` through a fresh engine of `mode`, warmed up as a server is (every bucket captured, largest
+    first, with graphs); None when that warm-up dropped the mode's graphs."""
+    engine = make_engine(lm, kind, len(requests), **mode_config(mode))
+    if mode != "eager":
+        engine.warm_up()
+        if not getattr(engine.runner, "cuda_graphs", False):
+            return None
+    StepTimer(engine).run(requests, clock := Clock())
+    return clock
+
+
 def greedy_check_understanding(lm: LoadedModel, ref: LoadedModel, max_new_tokens: int) -> Row:
-    """Greedy understanding requests batched through our engine against transformers one at a time."""
+    """Greedy understanding requests batched through our engine (eager, and with CUDA graphs) against
+    transformers one at a time."""
     pics = random_images(len(QUESTIONS), lm.image_size, seed=3000)
     und = [UnderstandRequest(f"check-u{i}", q, [pics[i]], max_new_tokens=max_new_tokens)
            for i, q in enumerate(QUESTIONS)]
-    engine = make_engine(lm, "understand", len(und))
-    StepTimer(engine).run(und, clock := Clock())
-    ours = [list(clock.results[r.request_id].token_ids) for r in und]
+    runs = {mode: _through_engine(lm, "understand", und, mode) for mode in ("eager", "graphs")}
+    ours = {mode: None if clock is None else [list(clock.results[r.request_id].token_ids) for r in und]
+            for mode, clock in runs.items()}
     theirs = [hf_understand(ref, r.images, r.prompt, max_new_tokens=max_new_tokens).ids for r in und]
-    return _check_row(lm.name.removeprefix("random-"), "understand", ours, theirs, lm.dtype)
+    return _check_row(lm.name.removeprefix("random-"), "understand", ours["eager"], theirs, lm.dtype, ours["graphs"])
 
 
 def greedy_check_generation(lm: LoadedModel, ref: LoadedModel) -> Row:
-    """Greedy (temperature 0) CFG image requests batched through our engine against transformers' image mode."""
+    """Greedy (temperature 0) CFG image requests batched through our engine (eager, and with CUDA graphs) against
+    transformers' image mode."""
     gen = generation_requests("check-g", CHECK_IMAGES, temperature=0.0)
-    engine = make_engine(lm, "generate", len(gen))
-    StepTimer(engine).run(gen, clock := Clock())
-    ours = [clock.results[r.request_id].tokens[0].tolist() for r in gen]
+    runs = {mode: _through_engine(lm, "generate", gen, mode) for mode in ("eager", "graphs")}
+    ours = {mode: None if clock is None else [clock.results[r.request_id].tokens[0].tolist() for r in gen]
+            for mode, clock in runs.items()}
     theirs = [hf_generate_image(ref, r.prompt, temperature=0.0)[0].tolist() for r in gen]
-    return _check_row(lm.name.removeprefix("random-"), "generate", ours, theirs, lm.dtype)
+    return _check_row(lm.name.removeprefix("random-"), "generate", ours["eager"], theirs, lm.dtype, ours["graphs"])
 
 
 def timed(fn: Callable[[], object]) -> float:

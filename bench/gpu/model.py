@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,9 +125,11 @@ def write_random_checkpoint(shape: str, out: str | Path, device: torch.device, d
     if (out / "config.json").exists():
         return out
     lm = build_random_model(resolve_shape(shape), device, dtype, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(out)
-    lm.processor.save_pretrained(out)
+    partial = out.with_name(out.name + ".partial")  # renamed when complete: a killed write is never reused
+    shutil.rmtree(partial, ignore_errors=True)
+    lm.model.save_pretrained(partial)
+    lm.processor.save_pretrained(partial)
+    partial.rename(out)
     return out
 
 

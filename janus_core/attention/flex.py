@@ -102,12 +102,25 @@ def _skips_q_blocks() -> bool:
 _SKIPS_Q_BLOCKS = _skips_q_blocks()
 
 
+FLEX_GRAPHS = 64  # compiled shapes of the flex kernel: one per bucket (and pool), beyond dynamo's default 8
+
+
+def room_for_graphs(graphs: int) -> None:
+    """Raise dynamo's per-code-object compile limit to `graphs` (never lower it): past the limit a fullgraph
+    step fails instead of compiling its next bucket, and the flex kernel falls back to unfused attention."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    if getattr(config, name) < graphs:
+        setattr(config, name, graphs)
+
+
 @functools.cache
 def flex_kernel(compiled: bool):
     """`flex_attention`, compiled where it runs for real (CUDA); eager elsewhere (tests on CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if compiled:
+        room_for_graphs(FLEX_GRAPHS)
         return torch.compile(flex_attention, dynamic=False)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     return flex_attention

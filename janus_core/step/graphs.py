@@ -6,7 +6,7 @@ function of fixed-shape tensors per power-of-two bucket and the paged KV pool ne
 step can be captured once as a CUDA graph: its inputs live in static buffers that each step copies its rows
 into before `replay()`, and the graph's kernels write and read the pool in place. Buckets are captured at
 warm-up (largest first, all in one memory pool); a bucket warm-up did not reach is captured the first
-time a step needs it. Never per request.
+time a step needs it, and one that cannot be captured then runs without a graph. Never per request.
 
 Without CUDA (tests on CPU) a bucket's "graph" runs the step on its static buffers instead, so everything
 but the capture itself is the same code on every device.
@@ -23,6 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 Step = Callable[..., torch.Tensor]  # the static step: keyword tensors of one bucket's shapes -> logits (P, V)
+Shapes = tuple[tuple[int, ...], ...]  # a bucket: the shapes of the step's arguments, in order
 WARM_RUNS = 2  # runs on a side stream before a capture: lazy initialisation, compiled kernels, autotuning
 
 
@@ -33,47 +34,68 @@ class _Bucket:
 
 
 class StepGraphs:
-    """One head's captured steps, keyed by bucket (rows)."""
+    """One head's captured steps, one per bucket (the shapes of its arguments: rows, block-table width)."""
 
     def __init__(self, step: Step, device: torch.device) -> None:
         self.step, self.device = step, device
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[Shapes, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def __contains__(self, rows: int) -> bool:
-        return rows in self._buckets
+    def rows(self) -> list[int]:
+        """The row counts of the captured buckets, in the order they were captured."""
+        return [shapes[0][0] for shapes in self._buckets]
 
     def capture(self, args: dict[str, torch.Tensor]) -> None:
-        """Capture the step for the bucket of `args` (its keyword tensors, `ids` first dimension the rows).
-        The warm-up runs write the keys and values of `args`' rows where `args` puts them, as the step would."""
+        """Capture the step for the bucket of `args` (its keyword tensors, `ids` first). The warm-up runs write
+        the keys and values of `args`' rows where `args` puts them, as the step itself would."""
         inputs = {name: tensor.clone() for name, tensor in args.items()}
-        replay = _capture(self.step, inputs, self._pool) if self.device.type == "cuda" else _rerun(self.step, inputs)
-        self._buckets[args["ids"].shape[0]] = _Bucket(inputs, replay)
+        if self.device.type == "cuda":
+            replay = _capture(self.step, inputs, self._pool, self.device)
+        else:
+            replay = _rerun(self.step, inputs)
+        self._buckets[_shapes(args)] = _Bucket(inputs, replay)
 
     def run(self, args: dict[str, torch.Tensor]) -> torch.Tensor:
         """The step's logits for `args`: copied into their bucket's buffers and replayed (captured first if this
         bucket never was). The result is the caller's own: the next replay does not overwrite it."""
-        rows = args["ids"].shape[0]
-        if rows not in self._buckets:
-            log.info("capturing the decode step for %d rows outside warm-up", rows)
-            self.capture(args)
-        bucket = self._buckets[rows]
+        key = _shapes(args)
+        if key not in self._buckets:
+            log.info("capturing the decode step for %d rows outside warm-up", key[0][0])
+            try:
+                self.capture(args)
+            except Exception:
+                log.exception("capturing the decode step for %d rows failed; that bucket runs without a graph",
+                              key[0][0])
+                inputs = {name: tensor.clone() for name, tensor in args.items()}
+                self._buckets[key] = _Bucket(inputs, _rerun(self.step, inputs))
+        bucket = self._buckets[key]
         for name, tensor in args.items():
             bucket.inputs[name].copy_(tensor, non_blocking=True)
         return bucket.replay().clone()
 
 
-def _capture(step: Step, inputs: dict[str, torch.Tensor], pool) -> Callable[[], torch.Tensor]:
-    side = torch.cuda.Stream(device=next(iter(inputs.values())).device)
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARM_RUNS):
-            step(**inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the preview decoder's thread may use the device while the engine thread captures.
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        output = step(**inputs)
+def _shapes(args: dict[str, torch.Tensor]) -> Shapes:
+    return tuple(tuple(tensor.shape) for tensor in args.values())
+
+
+def _capture(step: Step, inputs: dict[str, torch.Tensor], pool, device: torch.device) -> Callable[[], torch.Tensor]:
+    # On the step's own device: torch.cuda.graph makes its stream and synchronises on the current device.
+    with torch.cuda.device(device):
+        main = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(WARM_RUNS):
+                step(**inputs)
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the preview decoder's thread may use the device while the engine thread captures.
+            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=device),
+                                  capture_error_mode="thread_local"):
+                output = step(**inputs)
+        finally:
+            torch.cuda.set_stream(main)  # a capture whose end fails leaves its own stream current
 
     def replay() -> torch.Tensor:
         graph.replay()

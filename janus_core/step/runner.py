@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from janus_core.attention.flex import bucket, flex_kernel
+from janus_core.attention.flex import bucket, flex_kernel, room_for_graphs
 from janus_core.attention.paged import ATTENTION, DecodeBatch, PagedKV, PrefillBatch
 from janus_core.models.compat import unwrap_hub_kernels
 from janus_core.models.device import measure_peak
@@ -33,17 +33,8 @@ from janus_core.step.static import StaticDecode, tables_to_tensors
 log = logging.getLogger(__name__)
 
 # Compiled graphs one code object may hold: both heads' static steps are `StaticDecode.step`, compiled once
-# per (head, bucket) and engine; 16 rows at most give 5 text and 6 image buckets, beyond dynamo's default 8.
+# per (head, bucket) and engine; 16 sequences give 5 text and 6 image buckets, beyond dynamo's default 8.
 STATIC_GRAPHS = 64
-
-
-def _room_for_graphs(graphs: int) -> None:
-    """Raise dynamo's per-code-object compile limit to `graphs` (never lower it): past the limit a
-    fullgraph step fails instead of compiling its next bucket."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    if getattr(config, name) < graphs:
-        setattr(config, name, graphs)
 
 
 class ModelRunner:
@@ -134,21 +125,29 @@ class ModelRunner:
             hidden = self.decode(DecodeBatch.for_rows(kv, tables, positions), embed(ids[:, None]), position_t)
             return self.text_logits(hidden) if head == "text" else self.image_logits(hidden)
         rows = len(tables)
-        padded = bucket(rows)
-        args = {"ids": torch.cat([ids, ids.new_zeros(padded - rows)]),
-                **tables_to_tensors(kv, tables, positions, padded, self.scratch_slot, self.row_blocks.get(head, 1))}
+        args = self._static_args(kv, head, tables, positions, ids)
         if self.cuda_graphs:
-            graphs = self._graphs.get(head)
-            if graphs is None:
-                graphs = self._graphs[head] = StepGraphs(self._static_step(kv, head), kv.device)
-            return graphs.run(args)[:rows]
+            return self._graphs_of(kv, head).run(args)[:rows]
         return self._static_step(kv, head)(**args)[:rows]
+
+    def _static_args(self, kv: PagedKV, head: str, tables: Sequence[Sequence[int]], positions: list[int],
+                     ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The static step's arguments: `ids` and the rows' tables, padded to their bucket."""
+        padded = bucket(len(tables))
+        return {"ids": torch.cat([ids, ids.new_zeros(padded - len(tables))]),
+                **tables_to_tensors(kv, tables, positions, padded, self.scratch_slot, self.row_blocks.get(head, 1))}
+
+    def _graphs_of(self, kv: PagedKV, head: str) -> StepGraphs:
+        graphs = self._graphs.get(head)
+        if graphs is None:
+            graphs = self._graphs[head] = StepGraphs(self._static_step(kv, head), kv.device)
+        return graphs
 
     def _static_step(self, kv: PagedKV, head: str):
         step = self._static.get(head)
         if step is None:
             if self.compile:
-                _room_for_graphs(STATIC_GRAPHS)
+                room_for_graphs(STATIC_GRAPHS)
                 step = torch.compile(StaticDecode(self, kv, head).step, fullgraph=True, dynamic=False,
                                      backend=self.compile_backend)
             else:  # eager layers around the compiled flex kernel (on CUDA), for a graph to capture
@@ -189,7 +188,12 @@ class ModelRunner:
                 ids, positions = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
                 if static:  # block 0 is free: scratch for the warm-up
                     for head in ("text", "image") if rows <= bucket(max_batch_size) else ("image",):
-                        self.decode_logits(kv, head, [[0]] * rows, [0] * rows, ids.to(kv.device), positions)
+                        if self.cuda_graphs:  # a capture that fails here drops every graph (below)
+                            with torch.inference_mode():
+                                args = self._static_args(kv, head, [[0]] * rows, [0] * rows, ids.to(kv.device))
+                                self._graphs_of(kv, head).capture(args)
+                        else:
+                            self.decode_logits(kv, head, [[0]] * rows, [0] * rows, ids.to(kv.device), positions)
                 else:
                     batch = DecodeBatch.for_rows(kv, [[0]] * rows, [0] * rows)
                     self.decode(batch, self.embed_text(ids[:, None]), positions)

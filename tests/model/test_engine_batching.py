@@ -273,6 +273,16 @@ def test_overlapped_streaming_changes_nothing_but_when(lm, images):
     assert plain["g-long"][-1][0] == "FailedOutput" and plain["u-late"][-1][0] == "FinishedOutput"
 
 
+def assert_same_results(reqs, expected, got) -> None:
+    """Every request's image codes or answer tokens in `got` equal `expected`'s (two `run` collectors)."""
+    for req in reqs:
+        a, b = expected.result(req.request_id), got.result(req.request_id)
+        if isinstance(req, GenerateRequest):
+            assert torch.equal(a.tokens, b.tokens), req.request_id
+        else:
+            assert a.token_ids == b.token_ids, req.request_id
+
+
 def test_compiled_engine_never_recompiles_after_warm_up(lm, images):
     """Warm-up compiles each head's step once per batch bucket; serving after it (positions moving, rows
     joining and leaving, both heads, greedy and seeded) compiles nothing more, whatever the installed
@@ -315,12 +325,7 @@ def test_compiled_static_step_in_the_engine_equals_eager(lm, images):
     assert compiled_engine.runner.scratch_slot == compiled_engine.pool.num_blocks * compiled_engine.kv.block_size
     compiled = run(compiled_engine, reqs)
     assert set(compiled_engine.runner._static) == {"text", "image"}
-    for req in reqs:
-        a, b = eager.result(req.request_id), compiled.result(req.request_id)
-        if isinstance(req, GenerateRequest):
-            assert torch.equal(a.tokens, b.tokens), req.request_id
-        else:
-            assert a.token_ids == b.token_ids, req.request_id
+    assert_same_results(reqs, eager, compiled)
 
 
 def test_graphed_step_in_the_engine_equals_eager(lm, images):
@@ -334,16 +339,11 @@ def test_graphed_step_in_the_engine_equals_eager(lm, images):
     engine.warm_up()
     assert engine.runner.cuda_graphs, "warm-up dropped the graphs"
     graphs = engine.runner._graphs
-    captured = {head: list(graphs[head]._buckets) for head in graphs}
+    captured = {head: graphs[head].rows() for head in graphs}
     assert captured == {"image": [16, 8, 4, 2, 1], "text": [8, 4, 2, 1]}  # 8 sequences; CFG pairs of 8 images
     graphed = run(engine, reqs)
-    assert {head: list(graphs[head]._buckets) for head in graphs} == captured, "captured again while serving"
-    for req in reqs:
-        a, b = eager.result(req.request_id), graphed.result(req.request_id)
-        if isinstance(req, GenerateRequest):
-            assert torch.equal(a.tokens, b.tokens), req.request_id
-        else:
-            assert a.token_ids == b.token_ids, req.request_id
+    assert {head: graphs[head].rows() for head in graphs} == captured, "captured again while serving"
+    assert_same_results(reqs, eager, graphed)
 
 
 def test_a_failed_capture_leaves_the_step_without_graphs(lm, images, monkeypatch, caplog):
@@ -361,9 +361,7 @@ def test_a_failed_capture_leaves_the_step_without_graphs(lm, images, monkeypatch
     engine.warm_up()
     assert not engine.runner.cuda_graphs and not engine.runner._graphs
     assert "capturing the decode step as CUDA graphs failed" in caplog.text
-    served = run(engine, reqs)
-    for req in reqs:
-        assert served.result(req.request_id).token_ids == eager.result(req.request_id).token_ids
+    assert_same_results(reqs, eager, run(engine, reqs))
 
 
 # --- vLLM's sampling extensions through the engine -------------------------------------------------------------
