@@ -104,7 +104,7 @@ for name in ("transformers", "tokenizers", "huggingface-hub", "diffusers", "fast
         print(name, "missing")
 EOF
   # a first CUDA graph captured and replayed, seconds before the check depends on it
-  "$python" -m pytest -q -p no:cacheprovider "$root/tests/unit/test_step_graphs.py" 2>&1 | tail -5
+  "$python" -m pytest -q -p no:cacheprovider --noconftest "$root/tests/unit/test_step_graphs.py" 2>&1 | tail -5
 }
 
 # The checkpoint is built on the device (seconds on a GPU), once, by whichever of rest and previews runs first.

@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -392,8 +393,9 @@ def agreeing_prefix(ours: list[int], theirs: list[int]) -> int:
 
 
 def _check_row(shape: str, kind: str, ours: list[list[int]], theirs: list[list[int]], dtype: torch.dtype,
-               graphed: list[list[int]] | None) -> Row:
-    """`graphed`: the same requests through an engine with CUDA graphs (None: its warm-up dropped them)."""
+               graphed: list[list[int]] | str | None) -> Row:
+    """`graphed`: the same requests through an engine with CUDA graphs (None: its warm-up dropped them; a
+    string: the error it raised)."""
     equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
     agree = [agreeing_prefix(a, b) for a, b in zip(ours, theirs, strict=True)]
     lengths = [max(len(a), len(b)) for a, b in zip(ours, theirs, strict=True)]
@@ -403,6 +405,8 @@ def _check_row(shape: str, kind: str, ours: list[list[int]], theirs: list[list[i
     extra = {"equal": equal, "requests": len(ours), "agree": agree, "lengths": lengths, "dtype": str(dtype)}
     if graphed is None:
         note += "; CUDA graphs: dropped at warm-up (see the log)"
+    elif isinstance(graphed, str):
+        note += f"; --cuda-graphs {graphed}"
     else:
         extra["equal_graphs"] = sum(a == b for a, b in zip(graphed, theirs, strict=True))
         note += f"; with --cuda-graphs {extra['equal_graphs']}/{len(ours)}"
@@ -424,28 +428,39 @@ def _through_engine(lm: LoadedModel, kind: str, requests: list, mode: str) -> Cl
     return clock
 
 
+def _both_engines(lm: LoadedModel, kind: str, requests: list, tokens: Callable) -> tuple[list, list | str | None]:
+    """`tokens(result)` of each request through an eager engine, and through one with CUDA graphs: a list, None
+    (its warm-up dropped the graphs) or the error that engine raised (the eager figures stay)."""
+    clock = _through_engine(lm, kind, requests, "eager")
+    ours = [tokens(clock.results[r.request_id]) for r in requests]
+    try:
+        graphed_clock = _through_engine(lm, kind, requests, "graphs")
+    except Exception as exc:
+        traceback.print_exc()
+        return ours, f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+    if graphed_clock is None:
+        return ours, None
+    return ours, [tokens(graphed_clock.results[r.request_id]) for r in requests]
+
+
 def greedy_check_understanding(lm: LoadedModel, ref: LoadedModel, max_new_tokens: int) -> Row:
     """Greedy understanding requests batched through our engine (eager, and with CUDA graphs) against
     transformers one at a time."""
     pics = random_images(len(QUESTIONS), lm.image_size, seed=3000)
     und = [UnderstandRequest(f"check-u{i}", q, [pics[i]], max_new_tokens=max_new_tokens)
            for i, q in enumerate(QUESTIONS)]
-    runs = {mode: _through_engine(lm, "understand", und, mode) for mode in ("eager", "graphs")}
-    ours = {mode: None if clock is None else [list(clock.results[r.request_id].token_ids) for r in und]
-            for mode, clock in runs.items()}
+    ours, graphed = _both_engines(lm, "understand", und, lambda result: list(result.token_ids))
     theirs = [hf_understand(ref, r.images, r.prompt, max_new_tokens=max_new_tokens).ids for r in und]
-    return _check_row(lm.name.removeprefix("random-"), "understand", ours["eager"], theirs, lm.dtype, ours["graphs"])
+    return _check_row(lm.name.removeprefix("random-"), "understand", ours, theirs, lm.dtype, graphed)
 
 
 def greedy_check_generation(lm: LoadedModel, ref: LoadedModel) -> Row:
     """Greedy (temperature 0) CFG image requests batched through our engine (eager, and with CUDA graphs) against
     transformers' image mode."""
     gen = generation_requests("check-g", CHECK_IMAGES, temperature=0.0)
-    runs = {mode: _through_engine(lm, "generate", gen, mode) for mode in ("eager", "graphs")}
-    ours = {mode: None if clock is None else [clock.results[r.request_id].tokens[0].tolist() for r in gen]
-            for mode, clock in runs.items()}
+    ours, graphed = _both_engines(lm, "generate", gen, lambda result: result.tokens[0].tolist())
     theirs = [hf_generate_image(ref, r.prompt, temperature=0.0)[0].tolist() for r in gen]
-    return _check_row(lm.name.removeprefix("random-"), "generate", ours["eager"], theirs, lm.dtype, ours["graphs"])
+    return _check_row(lm.name.removeprefix("random-"), "generate", ours, theirs, lm.dtype, graphed)
 
 
 def timed(fn: Callable[[], object]) -> float:

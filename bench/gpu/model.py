@@ -129,6 +129,7 @@ def write_random_checkpoint(shape: str, out: str | Path, device: torch.device, d
     shutil.rmtree(partial, ignore_errors=True)
     lm.model.save_pretrained(partial)
     lm.processor.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)  # what a write from before this rule left
     partial.rename(out)
     return out
 

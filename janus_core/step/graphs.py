@@ -14,6 +14,7 @@ but the capture itself is the same code on every device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,13 +34,29 @@ class _Bucket:
     replay: Callable[[], torch.Tensor]  # runs the step on them; returns its (static) output
 
 
-class StepGraphs:
-    """One head's captured steps, one per bucket (the shapes of its arguments: rows, block-table width)."""
+class Capturing:
+    """What every capture of one device shares: one memory pool, and the streams the captures and their warm
+    runs go on. The same capture stream for all of them is what lets a graph reuse memory an earlier one
+    (in the same pool) freed; streams made once also keep cuBLAS to one workspace per stream, and clear of
+    the pooled stream the preview decoder drew."""
 
-    def __init__(self, step: Step, device: torch.device) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream(device=device)
+        self.stream = torch.cuda.Stream(device=device)
+
+
+class StepGraphs:
+    """One head's captured steps, one per bucket (the shapes of its arguments: rows, block-table width).
+    `capturing`: shared with the other head's (CUDA); None without CUDA."""
+
+    def __init__(self, step: Step, device: torch.device, capturing: Capturing | None = None) -> None:
         self.step, self.device = step, device
         self._buckets: dict[Shapes, _Bucket] = {}
-        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        if device.type == "cuda" and capturing is None:
+            capturing = Capturing(device)
+        self._capturing = capturing
 
     def rows(self) -> list[int]:
         """The row counts of the captured buckets, in the order they were captured."""
@@ -49,8 +66,8 @@ class StepGraphs:
         """Capture the step for the bucket of `args` (its keyword tensors, `ids` first). The warm-up runs write
         the keys and values of `args`' rows where `args` puts them, as the step itself would."""
         inputs = {name: tensor.clone() for name, tensor in args.items()}
-        if self.device.type == "cuda":
-            replay = _capture(self.step, inputs, self._pool, self.device)
+        if self._capturing is not None:
+            replay = _capture(self.step, inputs, self._capturing)
         else:
             replay = _rerun(self.step, inputs)
         self._buckets[_shapes(args)] = _Bucket(inputs, replay)
@@ -78,22 +95,28 @@ def _shapes(args: dict[str, torch.Tensor]) -> Shapes:
     return tuple(tuple(tensor.shape) for tensor in args.values())
 
 
-def _capture(step: Step, inputs: dict[str, torch.Tensor], pool, device: torch.device) -> Callable[[], torch.Tensor]:
-    # On the step's own device: torch.cuda.graph makes its stream and synchronises on the current device.
+def _capture(step: Step, inputs: dict[str, torch.Tensor], capturing: Capturing) -> Callable[[], torch.Tensor]:
+    device = capturing.device
+    # On the step's own device: torch.cuda.graph synchronises and allocates on the current device.
     with torch.cuda.device(device):
         main = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        capturing.side.wait_stream(main)
+        with torch.cuda.stream(capturing.side):
             for _ in range(WARM_RUNS):
                 step(**inputs)
-        main.wait_stream(side)
+        main.wait_stream(capturing.side)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the preview decoder's thread may use the device while the engine thread captures.
-            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=device),
+            with torch.cuda.graph(graph, pool=capturing.pool, stream=capturing.stream,
                                   capture_error_mode="thread_local"):
                 output = step(**inputs)
+        except BaseException:
+            # Some torch releases (2.11 among them) leave the allocator routing to the pool when the capture's
+            # end fails; every later capture or empty_cache would then fail too.
+            with contextlib.suppress(Exception):
+                torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), capturing.pool)
+            raise
         finally:
             torch.cuda.set_stream(main)  # a capture whose end fails leaves its own stream current
 

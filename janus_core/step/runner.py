@@ -26,7 +26,7 @@ from janus_core.attention.paged import ATTENTION, DecodeBatch, PagedKV, PrefillB
 from janus_core.models.compat import unwrap_hub_kernels
 from janus_core.models.device import measure_peak
 from janus_core.models.loader import LoadedModel
-from janus_core.step.graphs import StepGraphs
+from janus_core.step.graphs import Capturing, StepGraphs
 from janus_core.step.packed_linear import pack_linears, packing_supported
 from janus_core.step.static import StaticDecode, tables_to_tensors
 
@@ -44,6 +44,7 @@ class ModelRunner:
         self.compile, self.compile_backend, self.cuda_graphs = compile, compile_backend, cuda_graphs
         self._static: dict[str, object] = {}  # head -> the static decode step (compiled with `compile`)
         self._graphs: dict[str, StepGraphs] = {}  # head -> its captured steps (with `cuda_graphs`)
+        self._capturing: Capturing | None = None  # the heads' shared graph memory pool and streams (CUDA)
         self.scratch_slot: int | None = None  # set by the pool's owner for the static step: padding rows write there
         self.row_blocks: dict[str, int] = {}  # head -> block-table width of the static step (the longest row's blocks)
         if cuda_graphs and lm.device.type != "cuda":
@@ -140,7 +141,9 @@ class ModelRunner:
     def _graphs_of(self, kv: PagedKV, head: str) -> StepGraphs:
         graphs = self._graphs.get(head)
         if graphs is None:
-            graphs = self._graphs[head] = StepGraphs(self._static_step(kv, head), kv.device)
+            if self._capturing is None and kv.device.type == "cuda":
+                self._capturing = Capturing(kv.device)
+            graphs = self._graphs[head] = StepGraphs(self._static_step(kv, head), kv.device, self._capturing)
         return graphs
 
     def _static_step(self, kv: PagedKV, head: str):
@@ -171,14 +174,14 @@ class ModelRunner:
     def warm_up(self, kv: PagedKV, max_batch_size: int) -> None:
         """Compile (and capture) for every batch bucket before requests arrive: on CUDA the flex decode
         attention; with `compile` (on any device) the static decode step of each head; with `cuda_graphs`
-        each head's step captured per bucket, largest first (smaller graphs reuse the larger's memory). So
-        serving never compiles or captures.
+        each head's step captured per bucket, largest first, all in one memory pool. So serving never compiles
+        or captures.
 
         What cannot be done on this torch/driver is logged and dropped: the graphs (the step runs without
         them), the compiled step (the eager one), or the flex kernel (the per-row attention).
         """
         on_cuda = self.lm.device.type == "cuda"
-        static = self.compile or self.cuda_graphs
+        static = (self.compile or self.cuda_graphs) and self.scratch_slot is not None  # as decode_logits decides
         if kv.attention != "flex" or not (on_cuda or static):
             return
         started = time.perf_counter()
@@ -208,6 +211,7 @@ class ModelRunner:
                 log.exception("capturing the decode step as CUDA graphs failed; decoding without graphs")
                 self.cuda_graphs = False
                 self._graphs.clear()
+                self._capturing = None
                 self.warm_up(kv, max_batch_size)
             elif self.compile:
                 log.exception("the static decode step failed to compile; decoding eager instead")
