@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.models import write_once
 from janus_core import Engine, EngineConfig, FailedOutput, FinishedOutput, GenerateRequest
 from janus_core.models.device import resolve_dtype
 from janus_core.models.loader import LoadedModel, load_model
@@ -58,27 +59,24 @@ def cached_flow_model(shape: str, device: str = "cpu", dtype: str = "auto") -> P
     on_cuda = device.startswith("cuda")
     torch_dtype = resolve_dtype(dtype, torch.device(device)) if on_cuda else torch.float32
     out = Path(tempfile.gettempdir()) / f"janus-bench-janusflow-{shape}-{str(torch_dtype).removeprefix('torch.')}"
-    if (out / "config.json").exists():
-        return out
-    partial = out.with_name(out.name + ".partial")  # renamed when complete: a killed write is never reused
-    shutil.rmtree(partial, ignore_errors=True)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        with torch.device(device if on_cuda else "cpu"):
-            write_tiny_flow_model(partial, shape=FLOW_SHAPES[shape])
-    except Exception as exc:  # an init this torch cannot run there: the host's fp32 build, slower
-        if not on_cuda:
-            raise
-        print(f"building the checkpoint on {device} failed ({exc}); building it on the host in float32")
-        shutil.rmtree(partial, ignore_errors=True)
-        torch.set_default_dtype(torch.float32)
-        write_tiny_flow_model(partial, shape=FLOW_SHAPES[shape])
-    finally:
-        torch.set_default_dtype(previous)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    return out
+
+    def write(folder: Path) -> None:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)
+        try:
+            with torch.device(device if on_cuda else "cpu"):
+                write_tiny_flow_model(folder, shape=FLOW_SHAPES[shape])
+        except Exception as exc:  # an init this torch cannot run there: the host's fp32 build, slower
+            if not on_cuda:
+                raise
+            print(f"building the checkpoint on {device} failed ({exc}); building it on the host in float32")
+            shutil.rmtree(folder, ignore_errors=True)
+            torch.set_default_dtype(torch.float32)
+            write_tiny_flow_model(folder, shape=FLOW_SHAPES[shape])
+        finally:
+            torch.set_default_dtype(previous)
+
+    return write_once(out, write)
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:

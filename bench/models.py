@@ -9,7 +9,9 @@ it says so, but only the tokenizer's ~400 ids ever appear in prompts.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,20 @@ def shape_config(shape: Shape, tokenizer) -> JanusConfig:
     )
     return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=False)
+
+
+def write_once(out: str | Path, write: Callable[[Path], object]) -> Path:
+    """`out` if it already holds a checkpoint; else `write(folder)` into a `.partial` sibling, renamed to `out`
+    when it returns, so a write that was killed is never taken for a checkpoint."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    shutil.rmtree(out, ignore_errors=True)  # what a write from before this rule left
+    partial.rename(out)
+    return out
 
 
 def cached_model(shape: str, model_dir: str | None = None) -> Path:

@@ -17,14 +17,13 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
 
-from bench.models import SHAPES, lm_weight_bytes, shape_config
+from bench.models import SHAPES, lm_weight_bytes, shape_config, write_once
 from janus_core.models.compat import pil_image_processor_class
 from janus_core.models.loader import LoadedModel, special_ids
 from janus_core.text.prompts import CHAT_TEMPLATE
@@ -121,17 +120,12 @@ def write_random_checkpoint(shape: str, out: str | Path, device: torch.device, d
                             seed: int = 0) -> Path:
     """`build_random_model` saved in transformers' layout (for a server to load): built on `device` in `dtype`,
     so a 1B checkpoint on a GPU box takes seconds and half the disk of `bench.models.write_model`'s fp32."""
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
-    lm = build_random_model(resolve_shape(shape), device, dtype, seed)
-    partial = out.with_name(out.name + ".partial")  # renamed when complete: a killed write is never reused
-    shutil.rmtree(partial, ignore_errors=True)
-    lm.model.save_pretrained(partial)
-    lm.processor.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)  # what a write from before this rule left
-    partial.rename(out)
-    return out
+    def write(folder: Path) -> None:
+        lm = build_random_model(resolve_shape(shape), device, dtype, seed)
+        lm.model.save_pretrained(folder)
+        lm.processor.save_pretrained(folder)
+
+    return write_once(out, write)
 
 
 if __name__ == "__main__":

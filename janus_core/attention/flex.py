@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,21 @@ if TYPE_CHECKING:
 def bucket(rows: int) -> int:
     """The power of two a batch of `rows` is padded to, so a few compiled shapes serve every batch."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+def compact_tables(tables: Sequence[Sequence[int]], positions: Sequence[int], block_size: int, padded: int,
+                   width: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with block tables `tables` feeding one token at `positions`, as the (padded, W) int32 block table
+    `block_mask` takes (row r's first `used[r]` blocks; zeros after them and in padding rows) and `used`
+    (rows,), the blocks each row reads, its new token's included. W is `width`, widened if a row needs more
+    (a caller fixes it so a compiled or captured step keeps its shapes)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    used = pos // block_size + 1
+    width = max(width, int(used.max()) if len(pos) else 1)
+    table = np.zeros((padded, width), dtype=np.int32)
+    for r, t in enumerate(tables):
+        table[r, :used[r]] = t[:used[r]]
+    return table, used
 
 
 class FlexBlocks:
@@ -37,15 +53,14 @@ class FlexBlocks:
 
     def __init__(self, kv: PagedKV, tables: Sequence[Sequence[int]], positions: Sequence[int]) -> None:
         self.kv, self.rows = kv, len(tables)
-        bs, device = kv.block_size, kv.device
+        device = kv.device
         padded = bucket(self.rows)
-        counts = [-(-(p + 1) // bs) for p in positions]  # blocks up to and including the new token's
-        width = max(counts)
-        rows = [[*t[:width], *[0] * (width - len(t[:width]))] for t in tables] + [[0] * width] * (padded - self.rows)
-        table = torch.tensor(rows, dtype=torch.int32, device=device)  # (P, W); rows after the batch read block 0
+        table, used = compact_tables(tables, positions, kv.block_size, padded)
+        counts = np.ones(padded, dtype=np.int32)  # rows after the batch read block 0 and see nothing of it
+        counts[:self.rows] = used
         position = torch.tensor([*positions, *[-1] * (padded - self.rows)], device=device)  # -1: sees nothing
-        counts_t = torch.tensor(counts + [1] * (padded - self.rows), dtype=torch.int32, device=device)
-        self.mask = block_mask(kv, counts_t[:, None, None], table, position)
+        self.mask = block_mask(kv, torch.from_numpy(counts).to(device)[:, None, None],
+                               torch.from_numpy(table).to(device), position)
         self.padded = padded
 
     def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:

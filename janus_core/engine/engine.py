@@ -72,7 +72,7 @@ class Engine:
             # The static step pads its batch to a bucket; the padding rows write into the last block.
             num_blocks -= 1
             self.runner.scratch_slot = num_blocks * BLOCK_SIZE
-            # the static step's block tables are as wide as each kind's longest row, so its shapes never change
+            # the static step's tables: as wide as each kind's longest row (+1 block for images), shapes fixed
             image_row = cfg.max_generation_prompt + lm.num_image_tokens
             self.runner.row_blocks = {"text": -(-context // BLOCK_SIZE), "image": -(-image_row // BLOCK_SIZE) + 1}
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from janus_core.attention.flex import block_mask
+from janus_core.attention.flex import block_mask, compact_tables
 from janus_core.attention.paged import PagedKV, _write
 
 
@@ -33,11 +33,7 @@ def tables_to_tensors(kv: PagedKV, tables: Sequence[Sequence[int]], positions: S
     bs = kv.block_size
     rows = len(tables)
     pos = np.asarray(positions, dtype=np.int64)
-    used = pos // bs + 1  # blocks each row reads, its new token's included
-    width = max(width, int(used.max()) if rows else 1)
-    table = np.zeros((padded, width), dtype=np.int32)
-    for r, t in enumerate(tables):
-        table[r, :used[r]] = t[:used[r]]
+    table, used = compact_tables(tables, positions, bs, padded, width)
     counts = np.zeros((padded, 1, 1), dtype=np.int32)  # padding rows read no block
     counts[:rows, 0, 0] = used
     slots = np.full(padded, scratch_slot, dtype=np.int64)
